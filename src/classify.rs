@@ -1,0 +1,166 @@
+//! IVR path → category and severity (contract §3): the `[[ivr]]` row with the
+//! longest matching prefix, else `incident-<category>` in the Request-URI with
+//! that category's default severity, else `[ivr_default]`.
+
+use std::collections::BTreeMap;
+
+use crate::config::Settings;
+use crate::incident::Severity;
+
+/// The result of classification, with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub category: String,
+    pub severity: Severity,
+    pub instructions: String,
+    /// `ivr:<path>`, `uri`, or `default`.
+    pub rule: String,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    path: Vec<String>,
+    category: String,
+    severity: Severity,
+    instructions: String,
+}
+
+/// The IVR map, built once from the settings (and again on reload).
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    rules: Vec<Rule>,
+    categories: BTreeMap<String, Severity>,
+    default: Classification,
+}
+
+/// `"2, 1"` → `["2","1"]`.
+pub fn split_path(path: &str) -> Vec<String> {
+    path.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+impl Classifier {
+    pub fn new(settings: &Settings) -> Self {
+        let rules: Vec<Rule> = settings
+            .ivr
+            .iter()
+            .map(|r| Rule {
+                path: split_path(&r.path),
+                category: r.category.clone(),
+                severity: r.severity,
+                instructions: r.instructions.clone(),
+            })
+            .collect();
+        // A category's default: `[categories]` when given, else the most severe of its IVR rows.
+        let mut categories = BTreeMap::new();
+        for r in &rules {
+            let e = categories.entry(r.category.clone()).or_insert(r.severity);
+            *e = (*e).min(r.severity);
+        }
+        categories.extend(settings.categories.iter().map(|(k, v)| (k.clone(), *v)));
+        let d = &settings.ivr_default;
+        categories.entry(d.category.clone()).or_insert(d.severity);
+        Classifier {
+            rules,
+            categories,
+            default: Classification {
+                category: d.category.clone(),
+                severity: d.severity,
+                instructions: d.instructions.clone(),
+                rule: "default".into(),
+            },
+        }
+    }
+
+    /// Whether a category is one this deployment knows.
+    pub fn knows(&self, category: &str) -> bool {
+        self.categories.contains_key(category)
+    }
+
+    /// Classifies a call from its IVR selections and Request-URI user.
+    pub fn classify(&self, ivr_path: &[String], ruri_user: Option<&str>) -> Classification {
+        let best = self
+            .rules
+            .iter()
+            .filter(|r| r.path.len() <= ivr_path.len() && r.path[..] == ivr_path[..r.path.len()])
+            .max_by_key(|r| r.path.len());
+        if let Some(r) = best {
+            return Classification {
+                category: r.category.clone(),
+                severity: r.severity,
+                instructions: r.instructions.clone(),
+                rule: format!("ivr:{}", r.path.join(",")),
+            };
+        }
+        // Only categories the deployment knows: the URI is caller-controlled
+        // input and categories become metric labels.
+        if let Some(cat) = ruri_user.and_then(|u| u.strip_prefix("incident-")) {
+            if let Some(sev) = self.categories.get(cat) {
+                let instructions = self
+                    .rules
+                    .iter()
+                    .find(|r| r.category == cat && !r.instructions.is_empty())
+                    .map(|r| r.instructions.clone())
+                    .unwrap_or_default();
+                return Classification {
+                    category: cat.to_string(),
+                    severity: *sev,
+                    instructions,
+                    rule: "uri".into(),
+                };
+            }
+        }
+        self.default.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{IvrRule, Settings};
+
+    fn classifier() -> Classifier {
+        let mut s = Settings::default();
+        let rule = |p: &str, c: &str, sev| IvrRule {
+            path: p.into(),
+            category: c.into(),
+            severity: sev,
+            instructions: format!("do {c}"),
+        };
+        s.ivr = vec![
+            rule("2", "power", Severity::High),
+            rule("2,1", "outage", Severity::Critical),
+            rule("3", "billing", Severity::Low),
+            rule("4,1", "billing", Severity::Medium),
+        ];
+        s.categories.insert("gas".into(), Severity::Critical);
+        Classifier::new(&s)
+    }
+
+    fn p(s: &str) -> Vec<String> {
+        split_path(s)
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let c = classifier();
+        assert_eq!(c.classify(&p("2,1,9"), None).category, "outage");
+        assert_eq!(c.classify(&p("2,1"), None).rule, "ivr:2,1");
+        assert_eq!(c.classify(&p("2,2"), None).category, "power");
+        assert_eq!(c.classify(&p("2"), None).severity, Severity::High);
+        // "21" is one selection, not "2" then "1".
+        assert_eq!(c.classify(&p("21"), None).rule, "default");
+    }
+
+    #[test]
+    fn uri_category_then_default() {
+        let c = classifier();
+        let k = c.classify(&[], Some("incident-billing"));
+        assert_eq!((k.category.as_str(), k.severity, k.rule.as_str()), ("billing", Severity::Medium, "uri"));
+        assert_eq!(c.classify(&[], Some("incident-gas")).severity, Severity::Critical);
+        // Unknown categories in the URI are not invented.
+        assert_eq!(c.classify(&[], Some("incident-<script>")).rule, "default");
+        assert_eq!(c.classify(&p("9"), Some("incident-nope")).category, "triage");
+        // The IVR path beats the URI.
+        assert_eq!(c.classify(&p("3"), Some("incident-gas")).category, "billing");
+    }
+}

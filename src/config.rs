@@ -1,0 +1,611 @@
+//! Settings: built-in defaults → TOML file → `DISPATCHD__SECTION__KEY` environment.
+//!
+//! Unknown keys are an error, and every value is validated before the daemon
+//! starts, so `dispatchd check-config` can name the offending key (exit 78).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::incident::Severity;
+
+/// A configuration error: the dotted key it concerns and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), message: message.into() }
+}
+
+/// A secret string whose `Debug` never shows the value.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Parses `"2s"`, `"500ms"`, `"10m"`, `"90d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SipMode {
+    Decline,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipSettings {
+    /// UDP listen address; "" disables UDP.
+    pub udp: String,
+    /// TCP listen address; "" disables TCP.
+    pub tcp: String,
+    /// Source networks allowed to talk SIP to us (CIDR or plain address).
+    pub allow: Vec<String>,
+    pub mode: SipMode,
+    pub decline_status: u16,
+    #[serde(deserialize_with = "duration")]
+    pub max_ring: Duration,
+    /// Extension: TCP connections open at once, at most.
+    pub tcp_max_connections: usize,
+    /// Extension: a TCP connection silent this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_idle_timeout: Duration,
+    /// Extension: INVITEs being written to Redis at once; beyond that, 503.
+    pub max_inflight: usize,
+    /// Extension: `Retry-After` seconds sent with 503.
+    pub retry_after_s: u32,
+    /// Extension: SO_RCVBUF asked for the UDP socket, bytes.
+    pub udp_recv_buffer: usize,
+}
+
+impl Default for SipSettings {
+    fn default() -> Self {
+        SipSettings {
+            udp: "0.0.0.0:5060".into(),
+            tcp: "0.0.0.0:5060".into(),
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            mode: SipMode::Decline,
+            decline_status: 603,
+            max_ring: Duration::from_secs(600),
+            tcp_max_connections: 256,
+            tcp_idle_timeout: Duration::from_secs(660),
+            max_inflight: 2048,
+            retry_after_s: 5,
+            udp_recv_buffer: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    pub url: Secret,
+    pub prefix: String,
+    /// Extension: one Redis command (or script) taking longer fails.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: Secret("redis://127.0.0.1:6379/0".into()),
+            prefix: "dispatchd".into(),
+            timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RespondersSettings {
+    pub listen: String,
+}
+
+impl Default for RespondersSettings {
+    fn default() -> Self {
+        RespondersSettings { listen: "0.0.0.0:8080".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: String,
+    /// Hex SHA-256 of the admin bearer token; empty = the /v1 API refuses everyone.
+    pub admin_token_sha256: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings { listen: "127.0.0.1:9090".into(), admin_token_sha256: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacySettings {
+    pub caller_key: Secret,
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        PrivacySettings {
+            caller_key: Secret::default(),
+            retention: Duration::from_secs(90 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { format: LogFormat::Json, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// How long SIGTERM waits for in-flight work before exiting.
+    #[serde(deserialize_with = "duration")]
+    pub drain: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings { drain: Duration::from_secs(10) }
+    }
+}
+
+/// One member of the roster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponderConfig {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub token_sha256: String,
+    pub skills: Vec<String>,
+    #[serde(default = "one")]
+    pub tier: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One row of the IVR map: a path prefix and what it means.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IvrRule {
+    pub path: String,
+    pub category: String,
+    pub severity: Severity,
+    #[serde(default)]
+    pub instructions: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IvrDefault {
+    pub category: String,
+    pub severity: Severity,
+    pub instructions: String,
+}
+
+impl Default for IvrDefault {
+    fn default() -> Self {
+        IvrDefault { category: "triage".into(), severity: Severity::Medium, instructions: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationPolicy {
+    #[serde(deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    #[serde(default = "three")]
+    pub max_rounds: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationSettings {
+    pub critical: EscalationPolicy,
+    pub high: EscalationPolicy,
+    pub medium: EscalationPolicy,
+    pub low: EscalationPolicy,
+}
+
+impl Default for EscalationSettings {
+    fn default() -> Self {
+        let p = |s| EscalationPolicy { ack_timeout: Duration::from_secs(s), max_rounds: 3 };
+        EscalationSettings { critical: p(30), high: p(60), medium: p(120), low: p(300) }
+    }
+}
+
+impl EscalationSettings {
+    pub fn for_severity(&self, s: Severity) -> &EscalationPolicy {
+        match s {
+            Severity::Critical => &self.critical,
+            Severity::High => &self.high,
+            Severity::Medium => &self.medium,
+            Severity::Low => &self.low,
+        }
+    }
+}
+
+/// Everything the daemon reads from its configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub sip: SipSettings,
+    pub redis: RedisSettings,
+    pub responders: RespondersSettings,
+    pub http: HttpSettings,
+    pub privacy: PrivacySettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+    #[serde(rename = "responder")]
+    pub roster: Vec<ResponderConfig>,
+    pub ivr: Vec<IvrRule>,
+    pub ivr_default: IvrDefault,
+    /// Extension: default severity of a category named in the Request-URI
+    /// (`incident-<category>`). A category listed only in `[[ivr]]` defaults
+    /// to the most severe of its rows.
+    pub categories: BTreeMap<String, Severity>,
+    pub escalation: EscalationSettings,
+}
+
+/// Reads and validates the configuration. `path` may be absent (defaults and environment only).
+pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    load_from(path, env)
+}
+
+/// [`load`] with the environment given explicitly (for tests).
+pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    }
+    // DISPATCHD__SECTION__KEY. Only keys with this prefix count; list values are comma-separated.
+    let env_map: std::collections::HashMap<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with("DISPATCHD__")).collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("DISPATCHD")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("sip.allow")
+            .with_list_parse_key("skills")
+            .try_parsing(true)
+            .source(Some(env_map)),
+    );
+    let raw = builder.build().map_err(|e| from_config_error(&e))?;
+    let settings: Settings = serde_path_to_error::deserialize(raw).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        from_config_error_at(&path, &inner)
+    })?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+fn from_config_error(e: &config::ConfigError) -> ConfigError {
+    // Parse errors of the file: keep the first line only.
+    let msg = e.to_string();
+    err("config", msg.lines().next().unwrap_or("invalid configuration").to_string())
+}
+
+fn from_config_error_at(path: &str, e: &config::ConfigError) -> ConfigError {
+    let msg = e.to_string();
+    let first = msg.lines().next().unwrap_or("invalid value");
+    let path = if path == "." { String::new() } else { path.to_string() };
+    // "unknown field `foo`, expected one of …" names the key one level below `path`.
+    if let Some(rest) = first.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            let field = &rest[..end];
+            let key = if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            return err(key, "unknown key");
+        }
+    }
+    if let Some(rest) = first.strip_prefix("missing field `") {
+        if let Some(end) = rest.find('`') {
+            let field = &rest[..end];
+            let key = if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            return err(key, "missing");
+        }
+    }
+    // config wraps some errors as "… for key `x.y`"; strip to keep one clean line.
+    let message = match first.find(" for key `") {
+        Some(i) => first[..i].to_string(),
+        None => first.to_string(),
+    };
+    err(if path.is_empty() { "config".to_string() } else { path }, message)
+}
+
+fn is_hex_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Category names end up in metric labels and Redis keys: keep them tame.
+pub fn is_category_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// An IVR path is comma-separated selections of DTMF keys (0-9, *, #).
+pub fn is_ivr_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split(',').all(|sel| {
+            let sel = sel.trim();
+            !sel.is_empty() && sel.len() <= 8 && sel.bytes().all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
+        })
+}
+
+fn check_listen(key: &str, value: &str, may_be_empty: bool) -> Result<(), ConfigError> {
+    if value.is_empty() && may_be_empty {
+        return Ok(());
+    }
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| err(key, format!("{value:?} is not an address:port")))
+}
+
+/// Parses one `sip.allow` entry: a CIDR or a bare address.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl Settings {
+    /// Checks every value that serde alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sip = &self.sip;
+        check_listen("sip.udp", &sip.udp, true)?;
+        check_listen("sip.tcp", &sip.tcp, true)?;
+        if sip.udp.is_empty() && sip.tcp.is_empty() {
+            return Err(err("sip.udp", "both sip.udp and sip.tcp are disabled"));
+        }
+        for (i, a) in sip.allow.iter().enumerate() {
+            if parse_net(a).is_none() {
+                return Err(err(format!("sip.allow[{i}]"), format!("{a:?} is not a CIDR or address")));
+            }
+        }
+        if !(400..=699).contains(&sip.decline_status) {
+            return Err(err("sip.decline_status", "must be a final error status, 400 to 699"));
+        }
+        if sip.max_ring.is_zero() {
+            return Err(err("sip.max_ring", "must be more than zero"));
+        }
+        if sip.tcp_max_connections == 0 {
+            return Err(err("sip.tcp_max_connections", "must be at least 1"));
+        }
+        if sip.max_inflight == 0 {
+            return Err(err("sip.max_inflight", "must be at least 1"));
+        }
+        if sip.tcp_idle_timeout.is_zero() {
+            return Err(err("sip.tcp_idle_timeout", "must be more than zero"));
+        }
+
+        let url = self.redis.url.expose();
+        if redis::Client::open(url).is_err() {
+            return Err(err("redis.url", "not a valid redis:// URL"));
+        }
+        let p = &self.redis.prefix;
+        if p.is_empty() || p.len() > 64 || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(err("redis.prefix", "must be 1 to 64 characters without spaces"));
+        }
+        if self.redis.timeout.is_zero() {
+            return Err(err("redis.timeout", "must be more than zero"));
+        }
+
+        check_listen("responders.listen", &self.responders.listen, false)?;
+        check_listen("http.listen", &self.http.listen, false)?;
+        let admin = &self.http.admin_token_sha256;
+        if !admin.is_empty() && !is_hex_sha256(admin) {
+            return Err(err("http.admin_token_sha256", "must be 64 hex digits (sha256 of the token)"));
+        }
+
+        if self.privacy.caller_key.expose().len() < 16 {
+            return Err(err("privacy.caller_key", "must be set, at least 16 characters"));
+        }
+        if self.privacy.retention.is_zero() {
+            return Err(err("privacy.retention", "must be more than zero"));
+        }
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(err("log.level", format!("{:?} is not a level or filter", self.log.level)));
+        }
+        if self.shutdown.drain.is_zero() {
+            return Err(err("shutdown.drain", "must be more than zero"));
+        }
+
+        let mut ids = HashSet::new();
+        for (i, r) in self.roster.iter().enumerate() {
+            let k = |f: &str| format!("responder[{i}].{f}");
+            if r.id.is_empty() || r.id.len() > 64 || r.id.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(err(k("id"), "must be 1 to 64 visible characters"));
+            }
+            if !ids.insert(r.id.as_str()) {
+                return Err(err(k("id"), format!("duplicate responder id {:?}", r.id)));
+            }
+            if !is_hex_sha256(&r.token_sha256) {
+                return Err(err(k("token_sha256"), "must be 64 hex digits (sha256 of the token)"));
+            }
+            if r.skills.is_empty() {
+                return Err(err(k("skills"), "must list at least one category, or \"*\""));
+            }
+            if let Some(s) = r.skills.iter().find(|s| s.as_str() != "*" && !is_category_name(s)) {
+                return Err(err(k("skills"), format!("{s:?} is not a category name")));
+            }
+            if r.tier == 0 {
+                return Err(err(k("tier"), "tiers start at 1"));
+            }
+        }
+
+        let mut paths = HashSet::new();
+        for (i, rule) in self.ivr.iter().enumerate() {
+            let k = |f: &str| format!("ivr[{i}].{f}");
+            if !is_ivr_path(&rule.path) {
+                return Err(err(k("path"), format!("{:?} is not an IVR path like \"2,1\"", rule.path)));
+            }
+            if !paths.insert(crate::classify::split_path(&rule.path)) {
+                return Err(err(k("path"), format!("duplicate IVR path {:?}", rule.path)));
+            }
+            if !is_category_name(&rule.category) {
+                return Err(err(k("category"), "lowercase letters, digits, '-' and '_' only"));
+            }
+        }
+        if !is_category_name(&self.ivr_default.category) {
+            return Err(err("ivr_default.category", "lowercase letters, digits, '-' and '_' only"));
+        }
+        if let Some(name) = self.categories.keys().find(|c| !is_category_name(c)) {
+            return Err(err(format!("categories.{name}"), "not a valid category name"));
+        }
+
+        for (name, p) in [
+            ("critical", &self.escalation.critical),
+            ("high", &self.escalation.high),
+            ("medium", &self.escalation.medium),
+            ("low", &self.escalation.low),
+        ] {
+            if p.ack_timeout.is_zero() {
+                return Err(err(format!("escalation.{name}.ack_timeout"), "must be more than zero"));
+            }
+            if p.max_rounds == 0 {
+                return Err(err(format!("escalation.{name}.max_rounds"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed `sip.allow` networks (validated already).
+    pub fn allow_nets(&self) -> Vec<IpNet> {
+        self.sip.allow.iter().filter_map(|a| parse_net(a)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "DISPATCHD__PRIVACY__CALLER_KEY";
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if !env.iter().any(|(k, _)| k == KEY) {
+            env.push((KEY.into(), "0123456789abcdef0123".into()));
+        }
+        load_from(Some(&path), env)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_per_severity() {
+        let s = load_str("", &[]).unwrap();
+        assert_eq!(s.sip.mode, SipMode::Decline);
+        assert_eq!(s.escalation.critical.ack_timeout, Duration::from_secs(30));
+        assert_eq!(s.escalation.low.ack_timeout, Duration::from_secs(300));
+        assert_eq!(s.privacy.retention, Duration::from_secs(90 * 86400));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load_str("[sip]\nudpp = \"1\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "sip.udpp");
+        let e = load_str("[nonsense]\na = 1\n", &[]).unwrap_err();
+        assert_eq!(e.key, "nonsense");
+        let e = load_str("", &[("DISPATCHD__SIP__BOGUS", "1")]).unwrap_err();
+        assert_eq!(e.key, "sip.bogus");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = load_str("[[ivr]]\npath = \"1\"\ncategory = \"x\"\nseverity = \"urgent\"\n", &[]).unwrap_err();
+        assert!(e.key.starts_with("ivr"), "{e}");
+        assert!(e.message.contains("urgent"), "{e}");
+        let e = load_str("[sip]\nmax_ring = \"ten minutes\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "sip.max_ring");
+        let e = load_str("[sip]\nallow = [\"10.0.0.0/33\"]\n", &[]).unwrap_err();
+        assert_eq!(e.key, "sip.allow[0]");
+        let e = load_str("[[ivr]]\npath = \"2,x\"\ncategory = \"a\"\nseverity = \"low\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "ivr[0].path");
+        let e = load_str("", &[(KEY, "short")]).unwrap_err();
+        assert_eq!(e.key, "privacy.caller_key");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load_str(
+            "[redis]\nurl = \"redis://127.0.0.1:1/0\"\n",
+            &[("DISPATCHD__REDIS__URL", "redis://127.0.0.1:2/0"), ("DISPATCHD__SIP__ALLOW", "10.0.0.0/8,192.0.2.1")],
+        )
+        .unwrap();
+        assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:2/0");
+        assert_eq!(s.sip.allow, vec!["10.0.0.0/8", "192.0.2.1"]);
+        assert_eq!(s.allow_nets().len(), 2);
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let s = load_str("", &[]).unwrap();
+        assert!(!format!("{s:?}").contains("0123456789abcdef0123"));
+    }
+}

@@ -1,0 +1,29 @@
+//! dispatchd — incident intake and responder dispatch beside a contact centre PBX.
+//!
+//! Data flows one way: adapters in → core → adapters out.
+//!
+//! ```text
+//!  PBX ──SIP──▶ sip/ ──▶ CallFacts ─▶ intake (classify) ─▶ store (Redis) ─▶ api/ (/metrics, /v1)
+//! ```
+//!
+//! - `sip/` — the incident line: `wire` (framing, sanity checks, responses),
+//!   `transport` (UDP/TCP, allow list, limits), `uas` (transactions, early
+//!   dialogs, the answers of contract §3), `call` (SIP → call facts).
+//! - `intake` — call facts → classified incident; call events → timeline.
+//! - `classify`, `incident` — pure domain values and rules.
+//! - `store` — the only module that talks to Redis; Lua scripts in `store/scripts/`.
+//! - `api` — health, metrics, `/v1`.
+//! - `app` — startup order and drain; `config`, `telemetry`, `shutdown`, `systemd`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod classify;
+pub mod config;
+pub mod incident;
+pub mod intake;
+pub mod shutdown;
+pub mod sip;
+pub mod store;
+pub mod systemd;
+pub mod telemetry;

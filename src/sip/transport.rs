@@ -1,0 +1,211 @@
+//! SIP transports: UDP datagrams and TCP streams → checked messages → the UAS.
+//!
+//! The allow list is applied first: a source outside `sip.allow` gets nothing,
+//! not even a TCP connection that stays open. TCP is framed by Content-Length
+//! with a 64 KiB limit, an idle timeout and a connection limit.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::uas::{build, Peer, Uas};
+use super::wire::{self, Frame, Verdict, MAX_MESSAGE};
+use crate::telemetry::metric;
+
+/// Source networks allowed to talk to us.
+#[derive(Debug, Clone)]
+pub struct AllowList(Vec<IpNet>);
+
+impl AllowList {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        AllowList(nets)
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn dropped(reason: &'static str) {
+    metrics::counter!(metric::SIP_DROPPED, "reason" => reason).increment(1);
+}
+
+/// Hands one checked message to the UAS, answers a rejected one, drops the rest.
+fn deliver(verdict: Verdict, peer: Peer, uas: &Arc<Uas>) {
+    match verdict {
+        Verdict::Ok(msg) if msg.method().is_some() => uas.handle(msg, peer),
+        Verdict::Ok(_) => dropped("response"),
+        Verdict::Reject { status, reason, reply } => {
+            dropped("malformed");
+            peer.send(&build(&reply, status, reason, None, &[]));
+        }
+        Verdict::Drop(reason) => dropped(match reason {
+            "keepalive" => "keepalive",
+            "response" => "response",
+            "oversized" => "oversized",
+            _ => "unparseable",
+        }),
+    }
+}
+
+/// Binds the UDP socket with a large receive buffer (bursts of calls on loopback
+/// overflow the default one).
+pub fn bind_udp(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
+        tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Reads datagrams until shutdown. Run one per core on the same socket.
+pub async fn serve_udp(sock: Arc<UdpSocket>, allow: Arc<AllowList>, uas: Arc<Uas>, shutdown: CancellationToken) {
+    // Larger than any datagram, so nothing is silently truncated.
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, src) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on some systems.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            },
+        };
+        if !allow.allows(src.ip()) {
+            dropped("not_allowed");
+            continue;
+        }
+        let Some(data) = buf.get(..n) else { continue };
+        let peer = Peer::Udp { sock: sock.clone(), addr: src };
+        deliver(wire::parse_datagram(data), peer, &uas);
+    }
+}
+
+/// TCP limits.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    allow: Arc<AllowList>,
+    uas: Arc<Uas>,
+    limits: TcpLimits,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, src) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !allow.allows(src.ip()) {
+            dropped("not_allowed");
+            drop(stream);
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            dropped("tcp_connection_limit");
+            drop(stream);
+            continue;
+        };
+        let uas = uas.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            metrics::gauge!(metric::SIP_TCP_CONNECTIONS).increment(1.0);
+            connection(stream, src, uas, limits.idle_timeout, shutdown).await;
+            metrics::gauge!(metric::SIP_TCP_CONNECTIONS).decrement(1.0);
+            drop(slot);
+        });
+    }
+}
+
+/// One TCP connection: a writer task fed by a bounded channel, and this reader.
+async fn connection(stream: TcpStream, src: SocketAddr, uas: Arc<Uas>, idle: Duration, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let peer = Peer::Tcp { tx: tx.clone(), addr: src };
+    let mut buf = BytesMut::with_capacity(4096);
+    'conn: loop {
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = tokio::time::timeout(idle, rd.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Err(_) => {
+                dropped("tcp_idle");
+                break;
+            }
+            Ok(Err(_)) | Ok(Ok(0)) => break,
+            Ok(Ok(_)) => {}
+        }
+        loop {
+            match wire::frame_stream(&buf) {
+                Ok(None) => {
+                    if buf.len() > MAX_MESSAGE {
+                        dropped("oversized");
+                        break 'conn;
+                    }
+                    break;
+                }
+                Ok(Some(Frame::KeepAlive(k))) => {
+                    // RFC 5626: a CRLFCRLF ping gets a CRLF pong.
+                    if buf.get(..k).is_some_and(|b| b.starts_with(b"\r\n\r\n")) {
+                        let _ = tx.try_send(Bytes::from_static(b"\r\n"));
+                    }
+                    buf.advance(k.min(buf.len()));
+                }
+                Ok(Some(Frame::Message(n))) => {
+                    let n = n.min(buf.len());
+                    let msg = buf.split_to(n);
+                    deliver(wire::parse_stream_message(&msg), peer.clone(), &uas);
+                }
+                Err(_) => {
+                    dropped("bad_framing");
+                    break 'conn;
+                }
+            }
+        }
+    }
+    drop(peer);
+    drop(tx);
+    let _ = writer.await;
+}

@@ -1,0 +1,67 @@
+//! Logging and metrics: the tracing subscriber, the Prometheus recorder, and
+//! every metric name in one place.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Metric names (contract §6). Labels never carry a caller number.
+pub mod metric {
+    pub const SIP_REQUESTS: &str = "dispatchd_sip_requests_total";
+    pub const SIP_RESPONSES: &str = "dispatchd_sip_responses_total";
+    /// Extension: messages dropped unanswered, by reason.
+    pub const SIP_DROPPED: &str = "dispatchd_sip_dropped_total";
+    /// Extension: TCP connections open now.
+    pub const SIP_TCP_CONNECTIONS: &str = "dispatchd_sip_tcp_connections";
+    pub const INCIDENTS_OPENED: &str = "dispatchd_incidents_opened_total";
+    pub const QUEUE_DEPTH: &str = "dispatchd_queue_depth";
+    pub const DISPATCH_OFFERS: &str = "dispatchd_dispatch_offers_total";
+    pub const CALL_TO_OFFER: &str = "dispatchd_call_to_offer_seconds";
+    pub const OFFER_TO_ACK: &str = "dispatchd_offer_to_ack_seconds";
+    pub const ESCALATIONS: &str = "dispatchd_escalations_total";
+    pub const RESPONDERS_CONNECTED: &str = "dispatchd_responders_connected";
+    pub const REDIS_ERRORS: &str = "dispatchd_redis_errors_total";
+    /// Extension: INVITE received → incident durably in Redis.
+    pub const INTAKE_SECONDS: &str = "dispatchd_intake_seconds";
+    /// Extension: 1 while Redis answers.
+    pub const REDIS_UP: &str = "dispatchd_redis_up";
+}
+
+/// Installs the tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init_logging(log: &LogSettings) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(&log.level));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match log.format {
+        LogFormat::Json => registry
+            .with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false))
+            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
+    };
+    // Already installed (tests run several daemons' code in one process): keep the first.
+    let _ = result;
+}
+
+/// Installs the Prometheus recorder and describes the metrics.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .install_recorder()?;
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(metric::SIP_REQUESTS, "SIP requests received, by method");
+    describe_counter!(metric::SIP_RESPONSES, "SIP responses sent, by status");
+    describe_counter!(metric::SIP_DROPPED, "SIP messages dropped without an answer, by reason");
+    describe_gauge!(metric::SIP_TCP_CONNECTIONS, "SIP TCP connections open");
+    describe_counter!(metric::INCIDENTS_OPENED, "Incidents opened, by severity and category");
+    describe_gauge!(metric::QUEUE_DEPTH, "Incidents waiting in the queue, by severity");
+    describe_counter!(metric::REDIS_ERRORS, "Redis commands that failed");
+    describe_gauge!(metric::REDIS_UP, "1 while Redis answers");
+    describe_histogram!(metric::INTAKE_SECONDS, Unit::Seconds, "INVITE received to incident durably stored");
+    // Present from the start, so dashboards and alerts see zeros rather than nothing.
+    metrics::counter!(metric::REDIS_ERRORS).absolute(0);
+    Ok(handle)
+}

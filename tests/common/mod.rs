@@ -1,0 +1,555 @@
+//! Test harness: a real `redis-server` per test (own port, own data dir,
+//! killable and restartable), the real `dispatchd` binary, real `sipp`.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const CALLER_KEY: &str = "test-caller-key-0123456789";
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1.
+pub fn free_port() -> u16 {
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A redis-server of the test's own: AOF on, fsync always, so nothing it
+/// acknowledged is lost even when it is killed.
+pub struct Redis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run ./deploy/test)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("redis", Duration::from_secs(10), || self.cli(&["PING"]).trim() == "PONG");
+        let _ = port;
+    }
+
+    /// SIGKILL: no goodbye, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings a test may change before starting the daemon.
+#[derive(Clone)]
+pub struct Options {
+    pub mode: &'static str,
+    pub allow: Vec<String>,
+    pub max_ring: &'static str,
+    pub tcp_idle_timeout: &'static str,
+    pub extra: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: "decline",
+            allow: vec!["127.0.0.0/8".into()],
+            max_ring: "10m",
+            tcp_idle_timeout: "5s",
+            extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+pub const IVR_TABLE: &str = r#"
+[[ivr]]
+path = "2"
+category = "outage"
+severity = "high"
+instructions = "Confirm the affected area."
+
+[[ivr]]
+path = "2,1"
+category = "outage"
+severity = "critical"
+instructions = "Isolate the affected feeder."
+
+[[ivr]]
+path = "2,1,3"
+category = "gas"
+severity = "critical"
+
+[[ivr]]
+path = "9"
+category = "enquiry"
+severity = "low"
+
+[ivr_default]
+category = "triage"
+severity = "medium"
+
+[categories]
+security = "high"
+"#;
+
+/// The real binary, with its own config, ports and log file.
+pub struct Daemon {
+    pub sip_port: u16,
+    pub http_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    opts: Options,
+    redis_url: String,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dispatchd")
+}
+
+impl Daemon {
+    pub fn start(redis: &Redis, opts: Options) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("dispatchd.toml");
+        let mut d = Daemon {
+            sip_port: free_port(),
+            http_port: free_port(),
+            dir,
+            config,
+            child: None,
+            opts,
+            redis_url: redis.url(),
+        };
+        d.write_config();
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    fn write_config(&self) {
+        let o = &self.opts;
+        let allow: Vec<String> = o.allow.iter().map(|a| format!("{a:?}")).collect();
+        let text = format!(
+            r#"
+[sip]
+udp = "127.0.0.1:{sip}"
+tcp = "127.0.0.1:{sip}"
+allow = [{allow}]
+mode = "{mode}"
+max_ring = "{max_ring}"
+tcp_idle_timeout = "{idle}"
+tcp_max_connections = 32
+
+[redis]
+url = "{redis}"
+prefix = "t"
+timeout = "500ms"
+
+[responders]
+listen = "127.0.0.1:{ws}"
+
+[http]
+listen = "127.0.0.1:{http}"
+admin_token_sha256 = "{admin}"
+
+[privacy]
+caller_key = "{key}"
+
+[log]
+format = "json"
+level = "info"
+
+[shutdown]
+drain = "5s"
+{ivr}
+{extra}
+"#,
+            sip = self.sip_port,
+            allow = allow.join(", "),
+            mode = o.mode,
+            max_ring = o.max_ring,
+            idle = o.tcp_idle_timeout,
+            redis = self.redis_url,
+            ws = free_port(),
+            http = self.http_port,
+            admin = sha256_hex(ADMIN_TOKEN),
+            key = CALLER_KEY,
+            ivr = IVR_TABLE,
+            extra = o.extra,
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("dispatchd.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(self.opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dispatchd");
+        self.child = Some(child);
+    }
+
+    pub fn wait_ready(&self) {
+        let http = self.http_port;
+        wait_until("dispatchd /readyz", Duration::from_secs(20), || http_get(http, "/readyz", None).0 == 200);
+    }
+
+    pub fn sip_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.sip_port))
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn incident(&self, id: &str) -> Value {
+        let (status, body) = http_get(self.http_port, &format!("/v1/incidents/{id}"), Some(ADMIN_TOKEN));
+        assert_eq!(status, 200, "GET incident {id}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn incidents(&self, query: &str) -> Vec<Value> {
+        let (status, body) = http_get(self.http_port, &format!("/v1/incidents{query}"), Some(ADMIN_TOKEN));
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["incidents"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics", None).1
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- dispatchd log ----\n{}", self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// Sum of a metric's samples whose label set contains `labels` (e.g. `method="INVITE"`).
+pub fn metric_value(metrics: &str, name: &str, labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.is_empty() || l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET (status, body), so tests need no HTTP client crate.
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    http(port, "GET", path, token, None)
+}
+
+pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // Undo chunked transfer encoding when present.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+// ---- sipp ------------------------------------------------------------------
+
+pub fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name)
+}
+
+/// The result of one sipp run.
+pub struct SippRun {
+    pub ok: bool,
+    pub output: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Runs sipp as a UAC against the daemon; `transport` is "u1" (UDP) or "t1" (TCP).
+/// `extra` are more sipp arguments (e.g. `-inf file`, `-m 3`). Returns when sipp exits.
+pub fn sipp(d: &Daemon, scenario_file: &str, transport: &str, extra: &[&str]) -> SippRun {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let target = format!("127.0.0.1:{}", d.sip_port);
+    let out = Command::new("sipp")
+        .arg(&target)
+        .arg("-sf")
+        .arg(scenario(scenario_file))
+        .args(["-t", transport, "-i", "127.0.0.1", "-p", &port, "-nostdin", "-timeout", "30s", "-trace_err", "-trace_logs"])
+        .args(["-m", "1"])
+        .args(extra)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("sipp must be installed (run ./deploy/test)");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains("error") {
+            output.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    SippRun { ok: out.status.success(), output, dir }
+}
+
+/// The `X-Incident-Id` values sipp captured into `ids.log` (scenarios log them with `<log>`).
+pub fn logged_ids(run: &SippRun) -> Vec<String> {
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(run.dir.path()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with("_logs.log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            ids.extend(text.lines().filter_map(|l| l.trim().strip_prefix("incident=")).map(str::to_string));
+        }
+    }
+    ids
+}
+
+// ---- raw SIP over UDP / TCP -----------------------------------------------
+
+/// A raw UDP SIP peer on its own port.
+pub struct UdpPeer {
+    pub sock: UdpSocket,
+    pub to: SocketAddr,
+}
+
+impl UdpPeer {
+    pub fn new(d: &Daemon) -> UdpPeer {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        UdpPeer { sock, to: d.sip_addr() }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.sock.local_addr().unwrap().port()
+    }
+
+    pub fn send(&self, data: &[u8]) {
+        self.sock.send_to(data, self.to).unwrap();
+    }
+
+    /// Responses received within `wait` (each one whole datagram as text).
+    pub fn recv_all(&self, wait: Duration) -> Vec<String> {
+        let end = Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, _)) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => return out,
+            }
+        }
+    }
+
+    /// Waits for the first response whose status is not 100.
+    pub fn recv_final(&self, wait: Duration) -> Option<String> {
+        let end = Instant::now() + wait;
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if !text.starts_with("SIP/2.0 100 ") {
+                return Some(text);
+            }
+        }
+    }
+}
+
+/// A well-formed INVITE from `port` with the given Call-ID and extra headers.
+pub fn invite(port: u16, call_id: &str, extra: &str) -> String {
+    format!(
+        "INVITE sip:incident@127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Test Caller\" <sip:+15550001234@127.0.0.1>;tag=t-{call_id}\r\n\
+         To: <sip:incident@127.0.0.1>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 INVITE\r\n\
+         {extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Status code of a response text.
+pub fn status_of(resp: &str) -> u16 {
+    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A header value of a response text (case-insensitive name).
+pub fn header_of<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.split("\r\n").find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Sends a well-formed INVITE and returns its final answer: proof the daemon still serves.
+pub fn assert_still_serving(d: &Daemon, call_id: &str) -> String {
+    let p = UdpPeer::new(d);
+    p.send(invite(p.port(), call_id, "").as_bytes());
+    let resp = p.recv_final(Duration::from_secs(5)).expect("the daemon no longer answers a good INVITE");
+    assert_eq!(status_of(&resp), 603, "{resp}");
+    let id = header_of(&resp, "X-Incident-Id").expect("X-Incident-Id").to_string();
+    // ACK it, so it is not retransmitted.
+    p.send(ack_for(&resp, p.port(), call_id).as_bytes());
+    id
+}
+
+/// The ACK for a non-2xx final response to [`invite`].
+pub fn ack_for(resp: &str, port: u16, call_id: &str) -> String {
+    let to = header_of(resp, "To").unwrap_or("<sip:incident@127.0.0.1>");
+    format!(
+        "ACK sip:incident@127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Test Caller\" <sip:+15550001234@127.0.0.1>;tag=t-{call_id}\r\n\
+         To: {to}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 ACK\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
