@@ -356,15 +356,14 @@ fn from_config_error_at(path: &str, e: &config::ConfigError) -> ConfigError {
     if let Some(rest) = first.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
             let field = &rest[..end];
-            let key = if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            // The path already ends with the unknown field itself.
+            let key = if path.is_empty() || !path.ends_with(field) { join(&path, field) } else { path };
             return err(key, "unknown key");
         }
     }
     if let Some(rest) = first.strip_prefix("missing field `") {
         if let Some(end) = rest.find('`') {
-            let field = &rest[..end];
-            let key = if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
-            return err(key, "missing");
+            return err(join(&path, &rest[..end]), "missing");
         }
     }
     // config wraps some errors as "… for key `x.y`"; strip to keep one clean line.
@@ -373,6 +372,14 @@ fn from_config_error_at(path: &str, e: &config::ConfigError) -> ConfigError {
         None => first.to_string(),
     };
     err(if path.is_empty() { "config".to_string() } else { path }, message)
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
 }
 
 fn is_hex_sha256(s: &str) -> bool {

@@ -1,0 +1,93 @@
+//! The binary's command line: `check-config` (exit 78 naming the key), `--version`.
+
+mod common;
+
+use std::process::Command;
+
+fn check_config(toml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(common::bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("DISPATCHD__PRIVACY__CALLER_KEY", common::CALLER_KEY)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dispatchd.toml");
+    let out = Command::new(common::bin()).args(["check-config", "--config", path]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn unknown_key_exits_78_naming_it() {
+    let (code, text) = check_config("[sip]\nmode = \"decline\"\nmax_rign = \"1m\"\n");
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("sip.max_rign"), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+}
+
+#[test]
+fn bad_severity_exits_78_naming_it() {
+    let (code, text) = check_config("[[ivr]]\npath = \"2,1\"\ncategory = \"outage\"\nseverity = \"catastrophic\"\n");
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("ivr") && text.contains("severity") || text.contains("catastrophic"), "{text}");
+    let (code, text) = check_config("[ivr_default]\nseverity = \"urgent\"\n");
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("ivr_default"), "{text}");
+}
+
+#[test]
+fn bad_values_exit_78() {
+    for (toml, key) in [
+        ("[sip]\nallow = [\"10.0.0.0/40\"]\n", "sip.allow[0]"),
+        ("[sip]\nmax_ring = \"forever\"\n", "sip.max_ring"),
+        ("[sip]\ndecline_status = 200\n", "sip.decline_status"),
+        ("[[ivr]]\npath = \"2;1\"\ncategory = \"a\"\nseverity = \"low\"\n", "ivr[0].path"),
+        ("[http]\nadmin_token_sha256 = \"abc\"\n", "http.admin_token_sha256"),
+        ("[escalation.critical]\nack_timeout = \"0s\"\n", "escalation.critical.ack_timeout"),
+        ("this is not toml", "config"),
+    ] {
+        let (code, text) = check_config(toml);
+        assert_eq!(code, 78, "{toml}: {text}");
+        assert!(text.contains(key), "{toml}: expected {key} in {text}");
+    }
+}
+
+#[test]
+fn environment_is_a_layer_and_is_checked_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
+    std::fs::write(&path, "").unwrap();
+    let out = Command::new(common::bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("DISPATCHD__PRIVACY__CALLER_KEY", common::CALLER_KEY)
+        .env("DISPATCHD__SIP__MODE", "loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sip.mode"));
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
+    std::fs::write(&path, "[redis]\nurll = \"x\"\n").unwrap();
+    let out = Command::new(common::bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn version_prints() {
+    let out = Command::new(common::bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
