@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::config::Settings;
+use crate::dispatcher::Dispatch;
 use crate::incident::Severity;
 use crate::intake::Intake;
+use crate::responders::{self, Roster};
 use crate::sip::transport::{self, AllowList, TcpLimits};
 use crate::sip::uas::Uas;
 use crate::store::Store;
@@ -33,7 +35,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let redis_up = Arc::new(AtomicBool::new(true));
     let listening = Arc::new(AtomicBool::new(false));
 
-    let intake = Arc::new(Intake::new(store.clone(), &settings));
+    let dispatch = Dispatch::new(store.clone(), &settings);
+    let roster: Vec<(String, u32, Vec<String>)> =
+        settings.roster.iter().map(|r| (r.id.clone(), r.tier, r.skills.clone())).collect();
+    store.sync_roster(&roster).await.context("writing the roster to Redis")?;
+    let wake = dispatch.clone();
+    let intake = Arc::new(Intake::new(store.clone(), &settings).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
     let allow = Arc::new(AllowList::new(settings.allow_nets()));
 
@@ -56,6 +63,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Some(l)
         }
     };
+    let ws = TcpListener::bind(&settings.responders.listen)
+        .await
+        .with_context(|| format!("binding responders {}", settings.responders.listen))?;
+    tracing::info!(addr = %ws.local_addr()?, path = responders::session::PATH, "responder websocket listening");
     let http = TcpListener::bind(&settings.http.listen)
         .await
         .with_context(|| format!("binding HTTP {}", settings.http.listen))?;
@@ -90,11 +101,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .with_graceful_shutdown(async move { http_token.cancelled().await })
             .await
     });
+    let roster = Arc::new(std::sync::RwLock::new(Roster::new(&settings.roster)));
+    tokio::spawn(responders::serve(ws, dispatch.clone(), roster, settings.responders.heartbeat, token.clone()));
+    tokio::spawn(dispatch.clone().run(token.clone()));
+    tokio::spawn(dispatch.clone().listen(token.clone()));
     tokio::spawn(health_loop(store.clone(), redis_up.clone(), uas.clone(), token.clone()));
 
     listening.store(true, Ordering::Relaxed);
     systemd::ready();
-    tracing::info!(mode = ?settings.sip.mode, version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
+    tracing::info!(mode = settings.sip.mode.as_str(), version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
 
     token.cancelled().await;
     systemd::stopping();
@@ -102,6 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // New INVITEs now get 503 (the UAS sees the token); ringing calls end;
     // incidents being written are finished before we exit.
     uas.end_ringing();
+    dispatch.sessions.close_all(1001, "going away");
     uas.tasks().close();
     if tokio::time::timeout(settings.shutdown.drain, uas.tasks().wait()).await.is_err() {
         tracing::warn!("drain deadline passed with work in flight");
@@ -128,9 +144,8 @@ async fn wait_for_redis(store: &Store, token: &CancellationToken) -> bool {
 }
 
 /// Every second: is Redis there, how deep are the queues; forget old SIP
-/// transactions; tell systemd we are alive.
+/// transactions. (The watchdog is the dispatcher's.)
 async fn health_loop(store: Store, redis_up: Arc<AtomicBool>, uas: Arc<Uas>, token: CancellationToken) {
-    let watchdog = systemd::watchdog_interval();
     loop {
         let up = store.ping().await.is_ok();
         if up != redis_up.swap(up, Ordering::Relaxed) {
@@ -149,9 +164,6 @@ async fn health_loop(store: Store, redis_up: Arc<AtomicBool>, uas: Arc<Uas>, tok
             }
         }
         uas.sweep();
-        if watchdog.is_some() {
-            systemd::watchdog();
-        }
         // Look again soon while Redis is away, so calls resume quickly.
         let pause = if up { Duration::from_secs(1) } else { Duration::from_millis(250) };
         tokio::select! {

@@ -60,6 +60,15 @@ pub enum SipMode {
     Shadow,
 }
 
+impl SipMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SipMode::Decline => "decline",
+            SipMode::Shadow => "shadow",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SipSettings {
@@ -128,11 +137,14 @@ impl Default for RedisSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RespondersSettings {
     pub listen: String,
+    /// Extension: websocket ping interval; a responder silent for two is dropped.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat: Duration,
 }
 
 impl Default for RespondersSettings {
     fn default() -> Self {
-        RespondersSettings { listen: "0.0.0.0:8080".into() }
+        RespondersSettings { listen: "0.0.0.0:8080".into(), heartbeat: Duration::from_secs(15) }
     }
 }
 
@@ -461,6 +473,9 @@ impl Settings {
         }
 
         check_listen("responders.listen", &self.responders.listen, false)?;
+        if self.responders.heartbeat < Duration::from_millis(100) {
+            return Err(err("responders.heartbeat", "must be at least 100ms"));
+        }
         check_listen("http.listen", &self.http.listen, false)?;
         let admin = &self.http.admin_token_sha256;
         if !admin.is_empty() && !is_hex_sha256(admin) {

@@ -51,6 +51,8 @@ impl CallEnd {
 
 pub struct Intake {
     store: Store,
+    /// Called when an incident is opened (the dispatcher's wake-up).
+    on_open: Option<Box<dyn Fn() + Send + Sync>>,
     classifier: RwLock<Arc<Classifier>>,
     caller_key: String,
 }
@@ -83,9 +85,16 @@ impl Intake {
     pub fn new(store: Store, settings: &Settings) -> Intake {
         Intake {
             store,
+            on_open: None,
             classifier: RwLock::new(Arc::new(Classifier::new(settings))),
             caller_key: settings.privacy.caller_key.expose().to_string(),
         }
+    }
+
+    /// Runs `f` after every newly opened incident.
+    pub fn on_open(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_open = Some(Box::new(f));
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -140,6 +149,9 @@ impl Intake {
         };
         let (id, created) = self.store.open(&new).await?;
         if created {
+            if let Some(f) = &self.on_open {
+                f();
+            }
             metrics::counter!(metric::INCIDENTS_OPENED, "severity" => c.severity.as_str(), "category" => c.category.clone())
                 .increment(1);
             tracing::info!(

@@ -3,7 +3,9 @@
 //! Data flows one way: adapters in → core → adapters out.
 //!
 //! ```text
-//!  PBX ──SIP──▶ sip/ ──▶ CallFacts ─▶ intake (classify) ─▶ store (Redis) ─▶ api/ (/metrics, /v1)
+//!  PBX ──SIP──▶ sip/ ─▶ CallFacts ─▶ intake ─▶ store (Redis) ─▶ dispatcher ─▶ responders/ ──ws──▶ crews
+//!                                   (classify)  queue, records,   (offers,       └─▶ api/ (/metrics, /v1)
+//!                                               timelines, Lua    deadlines)
 //! ```
 //!
 //! - `sip/` — the incident line: `wire` (framing, sanity checks, responses),
@@ -12,6 +14,8 @@
 //! - `intake` — call facts → classified incident; call events → timeline.
 //! - `classify`, `incident` — pure domain values and rules.
 //! - `store` — the only module that talks to Redis; Lua scripts in `store/scripts/`.
+//! - `dispatcher` — when to run the offer rules (which live in Lua, in Redis) and
+//!   delivering what they decide; `responders/` — the websocket gateway.
 //! - `api` — health, metrics, `/v1`.
 //! - `app` — startup order and drain; `config`, `telemetry`, `shutdown`, `systemd`.
 #![forbid(unsafe_code)]
@@ -20,8 +24,10 @@ pub mod api;
 pub mod app;
 pub mod classify;
 pub mod config;
+pub mod dispatcher;
 pub mod incident;
 pub mod intake;
+pub mod responders;
 pub mod shutdown;
 pub mod sip;
 pub mod store;

@@ -346,7 +346,7 @@ impl Uas {
         let this = self.clone();
         self.tasks.spawn(
             async move {
-                this.open_and_answer(key, facts, peer.transport()).await;
+                this.open_and_answer(key, facts, peer.transport(), received).await;
                 drop(permit);
             }
             .instrument(span),
@@ -354,10 +354,13 @@ impl Uas {
     }
 
     /// Stores the incident, then gives the answer that says it exists.
-    async fn open_and_answer(self: &Arc<Self>, key: TxKey, facts: CallFacts, transport: &'static str) {
-        let received_at = Utc::now();
+    async fn open_and_answer(self: &Arc<Self>, key: TxKey, facts: CallFacts, transport: &'static str, received: Instant) {
+        let received_at = Utc::now() - received.elapsed();
         let opened = match self.intake.open_call(&facts, received_at, transport).await {
-            Ok(o) => o,
+            Ok(o) => {
+                metrics::histogram!(metric::INTAKE_SECONDS).record(received.elapsed().as_secs_f64());
+                o
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "incident not stored; answering 503");
                 return self.final_invite(&key, 503, "Service Unavailable", &[("Retry-After", &self.retry_after)]);
@@ -432,11 +435,15 @@ impl Uas {
 
     fn record_end(self: &Arc<Self>, id: String, how: CallEnd, rung: Duration) {
         let this = self.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = this.intake.call_ended(&id, how, rung).await {
-                tracing::warn!(incident_id = %id, error = %e, "call end not recorded");
+        let span = tracing::info_span!("call", incident_id = %id);
+        self.tasks.spawn(
+            async move {
+                if let Err(e) = this.intake.call_ended(&id, how, rung).await {
+                    tracing::warn!(error = %e, "call end not recorded");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// Sends the final response of an INVITE transaction (once), ends its

@@ -6,7 +6,9 @@
 //!   retransmitted or re-sent INVITE never opens a second incident;
 //! - `p:inc:<id>` — the record (hash); `p:inc:<id>:tl` — its timeline (list of JSON, append-only);
 //! - `p:incidents` — every incident by opening time (zset, ms);
-//! - `p:queue` — waiting incidents, severity first then oldest (zset, see [`queue_score`]).
+//! - `p:queue` — waiting incidents, severity first then oldest (zset, see [`queue_score`]);
+//! - `p:deadlines`, `p:idle`, `p:roster`, `p:resp:<rid>`, `p:inc:<id>:tried` — dispatch
+//!   state, described in `scripts/dispatch.lua` and used through [`dispatch`].
 //!
 //! Every change that must be atomic is one Lua script in `scripts/`. The
 //! connection manager reconnects by itself; every failed command counts in
@@ -20,6 +22,8 @@ use redis::{AsyncCommands, Script};
 
 use crate::incident::{timestamp_ms, Incident, Severity, Source, State, TimelineEntry};
 use crate::telemetry::metric;
+
+pub mod dispatch;
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
@@ -83,9 +87,11 @@ pub fn queue_score(severity: Severity, opened_ms: i64) -> String {
 #[derive(Clone)]
 pub struct Store {
     conn: ConnectionManager,
+    url: String,
     prefix: String,
     open: Script,
     update: Script,
+    dispatch: Script,
 }
 
 impl Store {
@@ -100,9 +106,11 @@ impl Store {
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Store {
             conn,
+            url: url.to_string(),
             prefix: prefix.to_string(),
             open: Script::new(include_str!("scripts/open.lua")),
             update: Script::new(include_str!("scripts/update.lua")),
+            dispatch: Script::new(include_str!("scripts/dispatch.lua")),
         })
     }
 

@@ -107,6 +107,8 @@ pub struct Options {
     pub allow: Vec<String>,
     pub max_ring: &'static str,
     pub tcp_idle_timeout: &'static str,
+    pub heartbeat: &'static str,
+    /// More TOML: `[[responder]]` tables (see [`roster`]), `[escalation.*]`…
     pub extra: String,
     pub env: Vec<(String, String)>,
 }
@@ -118,6 +120,7 @@ impl Default for Options {
             allow: vec!["127.0.0.0/8".into()],
             max_ring: "10m",
             tcp_idle_timeout: "5s",
+            heartbeat: "2s",
             extra: String::new(),
             env: Vec::new(),
         }
@@ -159,6 +162,7 @@ security = "high"
 pub struct Daemon {
     pub sip_port: u16,
     pub http_port: u16,
+    pub ws_port: u16,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
@@ -171,12 +175,18 @@ pub fn bin() -> &'static str {
 }
 
 impl Daemon {
+    /// A second daemon on the same Redis (and the same prefix), with its own ports.
+    pub fn start_another(redis: &Redis, opts: Options) -> Daemon {
+        Daemon::start(redis, opts)
+    }
+
     pub fn start(redis: &Redis, opts: Options) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("dispatchd.toml");
         let mut d = Daemon {
             sip_port: free_port(),
             http_port: free_port(),
+            ws_port: free_port(),
             dir,
             config,
             child: None,
@@ -210,6 +220,7 @@ timeout = "500ms"
 
 [responders]
 listen = "127.0.0.1:{ws}"
+heartbeat = "{heartbeat}"
 
 [http]
 listen = "127.0.0.1:{http}"
@@ -233,12 +244,13 @@ drain = "5s"
             max_ring = o.max_ring,
             idle = o.tcp_idle_timeout,
             redis = self.redis_url,
-            ws = free_port(),
+            ws = self.ws_port,
             http = self.http_port,
             admin = sha256_hex(ADMIN_TOKEN),
             key = CALLER_KEY,
             ivr = IVR_TABLE,
             extra = o.extra,
+            heartbeat = o.heartbeat,
         );
         std::fs::write(&self.config, text).unwrap();
     }
@@ -552,4 +564,159 @@ pub fn ack_for(resp: &str, port: u16, call_id: &str) -> String {
          CSeq: 1 ACK\r\n\
          Content-Length: 0\r\n\r\n"
     )
+}
+
+// ---- responders over websockets --------------------------------------------
+
+/// `[[responder]]` tables: (id, tier, skills). Each one's token is `token-<id>`.
+pub fn roster(members: &[(&str, u32, &[&str])]) -> String {
+    let mut out = String::new();
+    for (id, tier, skills) in members {
+        let skills: Vec<String> = skills.iter().map(|s| format!("{s:?}")).collect();
+        out.push_str(&format!(
+            "[[responder]]\nid = \"{id}\"\nname = \"{id}\"\ntoken_sha256 = \"{}\"\nskills = [{}]\ntier = {tier}\n\n",
+            sha256_hex(&format!("token-{id}")),
+            skills.join(", ")
+        ));
+    }
+    out
+}
+
+/// Short acknowledgement deadlines for every severity.
+pub fn escalation(ack_timeout: &str, max_rounds: u32) -> String {
+    ["critical", "high", "medium", "low"]
+        .iter()
+        .map(|s| format!("[escalation.{s}]\nack_timeout = \"{ack_timeout}\"\nmax_rounds = {max_rounds}\n\n"))
+        .collect()
+}
+
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+/// A responder's client: a real websocket to the daemon.
+pub struct Responder {
+    pub id: String,
+    pub ws: Ws,
+}
+
+impl Responder {
+    /// Connects with `Authorization: Bearer token-<id>` and reads the welcome.
+    pub fn connect(d: &Daemon, id: &str) -> Responder {
+        let mut r = Responder::connect_raw(d, Some(&format!("token-{id}")));
+        let w = r.recv(Duration::from_secs(5)).expect("welcome");
+        assert_eq!(w["type"], "welcome", "{w}");
+        assert_eq!(w["responder_id"], id);
+        r.id = id.to_string();
+        r
+    }
+
+    /// Connects with an optional bearer token, without reading anything.
+    pub fn connect_raw(d: &Daemon, token: Option<&str>) -> Responder {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://127.0.0.1:{}/v1/responders/ws", d.ws_port).into_client_request().unwrap();
+        if let Some(t) = token {
+            req.headers_mut().insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let (ws, _) = tungstenite::connect(req).expect("websocket connect");
+        Responder { id: String::new(), ws }
+    }
+
+    fn set_timeout(&mut self, t: Duration) {
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = self.ws.get_mut() {
+            s.set_read_timeout(Some(t.max(Duration::from_millis(1)))).unwrap();
+        }
+    }
+
+    pub fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string());
+    }
+
+    pub fn send_text(&mut self, t: &str) {
+        self.ws.send(tungstenite::Message::text(t)).expect("send");
+    }
+
+    /// The next JSON frame within `wait` (pings are answered by tungstenite).
+    pub fn recv(&mut self, wait: Duration) -> Option<Value> {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.set_timeout(left);
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
+                Ok(tungstenite::Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    return None
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for a frame of the given type, skipping others.
+    pub fn recv_type(&mut self, kind: &str, wait: Duration) -> Option<Value> {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let v = self.recv(left)?;
+            if v["type"] == kind {
+                return Some(v);
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub fn close_code(&mut self, wait: Duration) -> Option<u16> {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.set_timeout(left);
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(Some(f))) => return Some(u16::from(f.code)),
+                Ok(tungstenite::Message::Close(None)) => return Some(1005),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    return None
+                }
+                Err(_) => return Some(1006),
+            }
+        }
+    }
+
+    /// Sends a request with an id and returns the reply echoing it.
+    pub fn request(&mut self, mut v: Value, id: &str) -> Value {
+        v["id"] = Value::from(id);
+        self.send(v);
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let r = self.recv(left).unwrap_or_else(|| panic!("no reply to {id}"));
+            if r["ref"] == id {
+                return r;
+            }
+        }
+    }
+}
+
+/// Places a call over UDP (decline mode) with the IVR path; returns the incident id.
+pub fn place_call(d: &Daemon, call_id: &str, ivr_path: &str) -> String {
+    let p = UdpPeer::new(d);
+    p.send(invite(p.port(), call_id, &format!("X-IVR-Path: {ivr_path}\r\n")).as_bytes());
+    let resp = p.recv_final(Duration::from_secs(5)).expect("answer to INVITE");
+    p.send(ack_for(&resp, p.port(), call_id).as_bytes());
+    header_of(&resp, "X-Incident-Id").unwrap_or_else(|| panic!("no incident id: {resp}")).to_string()
+}
+
+/// The timeline's event names.
+pub fn events(incident: &Value) -> Vec<String> {
+    incident["timeline"].as_array().map(|t| t.iter().map(|e| e["event"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
 }

@@ -1,0 +1,265 @@
+//! The dispatcher: who is offered what, and when (contract §4).
+//!
+//! The rules themselves run in Redis (`store/scripts/dispatch.lua`), so that
+//! several daemons sharing one Redis never offer an incident twice; this loop
+//! decides when to run them and delivers what they decide:
+//!
+//! - on every wake-up (a new incident, a responder free again, an answer) and
+//!   at least every 500 ms: withdraw offers past their deadline (`cancel` to
+//!   that responder), then pair the queue with free responders (`dispatch`);
+//! - every 2 s: send again any offer a connected responder has not received
+//!   (offers made by another daemon, or lost in transit), and renew the
+//!   presence leases of the responders connected here.
+//!
+//! Pub/sub only speeds things up between daemons; nothing depends on it.
+//! The systemd watchdog is pinged from this loop, so a stuck core stops it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::incident::{mask, timestamp_ms, Severity, TimelineEntry};
+use crate::responders::{wire, Sessions};
+use crate::store::dispatch::{Cancel, Matched, Policy};
+use crate::store::{Changes, Store};
+use crate::systemd;
+use crate::telemetry::metric;
+
+/// Offers made in one pass of the matcher, at most.
+const MATCH_BATCH: usize = 64;
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+const RESYNC_EVERY: Duration = Duration::from_secs(2);
+
+/// Shared by the dispatcher loop and the responder sessions.
+pub struct Dispatch {
+    pub store: Store,
+    pub sessions: Sessions,
+    /// This daemon's name in Redis (host, pid and a random part).
+    pub daemon: String,
+    pub policy: Policy,
+    pub heartbeat: Duration,
+    wake: Notify,
+    /// Another daemon made an offer that may be for one of ours: resync now.
+    resync_soon: AtomicBool,
+}
+
+impl Dispatch {
+    pub fn new(store: Store, settings: &Settings) -> Arc<Dispatch> {
+        let e = &settings.escalation;
+        let policies = Severity::ALL.map(|s| e.for_severity(s));
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        Arc::new(Dispatch {
+            store,
+            sessions: Sessions::default(),
+            daemon: format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand::random::<u16>()),
+            policy: Policy {
+                ack_timeout_ms: policies.map(|p| p.ack_timeout.as_millis() as u64),
+                max_rounds: policies.map(|p| p.max_rounds),
+            },
+            heartbeat: settings.responders.heartbeat,
+            wake: Notify::new(),
+            resync_soon: AtomicBool::new(false),
+        })
+    }
+
+    /// Something changed: run the matcher soon.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Until when a presence lease written now holds.
+    pub fn lease_until(&self, heartbeat: Duration) -> i64 {
+        Utc::now().timestamp_millis() + 3 * heartbeat.as_millis() as i64
+    }
+
+    /// Writes the `dispatch` frame of `incident` to `rid` if it is offered to
+    /// that responder and this connection does not have it yet; records
+    /// `delivered` and the call → offer time.
+    pub async fn deliver(&self, rid: &str, incident: &str) {
+        let details = match self.store.offer_details(&[incident.to_string()]).await {
+            Ok(mut v) => v.pop().flatten(),
+            Err(e) => return tracing::warn!(incident_id = %incident, error = %e, "offer not read"),
+        };
+        let Some(d) = details else { return };
+        if d.state != "offered" || d.assigned_to != rid {
+            return;
+        }
+        let frame = json!({
+            "type": "dispatch",
+            "dispatch_id": d.dispatch_id,
+            "incident_id": d.incident_id,
+            "attempt": d.attempt,
+            "severity": d.severity,
+            "category": d.category,
+            "summary": d.summary,
+            "instructions": d.instructions,
+            "caller": mask(&d.caller),
+            "queue": d.queue,
+            "opened_at": timestamp_ms(d.opened_ms),
+            "ack_by": timestamp_ms(d.ack_by_ms),
+        });
+        if !self.sessions.send_dispatch(rid, &d.dispatch_id, frame.to_string()) {
+            return;
+        }
+        let now = Utc::now();
+        let secs = (now.timestamp_millis() - d.opened_ms).max(0) as f64 / 1000.0;
+        metrics::histogram!(metric::CALL_TO_OFFER).record(secs);
+        let entry = TimelineEntry::new(now, "delivered", "dispatchd", json!({"responder": rid, "dispatch_id": d.dispatch_id}));
+        if let Err(e) = self.store.update(&d.incident_id, &Changes::default(), &[entry]).await {
+            tracing::warn!(incident_id = %d.incident_id, error = %e, "delivery not recorded");
+        }
+    }
+
+    fn send_cancel(&self, c: &Cancel) {
+        let frame = wire::cancel(&c.dispatch_id, &c.reason);
+        if !self.sessions.send(&c.responder, frame) && !c.daemon.is_empty() && c.daemon != self.daemon {
+            let store = self.store.clone();
+            let payload = format!("{}\t{}\t{}", c.responder, c.dispatch_id, c.reason);
+            tokio::spawn(async move { store.publish("cancel", &payload).await });
+        }
+    }
+
+    /// One pass: deadlines, then offers.
+    async fn step(&self) {
+        match self.store.expire_offers().await {
+            Ok(cancels) => {
+                for c in &cancels {
+                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "ack_timeout").increment(1);
+                    tracing::info!(responder = %c.responder, dispatch_id = %c.dispatch_id, "no acknowledgement in time; offer withdrawn");
+                    self.send_cancel(c);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "deadlines not checked"),
+        }
+        loop {
+            let rows = match self.store.match_offers(MATCH_BATCH, &self.policy).await {
+                Ok(r) => r,
+                Err(e) => return tracing::warn!(error = %e, "matcher failed"),
+            };
+            let mut remote = false;
+            for row in &rows {
+                match row {
+                    Matched::Offer(o) => {
+                        metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "offered").increment(1);
+                        if o.escalated {
+                            metrics::counter!(metric::ESCALATIONS, "severity" => o.severity.as_str()).increment(1);
+                        }
+                        tracing::info!(incident_id = %o.incident_id, responder = %o.responder, dispatch_id = %o.dispatch_id, escalated = o.escalated, "offered");
+                        if self.sessions.is_connected(&o.responder) {
+                            self.deliver(&o.responder, &o.incident_id).await;
+                        } else {
+                            remote = true;
+                        }
+                    }
+                    Matched::Exhausted { incident_id, severity } => {
+                        metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "exhausted").increment(1);
+                        tracing::warn!(incident_id = %incident_id, severity = %severity, "nobody acknowledged in max_rounds passes; back in the queue, flagged exhausted");
+                    }
+                }
+            }
+            if remote {
+                self.store.publish("wake", &self.daemon).await;
+            }
+            if rows.len() < MATCH_BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Offers the connected responders should have; leases.
+    async fn resync(&self, renew_leases: bool) {
+        let rids = self.sessions.connected();
+        if renew_leases {
+            if let Err(e) = self.store.refresh_leases(&self.daemon, self.lease_until(self.heartbeat), &rids).await {
+                tracing::warn!(error = %e, "leases not renewed");
+            }
+        }
+        if let Ok(offers) = self.store.current_offers(&rids).await {
+            for (rid, offer) in rids.iter().zip(offers) {
+                if let Some(incident) = offer {
+                    self.deliver(rid, &incident).await;
+                }
+            }
+        }
+    }
+
+    /// The dispatcher loop; ends at shutdown.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let watchdog = systemd::watchdog_interval().is_some();
+        let mut last_resync = Instant::now();
+        let mut last_lease = Instant::now();
+        loop {
+            let sleep = match self.store.next_deadline().await {
+                Ok(Some(ms)) => {
+                    let left = ms - Utc::now().timestamp_millis();
+                    Duration::from_millis(left.clamp(0, MAX_SLEEP.as_millis() as i64) as u64)
+                }
+                _ => MAX_SLEEP,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            if watchdog {
+                systemd::watchdog();
+            }
+            self.step().await;
+            if self.resync_soon.swap(false, Ordering::Relaxed) || last_resync.elapsed() >= RESYNC_EVERY {
+                let renew = last_lease.elapsed() >= self.heartbeat / 2;
+                self.resync(renew).await;
+                last_resync = Instant::now();
+                if renew {
+                    last_lease = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Listens to the other daemons (wake-ups, cancels for our responders),
+    /// reconnecting with backoff. Best effort by design.
+    pub async fn listen(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            if let Err(e) = self.listen_once(&shutdown).await {
+                tracing::debug!(error = %e, "pub/sub connection lost");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn listen_once(&self, shutdown: &CancellationToken) -> redis::RedisResult<()> {
+        let client = redis::Client::open(self.store.client_url())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        let (wake_ch, cancel_ch) = (self.store.channel("wake"), self.store.channel("cancel"));
+        pubsub.subscribe(&[&wake_ch, &cancel_ch]).await?;
+        let mut stream = pubsub.on_message();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = stream.next() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if msg.get_channel_name() == cancel_ch {
+                let mut parts = payload.splitn(3, '\t');
+                if let (Some(rid), Some(dispatch_id), Some(reason)) = (parts.next(), parts.next(), parts.next()) {
+                    self.sessions.send(rid, wire::cancel(dispatch_id, reason));
+                }
+            } else if payload != self.daemon {
+                self.resync_soon.store(true, Ordering::Relaxed);
+                self.wake();
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! One responder connection, from handshake to close.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::wire::{self, Inbound};
+use super::{Out, Roster};
+use crate::dispatcher::Dispatch;
+use crate::store::dispatch::Answer;
+use crate::telemetry::metric;
+
+pub const PATH: &str = "/v1/responders/ws";
+const HELLO_WITHIN: Duration = Duration::from_secs(5);
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Small buffers: thousands of idle responders must be cheap.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        // Frames up to 1 MiB are read and answered with an error when over
+        // wire::MAX_FRAME; only beyond that is the connection dropped.
+        .max_message_size(Some(1024 * 1024))
+        .max_frame_size(Some(1024 * 1024))
+}
+
+/// Accepts responder connections until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Dispatch>,
+    roster: Arc<RwLock<Roster>>,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "responder accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (ctx, roster, shutdown) = (ctx.clone(), roster.clone(), shutdown.clone());
+        tokio::spawn(async move { session(stream, ctx, roster, heartbeat, shutdown).await });
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
+}
+
+async fn session(
+    stream: TcpStream,
+    ctx: Arc<Dispatch>,
+    roster: Arc<RwLock<Roster>>,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut header_token: Option<String> = None;
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != PATH {
+            let mut r = ErrorResponse::new(Some("not found".into()));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            return Err(r);
+        }
+        header_token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+        Ok(resp)
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config()));
+    let Ok(Ok(ws)) = tokio::time::timeout(HANDSHAKE_WITHIN, handshake).await else { return };
+    let (mut sink, mut frames) = ws.split();
+
+    let authenticate = |token: &str| roster.read().ok().and_then(|r| r.authenticate(token));
+    let rid = match header_token {
+        Some(t) => authenticate(&t),
+        None => match tokio::time::timeout(HELLO_WITHIN, frames.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => match wire::parse(t.as_str()) {
+                Ok((_, Inbound::Hello { token })) => authenticate(&token),
+                _ => None,
+            },
+            _ => None,
+        },
+    };
+    let Some(rid) = rid else {
+        // Nothing else is sent first (contract §4).
+        let _ = sink.send(close(4401, "unauthorized")).await;
+        return;
+    };
+
+    let span = tracing::info_span!("responder", responder = %rid);
+    async move {
+        let (tx, mut rx) = mpsc::channel::<Out>(64);
+        let conn = ctx.sessions.register(&rid, tx);
+        tracing::info!("responder connected");
+        if sink.send(Message::text(wire::welcome(&rid, heartbeat.as_secs().max(1)))).await.is_err() {
+            ctx.sessions.unregister(&rid, conn);
+            return;
+        }
+        match ctx.store.connect(&rid, &ctx.daemon, ctx.lease_until(heartbeat)).await {
+            // Sent again on (re)connect: the offer it has not answered.
+            Ok(Some(incident)) => ctx.deliver(&rid, &incident).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "presence not stored"),
+        }
+        ctx.wake();
+
+        let mut last_seen = Instant::now();
+        let mut last_ping = Instant::now();
+        let mut tick = tokio::time::interval(heartbeat / 4);
+        loop {
+            tokio::select! {
+                frame = frames.next() => {
+                    let reply = match frame {
+                        None | Some(Err(_)) => break,
+                        Some(Ok(Message::Close(_))) => break,
+                        Some(Ok(Message::Text(t))) => handle(&ctx, &rid, t.as_str()).await,
+                        Some(Ok(Message::Binary(_))) => wire::error(None, "bad_request", "binary frames are not accepted"),
+                        Some(Ok(_)) => String::new(), // ping/pong: tungstenite answers pings itself
+                    };
+                    last_seen = Instant::now();
+                    if !reply.is_empty() && sink.send(Message::text(reply)).await.is_err() {
+                        break;
+                    }
+                }
+                out = rx.recv() => match out {
+                    Some(Out::Text(t)) => {
+                        if sink.send(Message::text(t)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Out::Close(code, reason)) => {
+                        let _ = sink.send(close(code, reason)).await;
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if last_seen.elapsed() >= heartbeat * 2 {
+                        tracing::info!("responder silent for two heartbeats; closing");
+                        break;
+                    }
+                    if last_ping.elapsed() >= heartbeat {
+                        last_ping = Instant::now();
+                        if sink.send(Message::Ping(Default::default())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(close(1001, "going away")).await;
+                    break;
+                }
+            }
+        }
+        if ctx.sessions.unregister(&rid, conn) {
+            if let Err(e) = ctx.store.disconnect(&rid, &ctx.daemon).await {
+                tracing::warn!(error = %e, "disconnect not stored");
+            }
+        }
+        tracing::info!("responder disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Answers one text frame from an authenticated responder.
+async fn handle(ctx: &Dispatch, rid: &str, text: &str) -> String {
+    let (reference, msg) = match wire::parse(text) {
+        Ok(v) => v,
+        Err(r) => return wire::error(r.reference.as_ref(), "bad_request", &r.message),
+    };
+    let r = reference.as_ref();
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "responder frame not applied");
+        wire::error(r, "unavailable", "try again")
+    };
+    match msg {
+        Inbound::Hello { .. } => wire::ok(r),
+        Inbound::Ack { dispatch_id } => match ctx.store.answer(rid, &dispatch_id, true, "").await {
+            Ok(Answer::Acknowledged { offered_ms, repeated }) => {
+                if !repeated {
+                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "acknowledged").increment(1);
+                    if let Some(ms) = offered_ms {
+                        let secs = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!(metric::OFFER_TO_ACK).record(secs);
+                    }
+                    tracing::info!(dispatch_id = %dispatch_id, "dispatch acknowledged");
+                }
+                wire::ok(r)
+            }
+            Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
+            Ok(Answer::Declined(_)) => wire::error(r, "bad_request", "unexpected"),
+            Err(e) => unavailable(e),
+        },
+        Inbound::Decline { dispatch_id, reason } => {
+            match ctx.store.answer(rid, &dispatch_id, false, &reason).await {
+                Ok(Answer::Declined(c)) => {
+                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "declined").increment(1);
+                    ctx.sessions.send(rid, wire::cancel(&c.dispatch_id, "declined"));
+                    ctx.wake();
+                    wire::ok(r)
+                }
+                Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
+                Ok(Answer::Acknowledged { .. }) => wire::error(r, "stale_dispatch", "already acknowledged"),
+                Err(e) => unavailable(e),
+            }
+        }
+        Inbound::Status { incident_id, status, note } => {
+            let id = crate::incident::normalize_id(&incident_id).unwrap_or(incident_id);
+            match ctx.store.status(rid, &id, &status, &note).await {
+                Ok(Ok(())) => {
+                    if status == "resolved" {
+                        ctx.wake();
+                    }
+                    wire::ok(r)
+                }
+                Ok(Err(code)) => wire::error(r, &code, "not your incident, or not a step forward"),
+                Err(e) => unavailable(e),
+            }
+        }
+        Inbound::Availability { status } => match ctx.store.set_availability(rid, &status).await {
+            Ok(()) => {
+                ctx.wake();
+                wire::ok(r)
+            }
+            Err(e) => unavailable(e),
+        },
+    }
+}

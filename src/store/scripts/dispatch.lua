@@ -1,0 +1,273 @@
+-- Every move of an incident between the queue and the responders, atomically.
+-- One script, one operation per call, so any number of daemons can share one
+-- Redis: an incident is offered to at most one responder at a time because
+-- only one `match` can take it out of the queue.
+--
+-- ARGV[1] op   ARGV[2] prefix   ARGV[3] now (ms)   ARGV[4] now (RFC 3339)
+-- then the operation's own arguments (see each op below).
+--
+-- Keys (p = prefix):
+--   p:queue            zset  waiting incidents (score: severity rank, then opened ms)
+--   p:deadlines        zset  offered incidents by ack_by (ms)
+--   p:idle             zset  responders free for an offer (score: tier, then last dispatch ms)
+--   p:roster           set   responder ids of the current roster
+--   p:resp:<rid>       hash  tier, skills (",a,b,"), availability, daemon, lease (ms),
+--                            offer (incident id), assignment (incident id),
+--                            last (ms of last offer), since (ms it last became available)
+--   p:inc:<id>         hash  the record (state, assigned_to, dispatch_id, attempts,
+--                            round, tier, ack_by_ms, offered_ms, exhausted, exhausted_ms …)
+--   p:inc:<id>:tried   set   responders offered this incident in the current round
+--   p:inc:<id>:tl      list  the timeline
+
+local op, p, now, now_iso = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+
+local function inc_key(id) return p .. ':inc:' .. id end
+local function resp_key(rid) return p .. ':resp:' .. rid end
+
+local function pad13(ms)
+  local s = string.format('%.0f', tonumber(ms) or 0)
+  return string.rep('0', 13 - string.len(s)) .. s
+end
+
+local function tl(id, event, actor, detail)
+  redis.call('RPUSH', inc_key(id) .. ':tl',
+    cjson.encode({at = now_iso, event = event, actor = actor, detail = detail}))
+end
+
+local function empty(v) return v == false or v == nil or v == '' end
+
+-- Puts a responder in the idle set when it can take an offer, else takes it out.
+local function refresh_idle(rid)
+  local r = redis.call('HMGET', resp_key(rid), 'availability', 'lease', 'offer', 'assignment', 'tier', 'last')
+  local ok = r[1] == 'available' and not empty(r[2]) and tonumber(r[2]) > now
+    and empty(r[3]) and empty(r[4]) and not empty(r[5])
+    and redis.call('SISMEMBER', p .. ':roster', rid) == 1
+  if ok then
+    redis.call('ZADD', p .. ':idle', r[5] .. pad13(r[6] or 0), rid)
+  else
+    redis.call('ZREM', p .. ':idle', rid)
+  end
+  return ok
+end
+
+local function requeue(id)
+  local f = redis.call('HMGET', inc_key(id), 'severity', 'opened_ms')
+  local rank = ({critical = '0', high = '1', medium = '2', low = '3'})[f[1]] or '2'
+  redis.call('ZADD', p .. ':queue', rank .. pad13(f[2]), id)
+end
+
+-- Takes an offer back from a responder; the incident waits in the queue again.
+-- Returns {'cancel', rid, dispatch_id, daemon, reason}.
+local function withdraw(id, rid, dispatch_id, reason, actor, event_detail)
+  redis.call('HSET', inc_key(id), 'state', 'queued', 'assigned_to', '', 'ack_by_ms', '')
+  redis.call('ZREM', p .. ':deadlines', id)
+  requeue(id)
+  if redis.call('HGET', resp_key(rid), 'offer') == id then
+    redis.call('HSET', resp_key(rid), 'offer', '')
+  end
+  refresh_idle(rid)
+  tl(id, reason, actor, event_detail)
+  tl(id, 'withdrawn', 'dispatchd', {responder = rid, dispatch_id = dispatch_id, reason = reason})
+  local daemon = redis.call('HGET', resp_key(rid), 'daemon')
+  return {'cancel', rid, dispatch_id, daemon or '', reason}
+end
+
+-- ---------------------------------------------------------------------------
+if op == 'roster' then
+  -- ARGV[5] n, then n × (rid, tier, skills ",a,b," or "*")
+  local n = tonumber(ARGV[5])
+  redis.call('DEL', p .. ':roster')
+  for i = 0, n - 1 do
+    local rid, tier, skills = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+    redis.call('SADD', p .. ':roster', rid)
+    redis.call('HSET', resp_key(rid), 'tier', tier, 'skills', skills)
+  end
+  -- Responders that left the roster can no longer be offered anything.
+  for _, rid in ipairs(redis.call('ZRANGE', p .. ':idle', 0, -1)) do refresh_idle(rid) end
+  for i = 0, n - 1 do refresh_idle(ARGV[6 + 3 * i]) end
+  return n
+
+elseif op == 'connect' then
+  -- ARGV[5] rid, ARGV[6] daemon, ARGV[7] lease until (ms)
+  -- Returns the incident offered to it and not yet answered, or ''.
+  local rid, daemon, lease = ARGV[5], ARGV[6], ARGV[7]
+  local k = resp_key(rid)
+  local was = refresh_idle(rid)
+  if empty(redis.call('HGET', k, 'availability')) then
+    redis.call('HSET', k, 'availability', 'available')
+  end
+  redis.call('HSET', k, 'daemon', daemon, 'lease', lease)
+  if refresh_idle(rid) and not was then redis.call('HSET', k, 'since', now) end
+  return redis.call('HGET', k, 'offer') or ''
+
+elseif op == 'lease' then
+  -- ARGV[5] daemon, ARGV[6] lease until, ARGV[7..] rids connected here
+  for i = 7, #ARGV do
+    local k = resp_key(ARGV[i])
+    if redis.call('HGET', k, 'daemon') == ARGV[5] then
+      redis.call('HSET', k, 'lease', ARGV[6])
+      refresh_idle(ARGV[i])
+    end
+  end
+  return 1
+
+elseif op == 'disconnect' then
+  -- ARGV[5] rid, ARGV[6] daemon
+  local k = resp_key(ARGV[5])
+  if redis.call('HGET', k, 'daemon') == ARGV[6] then
+    redis.call('HSET', k, 'daemon', '', 'lease', '0')
+    refresh_idle(ARGV[5])
+  end
+  return 1
+
+elseif op == 'availability' then
+  -- ARGV[5] rid, ARGV[6] available|busy|off_duty
+  local rid, status = ARGV[5], ARGV[6]
+  local was = refresh_idle(rid)
+  redis.call('HSET', resp_key(rid), 'availability', status)
+  if refresh_idle(rid) and not was then redis.call('HSET', resp_key(rid), 'since', now) end
+  return 1
+
+elseif op == 'match' then
+  -- ARGV[5] max offers; ARGV[6..9] ack timeout ms, ARGV[10..13] ack_by RFC 3339,
+  -- ARGV[14..17] max_rounds — each for critical, high, medium, low.
+  -- Returns rows {'offer', id, rid, dispatch_id, daemon, severity, escalated(0|1)}
+  --          and {'exhausted', id, severity}.
+  local max_offers = tonumber(ARGV[5])
+  local sev = {critical = 0, high = 1, medium = 2, low = 3}
+  local out = {}
+  local cands = {}
+  for _, rid in ipairs(redis.call('ZRANGE', p .. ':idle', 0, -1)) do
+    local r = redis.call('HMGET', resp_key(rid), 'tier', 'skills', 'since', 'daemon', 'availability', 'lease', 'offer', 'assignment')
+    -- Members are kept current by every other op; only a lapsed lease (its daemon died) is new here.
+    if r[5] == 'available' and tonumber(r[6]) and tonumber(r[6]) > now and empty(r[7]) and empty(r[8]) then
+      cands[#cands + 1] = {id = rid, tier = tonumber(r[1]), skills = r[2] or '', since = tonumber(r[3]) or 0, daemon = r[4] or ''}
+    else
+      redis.call('ZREM', p .. ':idle', rid)
+    end
+  end
+  if #cands == 0 then return out end
+  local free = #cands
+  for _, id in ipairs(redis.call('ZRANGE', p .. ':queue', 0, 499)) do
+    if free == 0 or #out >= max_offers then break end
+    local k = inc_key(id)
+    local f = redis.call('HMGET', k, 'state', 'category', 'severity', 'exhausted', 'exhausted_ms', 'round', 'tier', 'attempts')
+    if f[1] ~= 'queued' then
+      redis.call('ZREM', p .. ':queue', id)
+    else
+      local s = sev[f[3]] or 2
+      local cat = f[2] or ''
+      local exhausted_ms = (f[4] == '1') and (tonumber(f[5]) or 0) or nil
+      local tried = {}
+      for _, t in ipairs(redis.call('SMEMBERS', k .. ':tried')) do tried[t] = true end
+      local function usable(c)
+        if c.used then return false end
+        if exhausted_ms and c.since <= exhausted_ms then return false end
+        return c.skills == '*' or string.find(c.skills, ',' .. cat .. ',', 1, true) ~= nil
+          or string.find(c.skills, ',*,', 1, true) ~= nil
+      end
+      local pick, any = nil, false
+      for _, c in ipairs(cands) do
+        if usable(c) then
+          any = true
+          if not tried[c.id] then pick = c; break end
+        end
+      end
+      local round = tonumber(f[6]) or 1
+      if any and not pick then
+        -- Everyone who could take it was asked this round: next round.
+        round = round + 1
+        redis.call('DEL', k .. ':tried')
+        if round > tonumber(ARGV[14 + s]) then
+          redis.call('HSET', k, 'exhausted', '1', 'exhausted_ms', now, 'round', '1', 'tier', '')
+          tl(id, 'exhausted', 'dispatchd', {rounds = tonumber(ARGV[14 + s])})
+          out[#out + 1] = {'exhausted', id, f[3]}
+        else
+          redis.call('HSET', k, 'round', round, 'tier', '')
+          for _, c in ipairs(cands) do
+            if usable(c) then pick = c; break end
+          end
+        end
+      end
+      if pick then
+        local attempts = (tonumber(f[8]) or 0) + 1
+        local dispatch_id = id .. '.' .. attempts
+        local ack_by = now + tonumber(ARGV[6 + s])
+        local escalated = 0
+        local prev_tier = tonumber(f[7])
+        if prev_tier and pick.tier > prev_tier then
+          escalated = 1
+          tl(id, 'escalated', 'dispatchd', {from_tier = prev_tier, to_tier = pick.tier})
+        end
+        redis.call('HSET', k, 'state', 'offered', 'assigned_to', pick.id, 'dispatch_id', dispatch_id,
+          'attempts', attempts, 'ack_by_ms', ack_by, 'offered_ms', now, 'tier', pick.tier, 'round', round)
+        redis.call('ZREM', p .. ':queue', id)
+        redis.call('ZADD', p .. ':deadlines', ack_by, id)
+        redis.call('SADD', k .. ':tried', pick.id)
+        redis.call('HSET', resp_key(pick.id), 'offer', id, 'last', now)
+        redis.call('ZREM', p .. ':idle', pick.id)
+        pick.used = true
+        free = free - 1
+        tl(id, 'offered', 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id, attempt = attempts,
+          tier = pick.tier, round = round, ack_by = ARGV[10 + s]})
+        out[#out + 1] = {'offer', id, pick.id, dispatch_id, pick.daemon, f[3], escalated}
+      end
+    end
+  end
+  return out
+
+elseif op == 'expire' then
+  -- Withdraws every offer whose deadline has passed. Returns 'cancel' rows.
+  local out = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':deadlines', '-inf', now, 'LIMIT', 0, 200)) do
+    local f = redis.call('HMGET', inc_key(id), 'state', 'assigned_to', 'dispatch_id', 'ack_by_ms')
+    if f[1] == 'offered' and tonumber(f[4]) and tonumber(f[4]) <= now then
+      out[#out + 1] = withdraw(id, f[2], f[3], 'ack_timeout', 'dispatchd', {responder = f[2], dispatch_id = f[3]})
+    else
+      redis.call('ZREM', p .. ':deadlines', id)
+    end
+  end
+  return out
+
+elseif op == 'answer' then
+  -- ARGV[5] rid, ARGV[6] dispatch_id, ARGV[7] 'ack'|'decline', ARGV[8] reason
+  -- Returns {'acknowledged', offered_ms} | {'cancel', …} | {'error', code}
+  local rid, dispatch_id, kind = ARGV[5], ARGV[6], ARGV[7]
+  local id, attempt = string.match(dispatch_id, '^(.+)%.(%d+)$')
+  if not id or redis.call('EXISTS', inc_key(id)) == 0 then return {'error', 'unknown_dispatch'} end
+  local f = redis.call('HMGET', inc_key(id), 'state', 'assigned_to', 'dispatch_id', 'offered_ms', 'attempts')
+  if tonumber(attempt) > (tonumber(f[5]) or 0) then return {'error', 'unknown_dispatch'} end
+  if f[3] ~= dispatch_id or f[2] ~= rid then return {'error', 'stale_dispatch'} end
+  if f[1] ~= 'offered' then
+    if kind == 'ack' and f[1] ~= 'queued' and f[1] ~= 'cancelled' then return {'acknowledged', '', 'again'} end
+    return {'error', 'stale_dispatch'}
+  end
+  if kind == 'ack' then
+    redis.call('HSET', inc_key(id), 'state', 'acknowledged', 'acked_ms', now, 'ack_by_ms', '')
+    redis.call('ZREM', p .. ':deadlines', id)
+    redis.call('HSET', resp_key(rid), 'offer', '', 'assignment', id)
+    refresh_idle(rid)
+    tl(id, 'acknowledged', rid, {responder = rid, dispatch_id = dispatch_id})
+    return {'acknowledged', f[4] or ''}
+  end
+  return withdraw(id, rid, dispatch_id, 'declined', rid, {responder = rid, dispatch_id = dispatch_id, reason = ARGV[8]})
+
+elseif op == 'status' then
+  -- ARGV[5] rid, ARGV[6] incident id, ARGV[7] en_route|on_scene|resolved, ARGV[8] note
+  -- Returns {'ok', new state} | {'error', code}
+  local rid, id, status = ARGV[5], ARGV[6], ARGV[7]
+  local rank = {acknowledged = 1, en_route = 2, on_scene = 3, resolved = 4}
+  local f = redis.call('HMGET', inc_key(id), 'state', 'assigned_to')
+  if f[2] ~= rid or not rank[f[1]] or f[1] == 'resolved' then return {'error', 'not_allowed'} end
+  if rank[status] <= rank[f[1]] then return {'error', 'not_allowed'} end
+  redis.call('HSET', inc_key(id), 'state', status, status .. '_ms', now)
+  local detail = {responder = rid}
+  if ARGV[8] ~= '' then detail.note = ARGV[8] end
+  tl(id, status, rid, detail)
+  if status == 'resolved' then
+    redis.call('HSET', resp_key(rid), 'assignment', '')
+    if refresh_idle(rid) then redis.call('HSET', resp_key(rid), 'since', now) end
+  end
+  return {'ok', status}
+end
+return redis.error_reply('unknown op ' .. tostring(op))
