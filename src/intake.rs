@@ -168,35 +168,30 @@ impl Intake {
         Ok(Opened { id, created })
     }
 
-    /// A DTMF key pressed in the early dialog: appended to the path, then the
-    /// incident is reclassified. Returns the new path.
-    pub async fn ivr_digit(
-        &self,
-        id: &str,
-        path: &[String],
-        digit: char,
-        ruri_user: Option<&str>,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut new_path = path.to_vec();
-        if new_path.len() < MAX_IVR_SELECTIONS {
-            new_path.push(digit.to_string());
+    /// A DTMF key pressed in the early dialog: appended to the call's path,
+    /// then the incident is reclassified (category, severity, instructions and
+    /// summary follow). Returns the call's facts with the new path.
+    pub async fn ivr_digit(&self, id: &str, facts: &CallFacts, digit: char) -> Result<CallFacts, StoreError> {
+        let mut facts = facts.clone();
+        if facts.ivr_path.len() < MAX_IVR_SELECTIONS {
+            facts.ivr_path.push(digit.to_string());
         }
         let now = Utc::now();
-        let c = self.classifier().classify(&new_path, ruri_user);
+        let c = self.classifier().classify(&facts.ivr_path, facts.ruri_user.as_deref());
         let changes = Changes {
             severity: Some(c.severity),
             category: Some(c.category.clone()),
-            ivr_path: Some(new_path.clone()),
+            ivr_path: Some(facts.ivr_path.clone()),
             instructions: Some(c.instructions.clone()),
-            summary: None,
+            summary: Some(summary(&c, &facts)),
         };
         let entries = [
-            TimelineEntry::new(now, "ivr_input", "sip", json!({"digit": digit.to_string(), "ivr_path": new_path})),
-            classified_entry(now, "sip", &c, &new_path),
+            TimelineEntry::new(now, "ivr_input", "sip", json!({"digit": digit.to_string(), "ivr_path": facts.ivr_path})),
+            classified_entry(now, "sip", &c, &facts.ivr_path),
         ];
         self.store.update(id, &changes, &entries).await?;
         tracing::info!(incident_id = %id, severity = %c.severity, category = %c.category, "incident reclassified");
-        Ok(new_path)
+        Ok(facts)
     }
 
     /// The ringing leg ended: timeline entry with the seconds rung.

@@ -447,7 +447,8 @@ fn run(transport: Transport) {
                 fail(format!("unexpected provisional {}", r.lines().next().unwrap_or("")));
             }
         }
-        if let Some(pos603) = got.responses.iter().position(|r| status_of(r) == 603) {
+        let retransmission = s.tx_key.as_ref().is_some_and(|k| by_tx.contains_key(k));
+        if let Some(pos603) = got.responses.iter().position(|r| status_of(r) == 603).filter(|_| !retransmission) {
             if !got.responses[..pos603].iter().any(|r| status_of(r) == 100) {
                 fail("603 without a 100 Trying before it: not a new INVITE transaction".into());
             }
@@ -501,7 +502,7 @@ fn run(transport: Transport) {
                 fail(format!("603 names incident {id} whose call_id is {cid:?}, not this request's {:?}", s.call_ids));
             }
             if let Some(prev) = incident_ids.insert(id.to_string(), s.file.clone()) {
-                if !s.tx_key.as_ref().is_some_and(|k| by_tx.contains_key(k)) {
+                if !retransmission {
                     fail(format!("incident {id} was already given to {prev}"));
                 }
             }

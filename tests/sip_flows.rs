@@ -130,7 +130,7 @@ fn assert_call_end(rec: &Value, end: &str) {
     let e = entry(rec, end);
     assert_eq!(e["actor"], "sip", "{e}");
     let rung = e["detail"]["rung_s"].as_f64().unwrap_or_else(|| panic!("{end} without a numeric rung_s: {e}"));
-    assert!(rung >= 0.0 && rung < 120.0, "{end}: implausible rung_s {rung}");
+    assert!((0.0..120.0).contains(&rung), "{end}: implausible rung_s {rung}");
     assert_timestamp(&format!("{end}.at"), &e["at"]);
     for other in ["abandoned", "answered_elsewhere", "caller_hangup"] {
         if other != end {

@@ -45,7 +45,15 @@ fn dropped(reason: &'static str) {
 /// Hands one checked message to the UAS, answers a rejected one, drops the rest.
 fn deliver(verdict: Verdict, peer: Peer, uas: &Arc<Uas>) {
     match verdict {
-        Verdict::Ok(msg) if msg.method().is_some() => uas.handle(msg, peer),
+        Verdict::Ok(msg) if msg.method().is_some() => match msg.defect() {
+            // Well-formed but unusable (a mandatory header missing or repeated): 400, never an ACK.
+            Some(reason) if msg.method() != Some("ACK") => {
+                dropped("malformed");
+                peer.send(&build(&msg.reply(), 400, reason, None, &[]));
+            }
+            Some(_) => dropped("malformed"),
+            None => uas.handle(msg, peer),
+        },
         Verdict::Ok(_) => dropped("response"),
         Verdict::Reject { status, reason, reply } => {
             dropped("malformed");

@@ -130,8 +130,8 @@ enum Tx {
 struct Dialog {
     incident: String,
     invite: TxKey,
-    ivr_path: Vec<String>,
-    ruri_user: Option<String>,
+    /// The call's facts; the IVR path grows with each INFO digit.
+    facts: CallFacts,
     /// Serialises INFO handling, so digits are applied in order.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -396,8 +396,7 @@ impl Uas {
                         Dialog {
                             incident: opened.id.clone(),
                             invite: key.clone(),
-                            ivr_path: facts.ivr_path.clone(),
-                            ruri_user: facts.ruri_user.clone(),
+                            facts: facts.clone(),
                             lock: Arc::default(),
                         },
                     );
@@ -577,15 +576,15 @@ impl Uas {
             let _serial = dlock.lock().await;
             let current = {
                 let st = this.lock();
-                st.dialogs.get(&dk).map(|d| (d.incident.clone(), d.ivr_path.clone(), d.ruri_user.clone()))
+                st.dialogs.get(&dk).map(|d| (d.incident.clone(), d.facts.clone()))
             };
             let resp = match current {
                 // The dialog ended while we waited.
                 None => build(&reply, 481, "Call/Transaction Does Not Exist", None, &[]),
-                Some((id, path, ruri_user)) => match this.intake.ivr_digit(&id, &path, digit, ruri_user.as_deref()).await {
-                    Ok(new_path) => {
+                Some((id, facts)) => match this.intake.ivr_digit(&id, &facts, digit).await {
+                    Ok(facts) => {
                         if let Some(d) = this.lock().dialogs.get_mut(&dk) {
-                            d.ivr_path = new_path;
+                            d.facts = facts;
                         }
                         build(&reply, 200, "OK", None, &[])
                     }

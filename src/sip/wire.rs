@@ -88,7 +88,9 @@ impl Message {
 
     /// The `branch` parameter of the top-most Via (first value of the first Via header).
     pub fn top_via_branch(&self) -> Option<&str> {
-        let first = split_top_level(self.header("via")?, b',').into_iter().next()?;
+        let first = split_top_level(self.header("via")?, b',')
+            .into_iter()
+            .next()?;
         parse_via(trim_ws(first)).ok()?
     }
 
@@ -153,7 +155,11 @@ pub enum Verdict {
     Ok(Message),
     /// Answerable: a request whose Via (and what else is present of From/To/Call-ID/CSeq)
     /// can be copied into a response.
-    Reject { status: u16, reason: &'static str, reply: Reply },
+    Reject {
+        status: u16,
+        reason: &'static str,
+        reply: Reply,
+    },
     /// Not answerable (malformed responses, garbage, no start line, no Via): drop silently.
     Drop(&'static str),
 }
@@ -216,7 +222,11 @@ pub fn frame_stream(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
         return Ok(Some(Frame::KeepAlive(keepalive)));
     }
     let Some(end) = find_head_end(buf) else {
-        return if buf.len() > MAX_MESSAGE { Err(FrameError::TooLarge) } else { Ok(None) };
+        return if buf.len() > MAX_MESSAGE {
+            Err(FrameError::TooLarge)
+        } else {
+            Ok(None)
+        };
     };
     let head_len = end.checked_add(4).ok_or(FrameError::TooLarge)?;
     if head_len > MAX_MESSAGE {
@@ -317,7 +327,11 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
     };
     let text = String::from_utf8_lossy(head_bytes);
     let utf8 = matches!(text, Cow::Borrowed(_));
-    let Head { start, headers, error } = split_head(&text);
+    let Head {
+        start,
+        headers,
+        error,
+    } = split_head(&text);
     // Errors of the header section as a whole, most fundamental first.
     let section_error = if !utf8 {
         Some("Invalid UTF-8")
@@ -329,7 +343,11 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
 
     if starts_with_ci(start, "SIP/") {
         return match check_response(start, &headers, section_error, rest, transport) {
-            Ok((start, body)) => Verdict::Ok(Message { start, headers, body }),
+            Ok((start, body)) => Verdict::Ok(Message {
+                start,
+                headers,
+                body,
+            }),
             Err(_) => Verdict::Drop("response"),
         };
     }
@@ -342,15 +360,26 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
     let Some(top_via) = headers.iter().find(|(n, _)| n == "via").map(|(_, v)| v) else {
         return Verdict::Drop("no via");
     };
-    let top_value = split_top_level(top_via, b',').into_iter().next().unwrap_or_default();
+    let top_value = split_top_level(top_via, b',')
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     if matches!(parse_via(trim_ws(top_value)), Err(ViaError::Head)) {
         return Verdict::Drop("unaddressable");
     }
     match check_request(start, &headers, section_error, rest, transport) {
-        Ok((start, body)) => Verdict::Ok(Message { start, headers, body }),
+        Ok((start, body)) => Verdict::Ok(Message {
+            start,
+            headers,
+            body,
+        }),
         // An ACK is never answered (RFC 3261 §17.1.1.1, §17.2.1).
         Err(_) if first_word == "ACK" => Verdict::Drop("bad ack"),
-        Err(reason) => Verdict::Reject { status: 400, reason, reply: reply_from(&headers) },
+        Err(reason) => Verdict::Reject {
+            status: 400,
+            reason,
+            reply: reply_from(&headers),
+        },
     }
 }
 
@@ -367,7 +396,13 @@ fn check_request(
     }
     check_headers(headers, Some(method))?;
     let body = take_body(headers, rest, transport)?;
-    Ok((StartLine::Request { method: method.to_string(), uri: uri.to_string() }, body))
+    Ok((
+        StartLine::Request {
+            method: method.to_string(),
+            uri: uri.to_string(),
+        },
+        body,
+    ))
 }
 
 fn check_response(
@@ -423,7 +458,8 @@ fn parse_status_line(line: &str) -> Option<u16> {
 }
 
 fn is_version_number(v: &str) -> bool {
-    v.split_once('.').is_some_and(|(a, b)| is_digits(a) && is_digits(b))
+    v.split_once('.')
+        .is_some_and(|(a, b)| is_digits(a) && is_digits(b))
 }
 
 /// Syntax of every header this module knows, in wire order; the first failure wins.
@@ -493,7 +529,10 @@ fn take_body(
         first.get_or_insert(n);
     }
     match (first, transport) {
-        (Some(n), _) => rest.get(..n).map(<[u8]>::to_vec).ok_or("Content-Length exceeds body"),
+        (Some(n), _) => rest
+            .get(..n)
+            .map(<[u8]>::to_vec)
+            .ok_or("Content-Length exceeds body"),
         (None, Transport::Datagram) => Ok(rest.to_vec()),
         (None, Transport::Stream) => Err("Missing Content-Length"),
     }
@@ -506,7 +545,9 @@ fn reply_from(headers: &[(String, String)]) -> Reply {
             "via" => {
                 let values = split_top_level(value, b',');
                 if values.iter().all(|v| parse_via(trim_ws(v)).is_ok()) {
-                    reply.vias.extend(values.into_iter().map(|v| trim_ws(v).to_string()));
+                    reply
+                        .vias
+                        .extend(values.into_iter().map(|v| trim_ws(v).to_string()));
                 } else if !value.is_empty() {
                     // Malformed: copy the line as it came rather than guess at its values.
                     reply.vias.push(value.clone());
@@ -588,7 +629,11 @@ fn split_head(text: &str) -> Head<'_> {
     if has_control(start) || headers.iter().any(|(_, v)| has_control(v)) {
         error.get_or_insert("Control character in header");
     }
-    Head { start, headers, error }
+    Head {
+        start,
+        headers,
+        error,
+    }
 }
 
 /// Lowercase full header name; compact forms expanded.
@@ -633,7 +678,9 @@ fn compact_form(c: u8) -> Option<&'static str> {
 
 /// Number of leading CR/LF bytes.
 fn leading_crlf(buf: &[u8]) -> usize {
-    buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()
+    buf.iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count()
 }
 
 /// Offset of the CRLFCRLF ending the header section.
@@ -725,7 +772,10 @@ fn addr_tag(value: &str) -> Option<&str> {
 
 fn has_tag(value: &str) -> bool {
     match parse_addr(value) {
-        Some(addr) => addr.params.iter().any(|(n, _)| n.eq_ignore_ascii_case("tag")),
+        Some(addr) => addr
+            .params
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("tag")),
         // Unparseable: look for the text, so as not to add a second tag.
         None => value.to_ascii_lowercase().contains(";tag="),
     }
@@ -761,7 +811,9 @@ fn parse_cseq(value: &str) -> Option<(u32, &str)> {
 /// `word ["@" word]`.
 fn check_call_id(value: &str) -> bool {
     fn word(w: &str) -> bool {
-        !w.is_empty() && w.bytes().all(|b| is_token_char(b) || b"()<>:\\\"/[]?{}".contains(&b))
+        !w.is_empty()
+            && w.bytes()
+                .all(|b| is_token_char(b) || b"()<>:\\\"/[]?{}".contains(&b))
     }
     match value.split_once('@') {
         Some((a, b)) => word(a) && word(b),
@@ -810,7 +862,9 @@ enum UriContext {
 }
 
 fn check_uri(uri: &str, context: UriContext) -> bool {
-    let Some((scheme, rest)) = uri.split_once(':') else { return false };
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return false;
+    };
     if !is_scheme(scheme) || rest.is_empty() {
         return false;
     }
@@ -843,9 +897,13 @@ fn check_sip_uri(rest: &str, allow_headers: bool) -> bool {
             None => (userinfo, None),
         };
         let user_ok = !user.is_empty()
-            && user.bytes().all(|b| is_unreserved(b) || b"%&=+$,;?/".contains(&b));
-        let password_ok = password
-            .is_none_or(|p| p.bytes().all(|b| is_unreserved(b) || b"%&=+$,".contains(&b)));
+            && user
+                .bytes()
+                .all(|b| is_unreserved(b) || b"%&=+$,;?/".contains(&b));
+        let password_ok = password.is_none_or(|p| {
+            p.bytes()
+                .all(|b| is_unreserved(b) || b"%&=+$,".contains(&b))
+        });
         if !user_ok || !password_ok {
             return false;
         }
@@ -927,7 +985,9 @@ fn check_host(host: &str) -> bool {
     let name = host.strip_suffix('.').unwrap_or(host);
     let labels_ok = name.split('.').all(|label| {
         !label.is_empty()
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     });
@@ -1026,7 +1086,9 @@ fn starts_with_ci(s: &str, prefix: &str) -> bool {
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| s.get(prefix.len()..)).flatten()
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| s.get(prefix.len()..))
+        .flatten()
 }
 
 /// Splits at `sep` outside quoted strings and angle brackets.
@@ -1271,25 +1333,93 @@ mod tests {
 
     /// (file stem, over UDP, over TCP).
     const EXPECTED: &[(&str, Want, Want)] = &[
-        ("invalid__badaspec", Want::Reject("Bad To"), Want::Reject("Bad To")),
-        ("invalid__baddate", Want::Reject("Bad Date"), Want::Reject("Bad Date")),
-        ("invalid__baddn", Want::Reject("Bad From"), Want::Reject("Bad From")),
-        ("invalid__badinv01", Want::Reject("Bad Via"), Want::Reject("Bad Via")),
-        ("invalid__badvers", Want::Reject("Version Not Supported"), Want::Reject("Version Not Supported")),
+        (
+            "invalid__badaspec",
+            Want::Reject("Bad To"),
+            Want::Reject("Bad To"),
+        ),
+        (
+            "invalid__baddate",
+            Want::Reject("Bad Date"),
+            Want::Reject("Bad Date"),
+        ),
+        (
+            "invalid__baddn",
+            Want::Reject("Bad From"),
+            Want::Reject("Bad From"),
+        ),
+        (
+            "invalid__badinv01",
+            Want::Reject("Bad Via"),
+            Want::Reject("Bad Via"),
+        ),
+        (
+            "invalid__badvers",
+            Want::Reject("Version Not Supported"),
+            Want::Reject("Version Not Supported"),
+        ),
         ("invalid__bigcode", Want::Drop, Want::Drop),
-        ("invalid__clerr", Want::Reject("Content-Length exceeds body"), Want::NeedMore),
-        ("invalid__escruri", Want::Reject("Bad Request-URI"), Want::Reject("Bad Request-URI")),
-        ("invalid__ltgtruri", Want::Reject("Bad Request-URI"), Want::NeedMore),
-        ("invalid__lwsruri", Want::Reject("Bad Request-Line"), Want::NeedMore),
-        ("invalid__lwsstart", Want::Reject("Bad Request-Line"), Want::Reject("Bad Request-Line")),
-        ("invalid__mismatch01", Want::Reject("CSeq method mismatch"), Want::Reject("CSeq method mismatch")),
-        ("invalid__mismatch02", Want::Reject("CSeq method mismatch"), Want::Reject("CSeq method mismatch")),
-        ("invalid__ncl", Want::Reject("Bad Content-Length"), Want::Unframeable),
-        ("invalid__quotbal", Want::Reject("Bad To"), Want::Reject("Bad To")),
-        ("invalid__regbadct", Want::Reject("Bad Contact"), Want::Reject("Bad Contact")),
-        ("invalid__scalar02", Want::Reject("Bad CSeq"), Want::Reject("Bad CSeq")),
+        (
+            "invalid__clerr",
+            Want::Reject("Content-Length exceeds body"),
+            Want::NeedMore,
+        ),
+        (
+            "invalid__escruri",
+            Want::Reject("Bad Request-URI"),
+            Want::Reject("Bad Request-URI"),
+        ),
+        (
+            "invalid__ltgtruri",
+            Want::Reject("Bad Request-URI"),
+            Want::NeedMore,
+        ),
+        (
+            "invalid__lwsruri",
+            Want::Reject("Bad Request-Line"),
+            Want::NeedMore,
+        ),
+        (
+            "invalid__lwsstart",
+            Want::Reject("Bad Request-Line"),
+            Want::Reject("Bad Request-Line"),
+        ),
+        (
+            "invalid__mismatch01",
+            Want::Reject("CSeq method mismatch"),
+            Want::Reject("CSeq method mismatch"),
+        ),
+        (
+            "invalid__mismatch02",
+            Want::Reject("CSeq method mismatch"),
+            Want::Reject("CSeq method mismatch"),
+        ),
+        (
+            "invalid__ncl",
+            Want::Reject("Bad Content-Length"),
+            Want::Unframeable,
+        ),
+        (
+            "invalid__quotbal",
+            Want::Reject("Bad To"),
+            Want::Reject("Bad To"),
+        ),
+        (
+            "invalid__regbadct",
+            Want::Reject("Bad Contact"),
+            Want::Reject("Bad Contact"),
+        ),
+        (
+            "invalid__scalar02",
+            Want::Reject("Bad CSeq"),
+            Want::Reject("Bad CSeq"),
+        ),
         ("invalid__scalarlg", Want::Drop, Want::Drop),
-        ("invalid__trws", Want::Reject("Bad Request-Line"), Want::Reject("Bad Request-Line")),
+        (
+            "invalid__trws",
+            Want::Reject("Bad Request-Line"),
+            Want::Reject("Bad Request-Line"),
+        ),
         ("valid__badbranch", Want::Ok, Want::Ok),
         ("valid__bcast", Want::Ok, Want::Ok),
         ("valid__bext01", Want::Ok, Want::Ok),
@@ -1309,7 +1439,11 @@ mod tests {
         ("valid__mcl01", Want::Ok, Want::Unframeable),
         // This copy's body is 152 bytes but says `l: 154` (the fault clerr tests);
         // RFC 4475 §3.3.8 wants 400 for multi01 anyway.
-        ("valid__multi01", Want::Reject("Content-Length exceeds body"), Want::NeedMore),
+        (
+            "valid__multi01",
+            Want::Reject("Content-Length exceeds body"),
+            Want::NeedMore,
+        ),
         ("valid__noreason", Want::Ok, Want::Ok),
         ("valid__novelsc", Want::Ok, Want::Ok),
         ("valid__regaut01", Want::Ok, Want::Ok),
@@ -1326,7 +1460,11 @@ mod tests {
     fn outcome(v: &Verdict) -> Want {
         match v {
             Verdict::Ok(_) => Want::Ok,
-            Verdict::Reject { status, reason, reply } => {
+            Verdict::Reject {
+                status,
+                reason,
+                reply,
+            } => {
                 assert_eq!(*status, 400);
                 assert!(!reply.vias.is_empty(), "a reject must be addressable");
                 Want::Reject(reason)
@@ -1361,7 +1499,10 @@ mod tests {
             assert_eq!(got, udp, "{name} over UDP");
             assert_eq!(stream_outcome(bytes), tcp, "{name} over TCP");
             if name.starts_with("invalid__") {
-                assert!(!matches!(udp, Want::Ok) && !matches!(tcp, Want::Ok), "{name}");
+                assert!(
+                    !matches!(udp, Want::Ok) && !matches!(tcp, Want::Ok),
+                    "{name}"
+                );
             } else if name != "valid__multi01" {
                 assert_eq!(udp, Want::Ok, "{name}");
             }
@@ -1388,7 +1529,9 @@ mod tests {
         assert_eq!(defect("valid__zeromf"), None);
         assert_eq!(ok(&file("valid__mcl01")).body, b"There's no wa");
         // multi01 with its Content-Length repaired: well-formed, but repeated headers.
-        let fixed = String::from_utf8(file("valid__multi01")).expect("utf8").replace("l: 154", "l: 152");
+        let fixed = String::from_utf8(file("valid__multi01"))
+            .expect("utf8")
+            .replace("l: 154", "l: 152");
         assert_eq!(ok(fixed.as_bytes()).defect(), Some("Multiple Call-ID"));
         let insuf = ok(&file("valid__insuf"));
         assert_eq!(insuf.call_id(), "");
@@ -1401,7 +1544,10 @@ mod tests {
         assert_eq!(m.start, StartLine::Response { code: 100 });
         assert_eq!(m.method(), None);
         assert!(!m.is_request());
-        assert!(matches!(parse_datagram(&file("invalid__bigcode")), Verdict::Drop("response")));
+        assert!(matches!(
+            parse_datagram(&file("invalid__bigcode")),
+            Verdict::Drop("response")
+        ));
     }
 
     #[test]
@@ -1411,8 +1557,14 @@ mod tests {
         assert_eq!(m.cseq(), (9, "INVITE"));
         assert_eq!(m.header("max-forwards"), Some("0068"));
         assert_eq!(m.header("subject"), Some(""));
-        assert_eq!(m.header("newfangledheader"), Some("newfangled value continued newfangled value"));
-        assert_eq!(m.header("from"), Some(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#));
+        assert_eq!(
+            m.header("newfangledheader"),
+            Some("newfangled value continued newfangled value")
+        );
+        assert_eq!(
+            m.header("from"),
+            Some(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#)
+        );
         assert_eq!(m.from_tag(), Some("98asjd8"));
         assert_eq!(m.to_tag(), Some("1918181833n"));
         assert_eq!(m.top_via_branch(), Some("390skdjuw"));
@@ -1447,8 +1599,17 @@ mod tests {
         assert_eq!(
             names,
             [
-                "via", "from", "to", "call-id", "cseq", "contact", "content-type", "subject", "supported",
-                "content-encoding", "content-length"
+                "via",
+                "from",
+                "to",
+                "call-id",
+                "cseq",
+                "contact",
+                "content-type",
+                "subject",
+                "supported",
+                "content-encoding",
+                "content-length"
             ]
         );
         assert_eq!(m.header("i"), Some("abc@h"));
@@ -1469,7 +1630,11 @@ mod tests {
 
     fn reject_reason(raw: &str) -> &'static str {
         match parse_datagram(raw.as_bytes()) {
-            Verdict::Reject { status: 400, reason, .. } => reason,
+            Verdict::Reject {
+                status: 400,
+                reason,
+                ..
+            } => reason,
             other => panic!("{other:?}"),
         }
     }
@@ -1478,42 +1643,113 @@ mod tests {
     fn strictness_beyond_the_corpus() {
         ok(OPTIONS.as_bytes());
         let with = |from: &str, to: &str| OPTIONS.replacen(from, to, 1);
-        assert_eq!(reject_reason(&with("CSeq: 1 OPTIONS", "CSeq: 1 options")), "CSeq method mismatch");
-        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID: x y")), "Bad Call-ID");
-        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nMax-Forwards: 256")), "Bad Max-Forwards");
-        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID x@h")), "Malformed header line");
-        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call ID: x@h")), "Bad header name");
-        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a@exa mple.com SIP")), "Bad Request-Line");
-        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a@example.com:99999 SIP")), "Bad Request-URI");
-        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a%4@example.com SIP")), "Bad Request-URI");
-        assert_eq!(reject_reason(&with("To: <sip:a@example.com>", "To: <sip:a@example.com>;;tag=2")), "Bad To");
-        assert_eq!(reject_reason(&with("To: <sip:a@example.com>", "To: sip:a@example.com,x")), "Bad To");
-        ok(with("Call-ID: x@h", "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 GMT").as_bytes());
         assert_eq!(
-            reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 gmt")),
+            reject_reason(&with("CSeq: 1 OPTIONS", "CSeq: 1 options")),
+            "CSeq method mismatch"
+        );
+        assert_eq!(
+            reject_reason(&with("Call-ID: x@h", "Call-ID: x y")),
+            "Bad Call-ID"
+        );
+        assert_eq!(
+            reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nMax-Forwards: 256")),
+            "Bad Max-Forwards"
+        );
+        assert_eq!(
+            reject_reason(&with("Call-ID: x@h", "Call-ID x@h")),
+            "Malformed header line"
+        );
+        assert_eq!(
+            reject_reason(&with("Call-ID: x@h", "Call ID: x@h")),
+            "Bad header name"
+        );
+        assert_eq!(
+            reject_reason(&with("sip:a@example.com SIP", "sip:a@exa mple.com SIP")),
+            "Bad Request-Line"
+        );
+        assert_eq!(
+            reject_reason(&with(
+                "sip:a@example.com SIP",
+                "sip:a@example.com:99999 SIP"
+            )),
+            "Bad Request-URI"
+        );
+        assert_eq!(
+            reject_reason(&with("sip:a@example.com SIP", "sip:a%4@example.com SIP")),
+            "Bad Request-URI"
+        );
+        assert_eq!(
+            reject_reason(&with(
+                "To: <sip:a@example.com>",
+                "To: <sip:a@example.com>;;tag=2"
+            )),
+            "Bad To"
+        );
+        assert_eq!(
+            reject_reason(&with("To: <sip:a@example.com>", "To: sip:a@example.com,x")),
+            "Bad To"
+        );
+        ok(with(
+            "Call-ID: x@h",
+            "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 GMT",
+        )
+        .as_bytes());
+        assert_eq!(
+            reject_reason(&with(
+                "Call-ID: x@h",
+                "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 gmt"
+            )),
             "Bad Date"
         );
-        assert_eq!(reject_reason(&with("Content-Length: 0", "Content-Length: 0\r\nX: a\x01b")), "Control character in header");
+        assert_eq!(
+            reject_reason(&with("Content-Length: 0", "Content-Length: 0\r\nX: a\x01b")),
+            "Control character in header"
+        );
         // IPv6 in sent-by, in received, and in URIs.
         let v6 = with(
             "Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1",
             "Via: SIP/2.0/UDP [2001:db8::1]:5060;received=2001:db8::9;branch=z9hG4bK1",
         )
-        .replace("To: <sip:a@example.com>", "To: <sip:a@[2001:db8::2]:5070;transport=tcp>");
+        .replace(
+            "To: <sip:a@example.com>",
+            "To: <sip:a@[2001:db8::2]:5070;transport=tcp>",
+        );
         assert_eq!(ok(v6.as_bytes()).top_via_branch(), Some("z9hG4bK1"));
-        assert_eq!(reject_reason(&v6.replace("received=2001:db8::9", "received=2001:zz::9")), "Bad Via");
+        assert_eq!(
+            reject_reason(&v6.replace("received=2001:db8::9", "received=2001:zz::9")),
+            "Bad Via"
+        );
         // A malformed ACK is never answered.
-        let ack = OPTIONS.replace("OPTIONS", "ACK").replace("Call-ID: x@h", "Call-ID: x y");
-        assert!(matches!(parse_datagram(ack.as_bytes()), Verdict::Drop("bad ack")));
+        let ack = OPTIONS
+            .replace("OPTIONS", "ACK")
+            .replace("Call-ID: x@h", "Call-ID: x y");
+        assert!(matches!(
+            parse_datagram(ack.as_bytes()),
+            Verdict::Drop("bad ack")
+        ));
         // Unknown methods are fine when CSeq agrees; the daemon answers 405.
         ok(OPTIONS.replace("OPTIONS", "FROBNICATE").as_bytes());
         // Missing headers and LF-only line ends.
-        assert!(matches!(parse_datagram(with("Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1\r\n", "").as_bytes()), Verdict::Drop("no via")));
-        assert!(matches!(parse_datagram(OPTIONS.replace("\r\n", "\n").as_bytes()), Verdict::Drop(_)));
-        assert!(matches!(parse_datagram(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Verdict::Drop(_)));
+        assert!(matches!(
+            parse_datagram(
+                with("Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1\r\n", "").as_bytes()
+            ),
+            Verdict::Drop("no via")
+        ));
+        assert!(matches!(
+            parse_datagram(OPTIONS.replace("\r\n", "\n").as_bytes()),
+            Verdict::Drop(_)
+        ));
+        assert!(matches!(
+            parse_datagram(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Verdict::Drop(_)
+        ));
         // A stream message must carry Content-Length.
         let no_cl = with("Content-Length: 0\r\n", "");
-        assert!(matches!(frame_stream(no_cl.as_bytes()), Err(FrameError::BadLength)));
+        assert!(matches!(
+            frame_stream(no_cl.as_bytes()),
+            Err(FrameError::BadLength)
+        ));
         assert_eq!(
             match parse_stream_message(no_cl.as_bytes()) {
                 Verdict::Reject { reason, .. } => reason,
@@ -1525,11 +1761,23 @@ mod tests {
 
     #[test]
     fn keepalives() {
-        assert!(matches!(parse_datagram(b"\r\n\r\n"), Verdict::Drop("keepalive")));
-        assert!(matches!(parse_datagram(b"\r\n"), Verdict::Drop("keepalive")));
+        assert!(matches!(
+            parse_datagram(b"\r\n\r\n"),
+            Verdict::Drop("keepalive")
+        ));
+        assert!(matches!(
+            parse_datagram(b"\r\n"),
+            Verdict::Drop("keepalive")
+        ));
         assert!(matches!(parse_datagram(b""), Verdict::Drop("keepalive")));
-        assert_eq!(frame_stream(b"\r\n\r\n").ok().flatten(), Some(Frame::KeepAlive(4)));
-        assert_eq!(frame_stream(b"\r\n").ok().flatten(), Some(Frame::KeepAlive(2)));
+        assert_eq!(
+            frame_stream(b"\r\n\r\n").ok().flatten(),
+            Some(Frame::KeepAlive(4))
+        );
+        assert_eq!(
+            frame_stream(b"\r\n").ok().flatten(),
+            Some(Frame::KeepAlive(2))
+        );
         assert_eq!(frame_stream(b"").ok().flatten(), None);
         assert_eq!(frame_stream(b"OPTIONS sip:a").ok().flatten(), None);
         // CRLFs in front of a message are skipped, in a datagram and on a stream.
@@ -1537,7 +1785,10 @@ mod tests {
         buf.extend_from_slice(OPTIONS.as_bytes());
         ok(&buf);
         assert_eq!(frame_stream(&buf).ok().flatten(), Some(Frame::KeepAlive(4)));
-        assert_eq!(frame_stream(&buf[4..]).ok().flatten(), Some(Frame::Message(OPTIONS.len())));
+        assert_eq!(
+            frame_stream(&buf[4..]).ok().flatten(),
+            Some(Frame::Message(OPTIONS.len()))
+        );
     }
 
     #[test]
@@ -1548,7 +1799,9 @@ mod tests {
         assert_eq!(first.method(), Some("REGISTER"));
         assert!(first.body.is_empty());
         // A stream: two frames.
-        let Ok(Some(Frame::Message(n1))) = frame_stream(&bytes) else { panic!("first frame") };
+        let Ok(Some(Frame::Message(n1))) = frame_stream(&bytes) else {
+            panic!("first frame")
+        };
         let m1 = match parse_stream_message(&bytes[..n1]) {
             Verdict::Ok(m) => m,
             other => panic!("{other:?}"),
@@ -1556,10 +1809,15 @@ mod tests {
         assert_eq!(m1.method(), Some("REGISTER"));
         assert_eq!(m1.call_id(), "dblreq.0ha0isndaksdj99sdfafnl3lk233412");
         let rest = &bytes[n1..];
-        let Ok(Some(Frame::Message(n2))) = frame_stream(rest) else { panic!("second frame") };
+        let Ok(Some(Frame::Message(n2))) = frame_stream(rest) else {
+            panic!("second frame")
+        };
         // The datagram's second message ends in a stray CRLF: a keep-alive on a stream.
         assert_eq!(&rest[n2..], b"\r\n");
-        assert_eq!(frame_stream(&rest[n2..]).ok().flatten(), Some(Frame::KeepAlive(2)));
+        assert_eq!(
+            frame_stream(&rest[n2..]).ok().flatten(),
+            Some(Frame::KeepAlive(2))
+        );
         let m2 = match parse_stream_message(&rest[..n2]) {
             Verdict::Ok(m) => m,
             other => panic!("{other:?}"),
@@ -1585,7 +1843,14 @@ mod tests {
             call_id: Some("x@h".into()),
             cseq: Some("1 INVITE".into()),
         };
-        let out = response(&reply, 486, "Busy Here", Some("t9"), &[("Retry-After", "30")], b"");
+        let out = response(
+            &reply,
+            486,
+            "Busy Here",
+            Some("t9"),
+            &[("Retry-After", "30")],
+            b"",
+        );
         assert_eq!(
             String::from_utf8(out).expect("utf8"),
             "SIP/2.0 486 Busy Here\r\n\
@@ -1599,7 +1864,10 @@ mod tests {
              Content-Length: 0\r\n\r\n"
         );
         // A To that already has a tag keeps it; a body is counted; no header injection.
-        let tagged = Reply { to: Some("<sip:a@example.com> ; TAG=old".into()), ..reply };
+        let tagged = Reply {
+            to: Some("<sip:a@example.com> ; TAG=old".into()),
+            ..reply
+        };
         let out = response(&tagged, 200, "OK\r\nX: y", Some("new"), &[], b"abc");
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.starts_with("SIP/2.0 200 OK  X: y\r\n"));
@@ -1607,49 +1875,102 @@ mod tests {
         assert!(text.ends_with("Content-Length: 3\r\n\r\nabc"));
         // An empty reply still gives a well-formed (if useless) response.
         let bare = response(&Reply::default(), 400, "Bad Request", None, &[], b"");
-        assert_eq!(bare, b"SIP/2.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            bare,
+            b"SIP/2.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+        );
     }
 
     #[test]
     fn reject_carries_what_a_400_needs() {
-        let Verdict::Reject { status, reason, reply } = parse_datagram(&file("invalid__badvers")) else {
+        let Verdict::Reject {
+            status,
+            reason,
+            reply,
+        } = parse_datagram(&file("invalid__badvers"))
+        else {
             panic!("badvers must be rejected")
         };
         assert_eq!((status, reason), (400, "Version Not Supported"));
-        assert_eq!(reply.vias, ["SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw"]);
-        assert_eq!(reply.call_id.as_deref(), Some("badvers.31417@c.example.com"));
+        assert_eq!(
+            reply.vias,
+            ["SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw"]
+        );
+        assert_eq!(
+            reply.call_id.as_deref(),
+            Some("badvers.31417@c.example.com")
+        );
         assert_eq!(reply.cseq.as_deref(), Some("1 OPTIONS"));
-        assert_eq!(reply.to.as_deref(), Some("T. Watson <sip:t.watson@example.org>"));
+        assert_eq!(
+            reply.to.as_deref(),
+            Some("T. Watson <sip:t.watson@example.org>")
+        );
         // A Via line whose values are malformed is copied whole.
-        let Verdict::Reject { reply, .. } = parse_datagram(&file("invalid__badinv01")) else { panic!() };
+        let Verdict::Reject { reply, .. } = parse_datagram(&file("invalid__badinv01")) else {
+            panic!()
+        };
         assert_eq!(reply.vias, ["SIP/2.0/UDP 192.0.2.15;;,;,,"]);
     }
 
     #[test]
     fn huge_content_length_breaks_the_stream() {
         let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 10485760");
-        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::TooLarge)));
-        let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 99999999999999999999999999");
-        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::TooLarge)));
-        assert!(matches!(parse_datagram(raw.as_bytes()), Verdict::Reject { .. }));
+        assert!(matches!(
+            frame_stream(raw.as_bytes()),
+            Err(FrameError::TooLarge)
+        ));
+        let raw = OPTIONS.replace(
+            "Content-Length: 0",
+            "Content-Length: 99999999999999999999999999",
+        );
+        assert!(matches!(
+            frame_stream(raw.as_bytes()),
+            Err(FrameError::TooLarge)
+        ));
+        assert!(matches!(
+            parse_datagram(raw.as_bytes()),
+            Verdict::Reject { .. }
+        ));
         let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 0x10");
-        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::BadLength)));
+        assert!(matches!(
+            frame_stream(raw.as_bytes()),
+            Err(FrameError::BadLength)
+        ));
         // No end of headers within MAX_MESSAGE.
         let mut endless = OPTIONS.as_bytes()[..40].to_vec();
         endless.resize(MAX_MESSAGE + 1, b'a');
         assert!(matches!(frame_stream(&endless), Err(FrameError::TooLarge)));
-        assert!(matches!(parse_datagram(&endless), Verdict::Drop("oversized")));
+        assert!(matches!(
+            parse_datagram(&endless),
+            Verdict::Drop("oversized")
+        ));
     }
 
     /// Runs every entry point and accessor on `buf`; only a panic fails.
     fn exercise(buf: &[u8]) {
         let use_verdict = |v: Verdict| match v {
             Verdict::Ok(m) => {
-                let _ = (m.method(), m.call_id(), m.cseq(), m.top_via_branch(), m.from_tag(), m.to_tag());
-                let _ = (m.defect(), m.via_values(), m.header("via"), m.headers("contact").count());
+                let _ = (
+                    m.method(),
+                    m.call_id(),
+                    m.cseq(),
+                    m.top_via_branch(),
+                    m.from_tag(),
+                    m.to_tag(),
+                );
+                let _ = (
+                    m.defect(),
+                    m.via_values(),
+                    m.header("via"),
+                    m.headers("contact").count(),
+                );
                 let _ = response(&m.reply(), 200, "OK", Some("t"), &[("A", "b")], &m.body);
             }
-            Verdict::Reject { status, reason, reply } => {
+            Verdict::Reject {
+                status,
+                reason,
+                reply,
+            } => {
                 let _ = response(&reply, status, reason, Some("t"), &[], b"");
             }
             Verdict::Drop(_) => {}
@@ -1698,7 +2019,10 @@ mod tests {
                 let at = (next() as usize) % len;
                 match next() % 4 {
                     0 if !bytes.is_empty() => bytes[at] ^= 1 << (next() % 8),
-                    1 => bytes.insert(at.min(bytes.len()), INTERESTING[(next() as usize) % INTERESTING.len()]),
+                    1 => bytes.insert(
+                        at.min(bytes.len()),
+                        INTERESTING[(next() as usize) % INTERESTING.len()],
+                    ),
                     2 if !bytes.is_empty() => {
                         bytes.remove(at);
                     }

@@ -180,7 +180,23 @@ impl Daemon {
         Daemon::start(redis, opts)
     }
 
+    /// Starts the daemon; retried with fresh ports when one was taken in the
+    /// meantime (ports are chosen free, then bound by the daemon a moment later).
     pub fn start(redis: &Redis, opts: Options) -> Daemon {
+        for attempt in 1..=3 {
+            let mut d = Daemon::try_start(redis, opts.clone());
+            if d.wait_ready_or_exit() {
+                return d;
+            }
+            let log = d.log();
+            if attempt == 3 || !log.contains("Address already in use") {
+                panic!("dispatchd did not become ready:\n{log}");
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(redis: &Redis, opts: Options) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("dispatchd.toml");
         let mut d = Daemon {
@@ -195,8 +211,29 @@ impl Daemon {
         };
         d.write_config();
         d.spawn();
-        d.wait_ready();
         d
+    }
+
+    /// True once /readyz answers 200; false as soon as the process exits.
+    fn wait_ready_or_exit(&mut self) -> bool {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if http_get(self.http_port, "/readyz", None).0 == 200 {
+                return true;
+            }
+            if !self.alive() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Starts the same daemon again (same config and ports) after a kill or stop.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+        self.wait_ready();
     }
 
     fn write_config(&self) {
@@ -216,7 +253,7 @@ tcp_max_connections = 32
 [redis]
 url = "{redis}"
 prefix = "t"
-timeout = "500ms"
+timeout = "2s"
 
 [responders]
 listen = "127.0.0.1:{ws}"

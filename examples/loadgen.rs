@@ -1,0 +1,171 @@
+//! Load generator for the dispatch benchmark (deploy/bench).
+//!
+//! `dispatch` mode: N websocket responders (tokens `token-r<i>`) that ack every
+//! dispatch at once and resolve it; calls placed over SIP/UDP at a fixed rate;
+//! prints the call → `dispatch` frame latency measured at the client
+//! (INVITE sent → dispatch frame read), as percentiles.
+//!
+//! `idle` mode: connects N responders and holds them, so the daemon's memory
+//! per idle responder can be read; prints when all are connected and waits
+//! for a line on stdin (or SIGTERM).
+//!
+//!     cargo run --release --example loadgen -- dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS
+//!     cargo run --release --example loadgen -- idle WS_URL RESPONDERS
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::UdpSocket;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Times = Arc<Mutex<HashMap<String, Instant>>>;
+
+async fn responder(url: String, i: usize, received: Times) -> anyhow::Result<()> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert("Authorization", format!("Bearer token-r{i}").parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (mut tx, mut rx) = ws.split();
+    while let Some(msg) = rx.next().await {
+        let Message::Text(t) = msg? else { continue };
+        let v: serde_json::Value = serde_json::from_str(t.as_str())?;
+        if v["type"] == "dispatch" {
+            let now = Instant::now();
+            let incident = v["incident_id"].as_str().unwrap_or_default().to_string();
+            received.lock().unwrap().entry(incident.clone()).or_insert(now);
+            let ack = serde_json::json!({"type": "ack", "dispatch_id": v["dispatch_id"]});
+            let done = serde_json::json!({"type": "status", "incident_id": incident, "status": "resolved"});
+            tx.send(Message::text(ack.to_string())).await?;
+            tx.send(Message::text(done.to_string())).await?;
+        }
+    }
+    Ok(())
+}
+
+fn invite(local: SocketAddr, n: u64) -> String {
+    format!(
+        "INVITE sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-lg-{n}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:+15550000{n:03}@127.0.0.1>;tag=lg{n}\r\nTo: <sip:incident@127.0.0.1>\r\n\
+         Call-ID: lg-{n}\r\nCSeq: 1 INVITE\r\nX-IVR-Path: 2,1\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.split("\r\n").find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let received: Times = Arc::default();
+    for i in 0..responders {
+        let (url, received) = (url.clone(), received.clone());
+        tokio::spawn(async move {
+            if let Err(e) = responder(url, i, received).await {
+                eprintln!("responder r{i}: {e}");
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+    let local = sock.local_addr()?;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default(); // Call-ID → INVITE sent
+    let incident_of: Arc<Mutex<HashMap<String, String>>> = Arc::default(); // incident → Call-ID
+    let reader = {
+        let (sock, incident_of) = (sock.clone(), incident_of.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if text.starts_with("SIP/2.0 100 ") {
+                    continue;
+                }
+                let (Some(call_id), Some(id)) = (header(&text, "Call-ID"), header(&text, "X-Incident-Id")) else { continue };
+                incident_of.lock().unwrap().insert(id.to_string(), call_id.to_string());
+                let to = header(&text, "To").unwrap_or_default();
+                let branch = call_id.trim_start_matches("lg-");
+                let ack = format!(
+                    "ACK sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-lg-{branch}\r\n\
+                     Max-Forwards: 70\r\nFrom: <sip:+15550000{branch}@127.0.0.1>;tag=lg{branch}\r\nTo: {to}\r\n\
+                     Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+                );
+                let _ = sock.send_to(ack.as_bytes(), from).await;
+            }
+        })
+    };
+
+    let total = rate * seconds;
+    let start = Instant::now();
+    for n in 0..total {
+        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        sent.lock().unwrap().insert(format!("lg-{n}"), Instant::now());
+        sock.send_to(invite(local, n).as_bytes(), sip).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    reader.abort();
+
+    let sent = sent.lock().unwrap();
+    let incident_of = incident_of.lock().unwrap();
+    let received = received.lock().unwrap();
+    let mut lat: Vec<f64> = received
+        .iter()
+        .filter_map(|(inc, at)| {
+            let call = incident_of.get(inc)?;
+            Some(at.duration_since(*sent.get(call)?).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "rate {rate}/s for {seconds}s, {responders} responders: calls {total}, dispatched {} | call->dispatch ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+        lat.len(),
+        percentile(&lat, 50.0),
+        percentile(&lat, 90.0),
+        percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+async fn idle(url: String, responders: usize) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(responders);
+    for i in 0..responders {
+        let mut req = url.clone().into_client_request()?;
+        req.headers_mut().insert("Authorization", format!("Bearer token-r{i}").parse()?);
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let (tx, mut rx) = ws.split();
+        // Keep reading so pings are answered.
+        tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+        held.push(tx);
+    }
+    println!("connected {responders}");
+    let mut line = String::new();
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    drop(held);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["dispatch", sip, url, n, rate, secs] => {
+            dispatch(sip.parse()?, url.to_string(), n.parse()?, rate.parse()?, secs.parse()?).await
+        }
+        ["idle", url, n] => idle(url.to_string(), n.parse()?).await,
+        _ => anyhow::bail!("usage: loadgen dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS | loadgen idle WS_URL RESPONDERS"),
+    }
+}
