@@ -117,11 +117,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // New INVITEs now get 503 (the UAS sees the token); ringing calls end;
     // incidents being written are finished before we exit.
     uas.end_ringing();
+    // Sessions see the token too and close with 1001; wait for their close frames.
     dispatch.sessions.close_all(1001, "going away");
+    dispatch.sessions_tasks.close();
     uas.tasks().close();
     if tokio::time::timeout(settings.shutdown.drain, uas.tasks().wait()).await.is_err() {
         tracing::warn!("drain deadline passed with work in flight");
     }
+    let _ = tokio::time::timeout(Duration::from_secs(2), dispatch.sessions_tasks.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     tracing::info!("dispatchd stopped");
     Ok(())

@@ -23,12 +23,13 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::incident::{mask, timestamp_ms, Severity, TimelineEntry};
 use crate::responders::{wire, Sessions};
-use crate::store::dispatch::{Cancel, Matched, Policy};
-use crate::store::{Changes, Store};
+use crate::store::dispatch::{Cancel, OfferDetails, Policy};
+use crate::store::Store;
 use crate::systemd;
 use crate::telemetry::metric;
 
@@ -48,6 +49,8 @@ pub struct Dispatch {
     wake: Notify,
     /// Another daemon made an offer that may be for one of ours: resync now.
     resync_soon: AtomicBool,
+    /// Responder sessions, waited for on shutdown (their 1001 close frames).
+    pub sessions_tasks: TaskTracker,
 }
 
 impl Dispatch {
@@ -66,6 +69,7 @@ impl Dispatch {
             heartbeat: settings.responders.heartbeat,
             wake: Notify::new(),
             resync_soon: AtomicBool::new(false),
+            sessions_tasks: TaskTracker::new(),
         })
     }
 
@@ -79,18 +83,47 @@ impl Dispatch {
         Utc::now().timestamp_millis() + 3 * heartbeat.as_millis() as i64
     }
 
-    /// Writes the `dispatch` frame of `incident` to `rid` if it is offered to
-    /// that responder and this connection does not have it yet; records
-    /// `delivered` and the call → offer time.
+    /// Writes the `dispatch` frame of `incident` to `rid` (see [`Dispatch::deliver_many`]).
     pub async fn deliver(&self, rid: &str, incident: &str) {
-        let details = match self.store.offer_details(&[incident.to_string()]).await {
-            Ok(mut v) => v.pop().flatten(),
-            Err(e) => return tracing::warn!(incident_id = %incident, error = %e, "offer not read"),
-        };
-        let Some(d) = details else { return };
-        if d.state != "offered" || d.assigned_to != rid {
+        self.deliver_many(&[(rid.to_string(), incident.to_string())]).await;
+    }
+
+    /// Writes each `dispatch` frame whose incident is still offered to that
+    /// responder and which its connection does not have yet (offers made by
+    /// another daemon, or sent again after a reconnect). `delivered` is
+    /// recorded first, in one round trip for all, so the timeline never shows
+    /// an acknowledgement before the delivery it answers.
+    pub async fn deliver_many(&self, offers: &[(String, String)]) {
+        if offers.is_empty() {
             return;
         }
+        let ids: Vec<String> = offers.iter().map(|(_, i)| i.clone()).collect();
+        let details = match self.store.offer_details(&ids).await {
+            Ok(v) => v,
+            Err(e) => return tracing::warn!(error = %e, "offers not read"),
+        };
+        let now = Utc::now();
+        let mut due = Vec::new();
+        let mut entries = Vec::new();
+        for ((rid, _), d) in offers.iter().zip(details) {
+            let Some(d) = d else { continue };
+            if d.state != "offered" || d.assigned_to != *rid || self.sessions.has_dispatch(rid, &d.dispatch_id) {
+                continue;
+            }
+            let detail = json!({"responder": rid, "dispatch_id": d.dispatch_id});
+            entries.push((d.incident_id.clone(), TimelineEntry::new(now, "delivered", "dispatchd", detail)));
+            due.push((rid.clone(), d));
+        }
+        if let Err(e) = self.store.append_many(&entries).await {
+            tracing::warn!(error = %e, "deliveries not recorded");
+        }
+        for (rid, d) in &due {
+            self.send_offer(rid, d);
+        }
+    }
+
+    /// Writes one `dispatch` frame (unless the connection has it) and times it.
+    fn send_offer(&self, rid: &str, d: &OfferDetails) {
         let frame = json!({
             "type": "dispatch",
             "dispatch_id": d.dispatch_id,
@@ -105,15 +138,9 @@ impl Dispatch {
             "opened_at": timestamp_ms(d.opened_ms),
             "ack_by": timestamp_ms(d.ack_by_ms),
         });
-        if !self.sessions.send_dispatch(rid, &d.dispatch_id, frame.to_string()) {
-            return;
-        }
-        let now = Utc::now();
-        let secs = (now.timestamp_millis() - d.opened_ms).max(0) as f64 / 1000.0;
-        metrics::histogram!(metric::CALL_TO_OFFER).record(secs);
-        let entry = TimelineEntry::new(now, "delivered", "dispatchd", json!({"responder": rid, "dispatch_id": d.dispatch_id}));
-        if let Err(e) = self.store.update(&d.incident_id, &Changes::default(), &[entry]).await {
-            tracing::warn!(incident_id = %d.incident_id, error = %e, "delivery not recorded");
+        if self.sessions.send_dispatch(rid, &d.dispatch_id, frame.to_string()) {
+            let secs = (Utc::now().timestamp_millis() - d.opened_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!(metric::CALL_TO_OFFER).record(secs);
         }
     }
 
@@ -126,49 +153,44 @@ impl Dispatch {
         }
     }
 
-    /// One pass: deadlines, then offers.
-    async fn step(&self) {
-        match self.store.expire_offers().await {
-            Ok(cancels) => {
-                for c in &cancels {
-                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "ack_timeout").increment(1);
-                    tracing::info!(responder = %c.responder, dispatch_id = %c.dispatch_id, "no acknowledgement in time; offer withdrawn");
-                    self.send_cancel(c);
+    /// One pass: deadlines, then offers. Returns when the next deadline falls.
+    async fn step(&self) -> Option<i64> {
+        loop {
+            let step = match self.store.step(MATCH_BATCH, &self.policy, &self.daemon).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dispatch step failed");
+                    return None;
+                }
+            };
+            for c in &step.cancels {
+                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "ack_timeout").increment(1);
+                tracing::info!(responder = %c.responder, dispatch_id = %c.dispatch_id, "no acknowledgement in time; offer withdrawn");
+                self.send_cancel(c);
+            }
+            let mut remote = false;
+            for (o, details) in &step.offers {
+                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "offered").increment(1);
+                if o.escalated {
+                    metrics::counter!(metric::ESCALATIONS, "severity" => o.severity.as_str()).increment(1);
+                }
+                tracing::info!(incident_id = %o.incident_id, responder = %o.responder, dispatch_id = %o.dispatch_id, escalated = o.escalated, "offered");
+                if o.daemon == self.daemon {
+                    // `delivered` was recorded by the script itself.
+                    self.send_offer(&o.responder, details);
+                } else {
+                    remote = true;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "deadlines not checked"),
-        }
-        loop {
-            let rows = match self.store.match_offers(MATCH_BATCH, &self.policy).await {
-                Ok(r) => r,
-                Err(e) => return tracing::warn!(error = %e, "matcher failed"),
-            };
-            let mut remote = false;
-            for row in &rows {
-                match row {
-                    Matched::Offer(o) => {
-                        metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "offered").increment(1);
-                        if o.escalated {
-                            metrics::counter!(metric::ESCALATIONS, "severity" => o.severity.as_str()).increment(1);
-                        }
-                        tracing::info!(incident_id = %o.incident_id, responder = %o.responder, dispatch_id = %o.dispatch_id, escalated = o.escalated, "offered");
-                        if self.sessions.is_connected(&o.responder) {
-                            self.deliver(&o.responder, &o.incident_id).await;
-                        } else {
-                            remote = true;
-                        }
-                    }
-                    Matched::Exhausted { incident_id, severity } => {
-                        metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "exhausted").increment(1);
-                        tracing::warn!(incident_id = %incident_id, severity = %severity, "nobody acknowledged in max_rounds passes; back in the queue, flagged exhausted");
-                    }
-                }
+            for (id, severity) in &step.exhausted {
+                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "exhausted").increment(1);
+                tracing::warn!(incident_id = %id, severity = %severity, "nobody acknowledged in max_rounds passes; back in the queue, flagged exhausted");
             }
             if remote {
                 self.store.publish("wake", &self.daemon).await;
             }
-            if rows.len() < MATCH_BATCH {
-                return;
+            if step.offers.len() < MATCH_BATCH {
+                return step.next_deadline_ms;
             }
         }
     }
@@ -182,11 +204,9 @@ impl Dispatch {
             }
         }
         if let Ok(offers) = self.store.current_offers(&rids).await {
-            for (rid, offer) in rids.iter().zip(offers) {
-                if let Some(incident) = offer {
-                    self.deliver(rid, &incident).await;
-                }
-            }
+            let pending: Vec<(String, String)> =
+                rids.into_iter().zip(offers).filter_map(|(rid, offer)| Some((rid, offer?))).collect();
+            self.deliver_many(&pending).await;
         }
     }
 
@@ -195,13 +215,14 @@ impl Dispatch {
         let watchdog = systemd::watchdog_interval().is_some();
         let mut last_resync = Instant::now();
         let mut last_lease = Instant::now();
+        let mut next_deadline: Option<i64> = None;
         loop {
-            let sleep = match self.store.next_deadline().await {
-                Ok(Some(ms)) => {
+            let sleep = match next_deadline {
+                Some(ms) => {
                     let left = ms - Utc::now().timestamp_millis();
                     Duration::from_millis(left.clamp(0, MAX_SLEEP.as_millis() as i64) as u64)
                 }
-                _ => MAX_SLEEP,
+                None => MAX_SLEEP,
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -211,7 +232,7 @@ impl Dispatch {
             if watchdog {
                 systemd::watchdog();
             }
-            self.step().await;
+            next_deadline = self.step().await;
             if self.resync_soon.swap(false, Ordering::Relaxed) || last_resync.elapsed() >= RESYNC_EVERY {
                 let renew = last_lease.elapsed() >= self.heartbeat / 2;
                 self.resync(renew).await;

@@ -22,32 +22,9 @@ struct Line {
 }
 
 fn line(mode: &'static str) -> Line {
-    let redis = with_retries("redis-server", Redis::start);
-    let opts = Options {
-        mode,
-        // The harness's 500 ms Redis timeout is meant for the outage tests; on a
-        // loaded 2-core machine an fsync-always write can take longer, and the
-        // daemon then (rightly) answers 503. These tests are not about that.
-        env: vec![("DISPATCHD__REDIS__TIMEOUT".into(), "5s".into())],
-        ..Default::default()
-    };
-    let d = with_retries("dispatchd", || Daemon::start(&redis, opts.clone()));
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options { mode, ..Default::default() });
     Line { d, _redis: redis }
-}
-
-/// Starts something, trying again when it does not come up: the harness picks
-/// free ports before the process binds them, so under parallel load another
-/// process may take one first ("Address already in use"). A real start-up bug
-/// fails every attempt and still fails the test.
-fn with_retries<T>(what: &str, mut start: impl FnMut() -> T) -> T {
-    const ATTEMPTS: u32 = 3;
-    for attempt in 1..ATTEMPTS {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut start)) {
-            Ok(v) => return v,
-            Err(_) => eprintln!("{what} did not start (attempt {attempt} of {ATTEMPTS}); trying again"),
-        }
-    }
-    start()
 }
 
 /// Runs a scenario that must succeed and must log exactly one incident id.

@@ -87,6 +87,11 @@ impl Sessions {
         self.lock().get(rid).is_some_and(|h| h.tx.try_send(Out::Text(text)).is_ok())
     }
 
+    /// Whether this responder's connection already has that dispatch.
+    pub fn has_dispatch(&self, rid: &str, dispatch_id: &str) -> bool {
+        self.lock().get(rid).is_some_and(|h| h.sent.contains(dispatch_id))
+    }
+
     /// Writes a `dispatch` frame unless this connection already has it.
     /// Returns true when it was written now.
     pub fn send_dispatch(&self, rid: &str, dispatch_id: &str, text: String) -> bool {

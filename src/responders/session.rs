@@ -56,8 +56,8 @@ pub async fn serve(
                 }
             },
         };
-        let (ctx, roster, shutdown) = (ctx.clone(), roster.clone(), shutdown.clone());
-        tokio::spawn(async move { session(stream, ctx, roster, heartbeat, shutdown).await });
+        let (task_ctx, roster, shutdown) = (ctx.clone(), roster.clone(), shutdown.clone());
+        ctx.sessions_tasks.spawn(async move { session(stream, task_ctx, roster, heartbeat, shutdown).await });
     }
 }
 

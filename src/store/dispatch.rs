@@ -36,10 +36,16 @@ pub struct Cancel {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Matched {
-    Offer(Offer),
-    Exhausted { incident_id: String, severity: Severity },
+/// What one pass of the dispatcher decided.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    /// Offers withdrawn at their deadline.
+    pub cancels: Vec<Cancel>,
+    /// New offers, with what their `dispatch` frames carry.
+    pub offers: Vec<(Offer, OfferDetails)>,
+    /// Incidents that went `max_rounds` passes without an acknowledgement.
+    pub exhausted: Vec<(String, Severity)>,
+    pub next_deadline_ms: Option<i64>,
 }
 
 /// What became of an `ack` or `decline`.
@@ -139,10 +145,12 @@ impl Store {
         self.run::<i64>(&inv).await.map(|_| ())
     }
 
-    /// Pairs waiting incidents with free responders (at most `max` offers).
-    pub async fn match_offers(&self, max: usize, policy: &Policy) -> Result<Vec<Matched>> {
+    /// One pass of the dispatcher: withdraw offers past their deadline, pair
+    /// waiting incidents with free responders (at most `max` offers), and say
+    /// when the next deadline falls. One round trip.
+    pub async fn step(&self, max: usize, policy: &Policy, daemon: &str) -> Result<Step> {
         let now = Utc::now();
-        let mut inv = self.dispatch_op("match", now);
+        let mut inv = self.dispatch_op("step", now);
         inv.arg(max);
         for ms in policy.ack_timeout_ms {
             inv.arg(ms);
@@ -153,31 +161,46 @@ impl Store {
         for r in policy.max_rounds {
             inv.arg(r);
         }
+        inv.arg(daemon);
         let rows: Vec<Vec<String>> = self.run(&inv).await?;
-        let bad = || StoreError::Corrupt("match".into(), "unexpected row");
-        rows.into_iter()
-            .map(|row| match row.as_slice() {
-                [k, id, rid, dispatch_id, daemon, sev, esc] if k == "offer" => Ok(Matched::Offer(Offer {
-                    incident_id: id.clone(),
-                    responder: rid.clone(),
-                    dispatch_id: dispatch_id.clone(),
-                    daemon: daemon.clone(),
-                    severity: Severity::parse(sev).ok_or_else(bad)?,
-                    escalated: esc == "1",
-                })),
-                [k, id, sev] if k == "exhausted" => Ok(Matched::Exhausted {
-                    incident_id: id.clone(),
-                    severity: Severity::parse(sev).ok_or_else(bad)?,
-                }),
-                _ => Err(bad()),
-            })
-            .collect()
-    }
-
-    /// Withdraws every offer whose deadline has passed.
-    pub async fn expire_offers(&self) -> Result<Vec<Cancel>> {
-        let rows: Vec<Vec<String>> = self.run(&self.dispatch_op("expire", Utc::now())).await?;
-        Ok(rows.iter().filter_map(|r| cancel_row(r)).collect())
+        let bad = || StoreError::Corrupt("step".into(), "unexpected row");
+        let mut step = Step::default();
+        for row in rows {
+            match row.as_slice() {
+                [k, id, rid, dispatch_id, daemon, sev, esc, attempt, category, summary, instructions, caller, queue, opened, ack_by]
+                    if k == "offer" =>
+                {
+                    let offer = Offer {
+                        incident_id: id.clone(),
+                        responder: rid.clone(),
+                        dispatch_id: dispatch_id.clone(),
+                        daemon: daemon.clone(),
+                        severity: Severity::parse(sev).ok_or_else(bad)?,
+                        escalated: esc == "1",
+                    };
+                    let details = OfferDetails {
+                        incident_id: id.clone(),
+                        dispatch_id: dispatch_id.clone(),
+                        attempt: attempt.parse().unwrap_or(0),
+                        state: "offered".into(),
+                        assigned_to: rid.clone(),
+                        severity: sev.clone(),
+                        category: category.clone(),
+                        summary: summary.clone(),
+                        instructions: instructions.clone(),
+                        caller: caller.clone(),
+                        queue: queue.clone(),
+                        opened_ms: opened.parse().unwrap_or(0),
+                        ack_by_ms: ack_by.parse().unwrap_or(0),
+                    };
+                    step.offers.push((offer, details));
+                }
+                [k, id, sev] if k == "exhausted" => step.exhausted.push((id.clone(), Severity::parse(sev).ok_or_else(bad)?)),
+                [k, ms] if k == "next" => step.next_deadline_ms = ms.parse::<f64>().ok().map(|v| v as i64),
+                other => step.cancels.push(cancel_row(other).ok_or_else(bad)?),
+            }
+        }
+        Ok(step)
     }
 
     /// A responder's `ack` (`ack = true`) or `decline` of a dispatch.
@@ -257,13 +280,6 @@ impl Store {
                 })
             })
             .collect())
-    }
-
-    /// When the next offer deadline falls (ms), if any.
-    pub async fn next_deadline(&self) -> Result<Option<i64>> {
-        let mut c = self.conn.clone();
-        let v: Vec<(String, f64)> = Self::counted(c.zrange_withscores(self.key(&["deadlines"]), 0, 0).await)?;
-        Ok(v.first().map(|(_, s)| *s as i64))
     }
 
     /// Pub/sub channel names: wake-ups and cancels for other daemons.

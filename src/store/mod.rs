@@ -211,6 +211,20 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Appends one timeline entry to each of several incidents, in one round
+    /// trip. For entries that need no other change (e.g. `delivered`).
+    pub async fn append_many(&self, entries: &[(String, TimelineEntry)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (id, e) in entries {
+            pipe.rpush(format!("{}:tl", self.key(&["inc", id])), e.to_json()).ignore();
+        }
+        let mut c = self.conn.clone();
+        Self::counted(pipe.query_async::<()>(&mut c).await)
+    }
+
     /// One incident with its timeline.
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
         let rec = self.key(&["inc", id]);

@@ -72,6 +72,123 @@ local function withdraw(id, rid, dispatch_id, reason, actor, event_detail)
   return {'cancel', rid, dispatch_id, daemon or '', reason}
 end
 
+-- Withdraws every offer whose deadline has passed: 'cancel' rows.
+local function expire(out)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':deadlines', '-inf', now, 'LIMIT', 0, 200)) do
+    local f = redis.call('HMGET', inc_key(id), 'state', 'assigned_to', 'dispatch_id', 'ack_by_ms')
+    if f[1] == 'offered' and tonumber(f[4]) and tonumber(f[4]) <= now then
+      out[#out + 1] = withdraw(id, f[2], f[3], 'ack_timeout', 'dispatchd', {responder = f[2], dispatch_id = f[3]})
+    else
+      redis.call('ZREM', p .. ':deadlines', id)
+    end
+  end
+end
+
+
+local function match(out)
+  local max_offers = tonumber(ARGV[5])
+  local sev = {critical = 0, high = 1, medium = 2, low = 3}
+  local queue = redis.call('ZRANGE', p .. ':queue', 0, 499)
+  if #queue == 0 then return end
+  -- Responders are read lazily, in idle order (tier, then least recently
+  -- dispatched), and only as far as needed: usually the first one will do.
+  local idle = redis.call('ZRANGE', p .. ':idle', 0, -1)
+  if #idle == 0 then return end
+  local cands, loaded = {}, 0
+  local function cand(i)
+    while loaded < i and loaded < #idle do
+      loaded = loaded + 1
+      local rid = idle[loaded]
+      local r = redis.call('HMGET', resp_key(rid), 'tier', 'skills', 'since', 'daemon', 'availability', 'lease', 'offer', 'assignment')
+      -- Members are kept current by every other op; only a lapsed lease (its daemon died) is new here.
+      if r[5] == 'available' and tonumber(r[6]) and tonumber(r[6]) > now and empty(r[7]) and empty(r[8]) then
+        cands[#cands + 1] = {id = rid, tier = tonumber(r[1]), skills = r[2] or '', since = tonumber(r[3]) or 0, daemon = r[4] or ''}
+      else
+        redis.call('ZREM', p .. ':idle', rid)
+      end
+    end
+    return cands[i]
+  end
+  local used = 0
+  for _, id in ipairs(queue) do
+    if #out >= max_offers or (loaded == #idle and used == #cands) then break end
+    local k = inc_key(id)
+    local f = redis.call('HMGET', k, 'state', 'category', 'severity', 'exhausted', 'exhausted_ms', 'round', 'tier', 'attempts',
+      'summary', 'instructions', 'caller', 'queue', 'opened_ms')
+    if f[1] ~= 'queued' then
+      redis.call('ZREM', p .. ':queue', id)
+    else
+      local s = sev[f[3]] or 2
+      local cat = f[2] or ''
+      local exhausted_ms = (f[4] == '1') and (tonumber(f[5]) or 0) or nil
+      local tried = {}
+      for _, t in ipairs(redis.call('SMEMBERS', k .. ':tried')) do tried[t] = true end
+      local function usable(c)
+        if c.used then return false end
+        if exhausted_ms and c.since <= exhausted_ms then return false end
+        return c.skills == '*' or string.find(c.skills, ',' .. cat .. ',', 1, true) ~= nil
+          or string.find(c.skills, ',*,', 1, true) ~= nil
+      end
+      local pick, any = nil, false
+      local i = 1
+      while true do
+        local c = cand(i)
+        if not c then break end
+        if usable(c) then
+          any = true
+          if not tried[c.id] then pick = c; break end
+        end
+        i = i + 1
+      end
+      local round = tonumber(f[6]) or 1
+      if any and not pick then
+        -- Everyone who could take it was asked this round: next round.
+        round = round + 1
+        redis.call('DEL', k .. ':tried')
+        if round > tonumber(ARGV[14 + s]) then
+          redis.call('HSET', k, 'exhausted', '1', 'exhausted_ms', now, 'round', '1', 'tier', '')
+          tl(id, 'exhausted', 'dispatchd', {rounds = tonumber(ARGV[14 + s])})
+          out[#out + 1] = {'exhausted', id, f[3]}
+        else
+          redis.call('HSET', k, 'round', round, 'tier', '')
+          for _, c in ipairs(cands) do
+            if usable(c) then pick = c; break end
+          end
+        end
+      end
+      if pick then
+        local attempts = (tonumber(f[8]) or 0) + 1
+        local dispatch_id = id .. '.' .. attempts
+        local ack_by = now + tonumber(ARGV[6 + s])
+        local escalated = 0
+        local prev_tier = tonumber(f[7])
+        if prev_tier and pick.tier > prev_tier then
+          escalated = 1
+          tl(id, 'escalated', 'dispatchd', {from_tier = prev_tier, to_tier = pick.tier})
+        end
+        redis.call('HSET', k, 'state', 'offered', 'assigned_to', pick.id, 'dispatch_id', dispatch_id,
+          'attempts', attempts, 'ack_by_ms', ack_by, 'offered_ms', now, 'tier', pick.tier, 'round', round)
+        redis.call('ZREM', p .. ':queue', id)
+        redis.call('ZADD', p .. ':deadlines', ack_by, id)
+        redis.call('SADD', k .. ':tried', pick.id)
+        redis.call('HSET', resp_key(pick.id), 'offer', id, 'last', now)
+        redis.call('ZREM', p .. ':idle', pick.id)
+        pick.used = true
+        used = used + 1
+        tl(id, 'offered', 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id, attempt = attempts,
+          tier = pick.tier, round = round, ack_by = ARGV[10 + s]})
+        if pick.daemon == ARGV[18] then
+          -- Handed to the responder's connection on this daemon right after this script.
+          tl(id, 'delivered', 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id})
+        end
+        out[#out + 1] = {'offer', id, pick.id, dispatch_id, pick.daemon, f[3], tostring(escalated),
+          tostring(attempts), cat, f[9] or '', f[10] or '', f[11] or '', f[12] or '', f[13] or '0', tostring(ack_by)}
+      end
+    end
+  end
+
+end
+
 -- ---------------------------------------------------------------------------
 if op == 'roster' then
   -- ARGV[5] n, then n × (rid, tier, skills ",a,b," or "*")
@@ -128,105 +245,22 @@ elseif op == 'availability' then
   if refresh_idle(rid) and not was then redis.call('HSET', resp_key(rid), 'since', now) end
   return 1
 
-elseif op == 'match' then
+elseif op == 'step' then
+  -- One pass of the dispatcher: withdraw offers past their deadline, then pair
+  -- waiting incidents with free responders, then say when the next deadline is.
   -- ARGV[5] max offers; ARGV[6..9] ack timeout ms, ARGV[10..13] ack_by RFC 3339,
-  -- ARGV[14..17] max_rounds — each for critical, high, medium, low.
-  -- Returns rows {'offer', id, rid, dispatch_id, daemon, severity, escalated(0|1)}
-  --          and {'exhausted', id, severity}.
-  local max_offers = tonumber(ARGV[5])
-  local sev = {critical = 0, high = 1, medium = 2, low = 3}
+  -- ARGV[14..17] max_rounds — each for critical, high, medium, low;
+  -- ARGV[18] this daemon.
+  -- Rows: {'cancel', rid, dispatch_id, daemon, reason}
+  --       {'offer', id, rid, dispatch_id, daemon, severity, escalated, attempt,
+  --        category, summary, instructions, caller, queue, opened_ms, ack_by_ms}
+  --       {'exhausted', id, severity}
+  --       {'next', ms of the next deadline, or ''}
   local out = {}
-  local cands = {}
-  for _, rid in ipairs(redis.call('ZRANGE', p .. ':idle', 0, -1)) do
-    local r = redis.call('HMGET', resp_key(rid), 'tier', 'skills', 'since', 'daemon', 'availability', 'lease', 'offer', 'assignment')
-    -- Members are kept current by every other op; only a lapsed lease (its daemon died) is new here.
-    if r[5] == 'available' and tonumber(r[6]) and tonumber(r[6]) > now and empty(r[7]) and empty(r[8]) then
-      cands[#cands + 1] = {id = rid, tier = tonumber(r[1]), skills = r[2] or '', since = tonumber(r[3]) or 0, daemon = r[4] or ''}
-    else
-      redis.call('ZREM', p .. ':idle', rid)
-    end
-  end
-  if #cands == 0 then return out end
-  local free = #cands
-  for _, id in ipairs(redis.call('ZRANGE', p .. ':queue', 0, 499)) do
-    if free == 0 or #out >= max_offers then break end
-    local k = inc_key(id)
-    local f = redis.call('HMGET', k, 'state', 'category', 'severity', 'exhausted', 'exhausted_ms', 'round', 'tier', 'attempts')
-    if f[1] ~= 'queued' then
-      redis.call('ZREM', p .. ':queue', id)
-    else
-      local s = sev[f[3]] or 2
-      local cat = f[2] or ''
-      local exhausted_ms = (f[4] == '1') and (tonumber(f[5]) or 0) or nil
-      local tried = {}
-      for _, t in ipairs(redis.call('SMEMBERS', k .. ':tried')) do tried[t] = true end
-      local function usable(c)
-        if c.used then return false end
-        if exhausted_ms and c.since <= exhausted_ms then return false end
-        return c.skills == '*' or string.find(c.skills, ',' .. cat .. ',', 1, true) ~= nil
-          or string.find(c.skills, ',*,', 1, true) ~= nil
-      end
-      local pick, any = nil, false
-      for _, c in ipairs(cands) do
-        if usable(c) then
-          any = true
-          if not tried[c.id] then pick = c; break end
-        end
-      end
-      local round = tonumber(f[6]) or 1
-      if any and not pick then
-        -- Everyone who could take it was asked this round: next round.
-        round = round + 1
-        redis.call('DEL', k .. ':tried')
-        if round > tonumber(ARGV[14 + s]) then
-          redis.call('HSET', k, 'exhausted', '1', 'exhausted_ms', now, 'round', '1', 'tier', '')
-          tl(id, 'exhausted', 'dispatchd', {rounds = tonumber(ARGV[14 + s])})
-          out[#out + 1] = {'exhausted', id, f[3]}
-        else
-          redis.call('HSET', k, 'round', round, 'tier', '')
-          for _, c in ipairs(cands) do
-            if usable(c) then pick = c; break end
-          end
-        end
-      end
-      if pick then
-        local attempts = (tonumber(f[8]) or 0) + 1
-        local dispatch_id = id .. '.' .. attempts
-        local ack_by = now + tonumber(ARGV[6 + s])
-        local escalated = 0
-        local prev_tier = tonumber(f[7])
-        if prev_tier and pick.tier > prev_tier then
-          escalated = 1
-          tl(id, 'escalated', 'dispatchd', {from_tier = prev_tier, to_tier = pick.tier})
-        end
-        redis.call('HSET', k, 'state', 'offered', 'assigned_to', pick.id, 'dispatch_id', dispatch_id,
-          'attempts', attempts, 'ack_by_ms', ack_by, 'offered_ms', now, 'tier', pick.tier, 'round', round)
-        redis.call('ZREM', p .. ':queue', id)
-        redis.call('ZADD', p .. ':deadlines', ack_by, id)
-        redis.call('SADD', k .. ':tried', pick.id)
-        redis.call('HSET', resp_key(pick.id), 'offer', id, 'last', now)
-        redis.call('ZREM', p .. ':idle', pick.id)
-        pick.used = true
-        free = free - 1
-        tl(id, 'offered', 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id, attempt = attempts,
-          tier = pick.tier, round = round, ack_by = ARGV[10 + s]})
-        out[#out + 1] = {'offer', id, pick.id, dispatch_id, pick.daemon, f[3], escalated}
-      end
-    end
-  end
-  return out
-
-elseif op == 'expire' then
-  -- Withdraws every offer whose deadline has passed. Returns 'cancel' rows.
-  local out = {}
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':deadlines', '-inf', now, 'LIMIT', 0, 200)) do
-    local f = redis.call('HMGET', inc_key(id), 'state', 'assigned_to', 'dispatch_id', 'ack_by_ms')
-    if f[1] == 'offered' and tonumber(f[4]) and tonumber(f[4]) <= now then
-      out[#out + 1] = withdraw(id, f[2], f[3], 'ack_timeout', 'dispatchd', {responder = f[2], dispatch_id = f[3]})
-    else
-      redis.call('ZREM', p .. ':deadlines', id)
-    end
-  end
+  expire(out)
+  match(out)
+  local nxt = redis.call('ZRANGE', p .. ':deadlines', 0, 0, 'WITHSCORES')
+  out[#out + 1] = {'next', nxt[2] or ''}
   return out
 
 elseif op == 'answer' then
