@@ -45,11 +45,13 @@ async fn responder(url: String, i: usize, received: Times) -> anyhow::Result<()>
     Ok(())
 }
 
-fn invite(local: SocketAddr, n: u64) -> String {
+/// Call-IDs are `lg-<run>-<n>`: each run its own, or a second run would get
+/// the first run's incidents back (the daemon never opens two for one call).
+fn invite(local: SocketAddr, run: u32, n: u64) -> String {
     format!(
-        "INVITE sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-lg-{n}\r\n\
+        "INVITE sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-lg-{run}-{n}\r\n\
          Max-Forwards: 70\r\nFrom: <sip:+15550000{n:03}@127.0.0.1>;tag=lg{n}\r\nTo: <sip:incident@127.0.0.1>\r\n\
-         Call-ID: lg-{n}\r\nCSeq: 1 INVITE\r\nX-IVR-Path: 2,1\r\nContent-Length: 0\r\n\r\n"
+         Call-ID: lg-{run}-{n}\r\nCSeq: 1 INVITE\r\nX-IVR-Path: 2,1\r\nContent-Length: 0\r\n\r\n"
     )
 }
 
@@ -96,10 +98,10 @@ async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, se
                 let (Some(call_id), Some(id)) = (header(&text, "Call-ID"), header(&text, "X-Incident-Id")) else { continue };
                 incident_of.lock().unwrap().insert(id.to_string(), call_id.to_string());
                 let to = header(&text, "To").unwrap_or_default();
-                let branch = call_id.trim_start_matches("lg-");
+                let from = header(&text, "From").unwrap_or_default();
                 let ack = format!(
-                    "ACK sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-lg-{branch}\r\n\
-                     Max-Forwards: 70\r\nFrom: <sip:+15550000{branch}@127.0.0.1>;tag=lg{branch}\r\nTo: {to}\r\n\
+                    "ACK sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-{call_id}\r\n\
+                     Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\n\
                      Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
                 );
                 let _ = sock.send_to(ack.as_bytes(), from).await;
@@ -107,13 +109,14 @@ async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, se
         })
     };
 
+    let run: u32 = rand::random();
     let total = rate * seconds;
     let start = Instant::now();
     for n in 0..total {
         let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
         tokio::time::sleep_until(due.into()).await;
-        sent.lock().unwrap().insert(format!("lg-{n}"), Instant::now());
-        sock.send_to(invite(local, n).as_bytes(), sip).await?;
+        sent.lock().unwrap().insert(format!("lg-{run}-{n}"), Instant::now());
+        sock.send_to(invite(local, run, n).as_bytes(), sip).await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     reader.abort();
@@ -130,7 +133,9 @@ async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, se
         .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "rate {rate}/s for {seconds}s, {responders} responders: calls {total}, dispatched {} | call->dispatch ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+        "rate {rate}/s for {seconds}s, {responders} responders: calls {total}, answered {}, dispatch frames {}, joined {} | call->dispatch ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+        incident_of.len(),
+        received.len(),
         lat.len(),
         percentile(&lat, 50.0),
         percentile(&lat, 90.0),

@@ -156,9 +156,11 @@ pub struct Uas {
     shutdown: CancellationToken,
 }
 
+/// RFC 3261 §17.2.3: a request matches a server transaction by the top Via's
+/// branch *and* sent-by, and the method (ACK and CANCEL find their INVITE).
 fn tx_key(msg: &Message, method: &str) -> TxKey {
     let branch = match msg.top_via_branch() {
-        Some(b) if b.starts_with("z9hG4bK") => b.to_string(),
+        Some(b) if b.starts_with("z9hG4bK") => format!("{b}|{}", msg.top_via_sent_by().unwrap_or_default()),
         // RFC 2543 peers: no magic cookie, so key by what identifies the request.
         _ => format!(
             "2543|{}|{}|{}|{}",
@@ -267,6 +269,13 @@ impl Uas {
             }
         }
         let reply = msg.reply();
+        // RFC 3261 §8.2.2.3: we support no extensions, so any Require is refused.
+        let required: Vec<&str> = msg.headers("require").flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).collect();
+        if !required.is_empty() {
+            let unsupported = required.join(", ");
+            let r = build(&reply, 420, "Bad Extension", Some(&new_tag()), &[("Unsupported", unsupported.as_str())]);
+            return self.finish_other(key, &peer, r);
+        }
         match method.as_str() {
             "INVITE" => self.on_invite(msg, peer, key),
             "OPTIONS" => {
@@ -685,7 +694,12 @@ mod tests {
         assert_eq!(tag_of("<sip:a@b>;tag=xyz;foo=1"), "xyz");
         assert_eq!(tag_of("<sip:a@b>"), "");
         let m = msg("");
-        assert_eq!(tx_key(&m, "INVITE").branch, "z9hG4bKa");
+        assert_eq!(tx_key(&m, "INVITE").branch, "z9hG4bKa|h");
         assert_eq!(method_label("NEWMETHOD"), "other");
+        // Same branch from another host is another transaction (RFC 3261 §17.2.3).
+        let other = msg("").headers.iter().map(|(k, v)| (k.clone(), v.replace("UDP h;", "UDP Other.Example:5070;"))).collect();
+        let m2 = Message { headers: other, ..msg("") };
+        assert_eq!(m2.top_via_sent_by().as_deref(), Some("other.example:5070"));
+        assert_ne!(tx_key(&m2, "INVITE"), tx_key(&m, "INVITE"));
     }
 }

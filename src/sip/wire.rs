@@ -94,6 +94,17 @@ impl Message {
         parse_via(trim_ws(first)).ok()?
     }
 
+    /// The sent-by (`host[:port]`) of the top-most Via, lowercased.
+    pub fn top_via_sent_by(&self) -> Option<String> {
+        let top = *self.via_values().first()?;
+        // "SIP / 2.0 / UDP host:port;params": the sent-by follows the last '/' protocol part.
+        let after_proto = top.rsplit_once('/').map(|(_, rest)| rest)?;
+        let mut words = after_proto.split_whitespace();
+        let _transport = words.next()?;
+        let sent_by = words.next()?.split(';').next()?;
+        Some(sent_by.to_ascii_lowercase())
+    }
+
     /// Every Via value (comma-separated values split apart), top-most first.
     pub fn via_values(&self) -> Vec<&str> {
         self.headers("via")
