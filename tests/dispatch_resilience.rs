@@ -675,7 +675,16 @@ fn kill9_with_offers_in_flight_loses_nothing() {
         inc["timeline"].as_array().unwrap().iter().any(|e| e["event"] == event && e["detail"]["dispatch_id"] == low_did)
     };
     let low_was_open = low_before["state"] == "offered" && !has(&low_before, "withdrawn");
-    wait_until("the lapsed offer withdrawn by the new daemon", Duration::from_secs(30), || has(&d2.incident(&low), "withdrawn"));
+    // Keep reading `first_back` meanwhile: a client that never reads never
+    // answers pings, and the server drops it after two heartbeats.
+    let mut unexpected = Vec::new();
+    wait_until("the lapsed offer withdrawn by the new daemon", Duration::from_secs(30), || {
+        if let Some(v) = first_back.recv(Duration::from_millis(50)) {
+            unexpected.push(v);
+        }
+        has(&d2.incident(&low), "withdrawn")
+    });
+    assert!(unexpected.iter().all(|v| v["type"] != "dispatch" || v["dispatch_id"] == crit_did.as_str()), "{unexpected:?}");
     let inc = d2.incident(&low);
     assert!(has(&inc, "ack_timeout"), "withdrawn for another reason: {}", inc["timeline"]);
     eprintln!("low offer still open at the kill: {low_was_open}");
