@@ -98,10 +98,10 @@ async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, se
                 let (Some(call_id), Some(id)) = (header(&text, "Call-ID"), header(&text, "X-Incident-Id")) else { continue };
                 incident_of.lock().unwrap().insert(id.to_string(), call_id.to_string());
                 let to = header(&text, "To").unwrap_or_default();
-                let from = header(&text, "From").unwrap_or_default();
+                let from_hdr = header(&text, "From").unwrap_or_default();
                 let ack = format!(
                     "ACK sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-{call_id}\r\n\
-                     Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\n\
+                     Max-Forwards: 70\r\nFrom: {from_hdr}\r\nTo: {to}\r\n\
                      Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
                 );
                 let _ = sock.send_to(ack.as_bytes(), from).await;

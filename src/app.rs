@@ -1,6 +1,13 @@
-//! Startup in order — metrics, Redis, bind, spawn, READY — then drain on SIGTERM.
+//! Startup in order — metrics, Redis, bind, spawn, READY — then reloads on
+//! SIGHUP and a drain on SIGTERM.
+//!
+//! The drain (contract §1): new INVITEs get 503 while the SIP sockets keep
+//! reading (so ACKs and CANCELs still match), ringing calls end, incidents
+//! being written are finished, websockets close with 1001 — all within
+//! `shutdown.drain`, then exit 0.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,26 +26,30 @@ use crate::sip::transport::{self, AllowList, TcpLimits};
 use crate::sip::uas::Uas;
 use crate::store::Store;
 use crate::telemetry::{self, metric};
-use crate::{shutdown, systemd};
+use crate::{reload, shutdown, systemd};
 
 /// Runs the daemon until SIGTERM/SIGINT. Logging is already set up.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// `config_path` is the file read again on SIGHUP.
+pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics().context("installing the metrics recorder")?;
     let token = CancellationToken::new();
     shutdown::watch_signals(token.clone()).context("installing signal handlers")?;
+    // From here on a SIGHUP waits for the reloader instead of killing us.
+    let hangups = shutdown::hangups().context("installing the SIGHUP handler")?;
+    systemd::status("starting: waiting for Redis");
 
     let store = Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout)
         .context("redis.url")?;
     if !wait_for_redis(&store, &token).await {
+        systemd::stopping();
+        tracing::info!("dispatchd stopped before it was ready");
         return Ok(());
     }
     let redis_up = Arc::new(AtomicBool::new(true));
     let listening = Arc::new(AtomicBool::new(false));
 
     let dispatch = Dispatch::new(store.clone(), &settings);
-    let roster: Vec<(String, u32, Vec<String>)> =
-        settings.roster.iter().map(|r| (r.id.clone(), r.tier, r.skills.clone())).collect();
-    store.sync_roster(&roster).await.context("writing the roster to Redis")?;
+    store.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
     let wake = dispatch.clone();
     let intake = Arc::new(Intake::new(store.clone(), &settings).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
@@ -72,9 +83,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP {}", settings.http.listen))?;
     tracing::info!(addr = %http.local_addr()?, "HTTP listening");
 
+    // The SIP sockets outlive `token`: during the drain they keep reading, so
+    // new INVITEs get 503 and ACKs stop retransmissions; closed after it.
+    let sip_token = CancellationToken::new();
     if let Some(sock) = udp {
         for _ in 0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
-            tokio::spawn(transport::serve_udp(sock.clone(), allow.clone(), uas.clone(), token.clone()));
+            tokio::spawn(transport::serve_udp(sock.clone(), allow.clone(), uas.clone(), sip_token.clone()));
         }
     }
     if let Some(l) = tcp {
@@ -82,14 +96,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             max_connections: settings.sip.tcp_max_connections,
             idle_timeout: settings.sip.tcp_idle_timeout,
         };
-        tokio::spawn(transport::serve_tcp(l, allow.clone(), uas.clone(), limits, token.clone()));
+        tokio::spawn(transport::serve_tcp(l, allow.clone(), uas.clone(), limits, sip_token.clone()));
     }
     let admin_sha256 = api::admin_hash(&settings.http.admin_token_sha256);
     if admin_sha256.is_none() {
         tracing::warn!("http.admin_token_sha256 is not set: the /v1 API refuses every request");
     }
+    // The settings in force: replaced on SIGHUP, read by the API and the drain.
+    let in_force = Arc::new(std::sync::RwLock::new(Arc::new(settings.clone())));
     let router = api::router(ApiState {
         store: store.clone(),
+        dispatch: dispatch.clone(),
+        settings: in_force.clone(),
         metrics,
         listening: listening.clone(),
         redis_up: redis_up.clone(),
@@ -102,31 +120,46 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .await
     });
     let roster = Arc::new(std::sync::RwLock::new(Roster::new(&settings.roster)));
-    tokio::spawn(responders::serve(ws, dispatch.clone(), roster, settings.responders.heartbeat, token.clone()));
-    tokio::spawn(dispatch.clone().run(token.clone()));
+    tokio::spawn(responders::serve(ws, dispatch.clone(), roster.clone(), settings.responders.heartbeat, token.clone()));
+    let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));
     tokio::spawn(dispatch.clone().listen(token.clone()));
     tokio::spawn(health_loop(store.clone(), redis_up.clone(), uas.clone(), token.clone()));
 
+    // Every listener is bound and Redis answered: ready (and /readyz agrees).
     listening.store(true, Ordering::Relaxed);
-    systemd::ready();
+    systemd::ready(&reload::status_line(&settings));
     tracing::info!(mode = settings.sip.mode.as_str(), version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
 
+    // Reloads start only now, so RELOADING/READY never precede the first READY.
+    let reloader = reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), store.clone());
+    tokio::spawn(reloader.run(hangups, token.clone()));
+
     token.cancelled().await;
+    let drain = in_force.read().map(|s| s.shutdown.drain).unwrap_or(settings.shutdown.drain);
+    let deadline = tokio::time::Instant::now() + drain;
     systemd::stopping();
+    tracing::info!(drain_s = drain.as_secs_f64(), "draining");
     listening.store(false, Ordering::Relaxed);
-    // New INVITEs now get 503 (the UAS sees the token); ringing calls end;
-    // incidents being written are finished before we exit.
+    // New INVITEs now get 503 (the UAS sees the token); ringing calls end.
     uas.end_ringing();
     // Sessions see the token too and close with 1001; wait for their close frames.
     dispatch.sessions.close_all(1001, "going away");
     dispatch.sessions_tasks.close();
+    // Incidents being written (and timeline entries of calls ending) are finished.
     uas.tasks().close();
-    if tokio::time::timeout(settings.shutdown.drain, uas.tasks().wait()).await.is_err() {
-        tracing::warn!("drain deadline passed with work in flight");
+    let mut complete = tokio::time::timeout_at(deadline, uas.tasks().wait()).await.is_ok();
+    // Calls whose incident was stored during the drain (shadow mode) stop ringing too.
+    uas.end_ringing();
+    // The dispatcher finishes the pass it is in (one Lua script at a time).
+    complete &= tokio::time::timeout_at(deadline, dispatcher_task).await.is_ok();
+    complete &= tokio::time::timeout_at(deadline, dispatch.sessions_tasks.wait()).await.is_ok();
+    complete &= tokio::time::timeout_at(deadline, http_task).await.is_ok();
+    sip_token.cancel();
+    if complete {
+        tracing::info!("dispatchd stopped");
+    } else {
+        tracing::warn!(in_flight = uas.tasks().len(), "drain deadline passed with work in flight; dispatchd stopped");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), dispatch.sessions_tasks.wait()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
-    tracing::info!("dispatchd stopped");
     Ok(())
 }
 

@@ -295,6 +295,39 @@ impl EscalationSettings {
     }
 }
 
+/// Extension: the service-level target of one severity, for the report
+/// (`[targets.<severity>]`): at least `percent` % of incidents acknowledged
+/// within `ack_within` of the call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetPolicy {
+    #[serde(deserialize_with = "duration")]
+    pub ack_within: Duration,
+    /// 1 to 100.
+    pub percent: u32,
+}
+
+/// Extension: `[targets.<severity>]`; a severity without a table has no target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetsSettings {
+    pub critical: Option<TargetPolicy>,
+    pub high: Option<TargetPolicy>,
+    pub medium: Option<TargetPolicy>,
+    pub low: Option<TargetPolicy>,
+}
+
+impl TargetsSettings {
+    pub fn for_severity(&self, s: Severity) -> Option<&TargetPolicy> {
+        match s {
+            Severity::Critical => self.critical.as_ref(),
+            Severity::High => self.high.as_ref(),
+            Severity::Medium => self.medium.as_ref(),
+            Severity::Low => self.low.as_ref(),
+        }
+    }
+}
+
 /// Everything the daemon reads from its configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -315,6 +348,8 @@ pub struct Settings {
     /// to the most severe of its rows.
     pub categories: BTreeMap<String, Severity>,
     pub escalation: EscalationSettings,
+    /// Extension: service-level targets reported by `dispatchd report` and `/v1/report`.
+    pub targets: TargetsSettings,
 }
 
 /// Reads and validates the configuration. `path` may be absent (defaults and environment only).
@@ -552,6 +587,16 @@ impl Settings {
                 return Err(err(format!("escalation.{name}.max_rounds"), "must be at least 1"));
             }
         }
+        for s in Severity::ALL {
+            if let Some(t) = self.targets.for_severity(s) {
+                if t.ack_within.is_zero() {
+                    return Err(err(format!("targets.{s}.ack_within"), "must be more than zero"));
+                }
+                if !(1..=100).contains(&t.percent) {
+                    return Err(err(format!("targets.{s}.percent"), "must be 1 to 100"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -623,6 +668,29 @@ mod tests {
         assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:2/0");
         assert_eq!(s.sip.allow, vec!["10.0.0.0/8", "192.0.2.1"]);
         assert_eq!(s.allow_nets().len(), 2);
+    }
+
+    #[test]
+    fn targets_are_per_severity_and_checked() {
+        let s = load_str("[targets.critical]\nack_within = \"60s\"\npercent = 90\n", &[]).unwrap();
+        let t = s.targets.for_severity(Severity::Critical).unwrap();
+        assert_eq!((t.ack_within, t.percent), (Duration::from_secs(60), 90));
+        assert!(s.targets.for_severity(Severity::Low).is_none());
+        assert!(load_str("", &[]).unwrap().targets.high.is_none());
+        for (toml, key) in [
+            ("[targets.high]\nack_within = \"60s\"\npercent = 0\n", "targets.high.percent"),
+            ("[targets.high]\nack_within = \"60s\"\npercent = 101\n", "targets.high.percent"),
+            ("[targets.low]\nack_within = \"0s\"\npercent = 50\n", "targets.low.ack_within"),
+            ("[targets.low]\nack_within = \"soon\"\npercent = 50\n", "targets.low.ack_within"),
+            ("[targets.low]\npercent = 50\n", "targets.low.ack_within"),
+            ("[targets.low]\nack_within = \"1m\"\npercent = 50\nextra = 1\n", "targets.low.extra"),
+            ("[targets.urgent]\nack_within = \"1m\"\npercent = 50\n", "targets.urgent"),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err();
+            assert!(e.key.starts_with("targets.") && e.to_string().contains(key), "{toml}: {e}");
+        }
+        let s = load_str("", &[("DISPATCHD__TARGETS__LOW__ACK_WITHIN", "5m"), ("DISPATCHD__TARGETS__LOW__PERCENT", "75")]).unwrap();
+        assert_eq!(s.targets.low, Some(TargetPolicy { ack_within: Duration::from_secs(300), percent: 75 }));
     }
 
     #[test]

@@ -133,6 +133,7 @@ impl Intake {
             source: Source::Sip,
             caller: facts.caller.clone(),
             caller_name: facts.caller_name.clone(),
+            caller_pseudonym: if facts.caller.is_empty() { String::new() } else { pseudonym(&self.caller_key, &facts.caller) },
             ivr_path: facts.ivr_path.clone(),
             queue: facts.queue.clone(),
             wait_seconds: facts.wait_seconds,

@@ -27,6 +27,8 @@ pub mod config;
 pub mod dispatcher;
 pub mod incident;
 pub mod intake;
+pub mod reload;
+pub mod report;
 pub mod responders;
 pub mod shutdown;
 pub mod sip;

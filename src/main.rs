@@ -1,4 +1,5 @@
-//! The `dispatchd` command: `run`, `check-config`, `--version`. Nothing else lives here.
+//! The `dispatchd` command: `run`, `check-config`, `report`, `review`, `--version`.
+//! Parsing only; the work is done in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,26 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Service figures of the incidents opened in [since, until), read from Redis.
+    Report {
+        /// RFC 3339, e.g. 2026-11-23T00:00:00Z.
+        #[arg(long)]
+        since: String,
+        /// RFC 3339, exclusive.
+        #[arg(long)]
+        until: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: dispatchd::report::cli::Format,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// One incident's timeline with the time between steps, for a post-incident review.
+    Review {
+        /// The incident id, e.g. INC-00A7K.
+        id: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load(config: Option<&PathBuf>) -> Result<dispatchd::config::Settings, ExitCode> {
@@ -34,6 +55,20 @@ fn load(config: Option<&PathBuf>) -> Result<dispatchd::config::Settings, ExitCod
         eprintln!("dispatchd: config error: {e}");
         ExitCode::from(EX_CONFIG)
     })
+}
+
+/// Prints a command's output, or its one-line error (exit 1).
+fn print_or_fail(out: Result<String, String>) -> ExitCode {
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dispatchd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -44,6 +79,14 @@ fn main() -> ExitCode {
                 println!("configuration ok");
                 ExitCode::SUCCESS
             }
+            Err(code) => code,
+        },
+        Command::Report { since, until, format, config } => match load(config.as_ref()) {
+            Ok(s) => print_or_fail(dispatchd::report::cli::report(&s, &since, &until, format)),
+            Err(code) => code,
+        },
+        Command::Review { id, config } => match load(config.as_ref()) {
+            Ok(s) => print_or_fail(dispatchd::report::cli::review(&s, &id)),
             Err(code) => code,
         },
         Command::Run { config } => {
@@ -59,7 +102,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(dispatchd::app::run(settings)) {
+            match rt.block_on(dispatchd::app::run(settings, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "dispatchd failed");

@@ -2,6 +2,13 @@
 //!
 //! `/v1` answers need the admin bearer token, compared by its SHA-256 in
 //! constant time; every error is JSON.
+//!
+//! - this file: health, metrics, reading incidents;
+//! - `admin.rs`: opening, resolving and cancelling incidents, the roster, caller erasure;
+//! - `report.rs`: the post-incident review report.
+
+pub mod admin;
+pub mod report;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +30,10 @@ use crate::store::{ListFilter, Store};
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// The dispatcher (live responder connections, cancel frames).
+    pub dispatch: Arc<crate::dispatcher::Dispatch>,
+    /// The settings in force (roster, privacy, targets).
+    pub settings: Arc<std::sync::RwLock<Arc<crate::config::Settings>>>,
     pub metrics: PrometheusHandle,
     /// True once every listener is bound (and stays true).
     pub listening: Arc<AtomicBool>,
@@ -32,7 +43,7 @@ pub struct ApiState {
     pub admin_sha256: Option<[u8; 32]>,
 }
 
-fn error(status: StatusCode, what: &str) -> Response {
+pub(crate) fn error(status: StatusCode, what: &str) -> Response {
     (status, Json(json!({"error": what}))).into_response()
 }
 
@@ -40,6 +51,8 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/incidents", get(list_incidents))
         .route("/v1/incidents/{id}", get(get_incident))
+        .merge(admin::router())
+        .merge(report::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_only));
     Router::new()
         .route("/livez", get(|| async { "ok" }))

@@ -41,6 +41,7 @@ use crate::telemetry::metric;
 /// RFC 3261 timers.
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
+const T4: Duration = Duration::from_secs(5);
 /// How long a finished transaction is remembered (Timer H / Timer J, 64·T1).
 const LINGER: Duration = Duration::from_secs(32);
 /// Transactions remembered at once, at most; beyond that new INVITEs get 503.
@@ -496,6 +497,8 @@ impl Uas {
         if let Some(Tx::Invite(tx)) = self.lock().txs.get_mut(&key) {
             if tx.final_sent {
                 tx.acked.store(true, Ordering::Relaxed);
+                // Confirmed: absorb ACK retransmissions for Timer I (T4), then forget.
+                tx.expires = tx.expires.min(Instant::now() + T4);
             }
         }
     }

@@ -8,7 +8,9 @@
 //! - `p:incidents` — every incident by opening time (zset, ms);
 //! - `p:queue` — waiting incidents, severity first then oldest (zset, see [`queue_score`]);
 //! - `p:deadlines`, `p:idle`, `p:roster`, `p:resp:<rid>`, `p:inc:<id>:tried` — dispatch
-//!   state, described in `scripts/dispatch.lua` and used through [`dispatch`].
+//!   state, described in `scripts/dispatch.lua` and used through [`dispatch`];
+//! - `p:closed` (+ `p:closed:cursor`) — resolved/cancelled incidents awaiting expiry, and
+//!   `p:caller:<pseudonym>` — a caller's incidents, for erasure (see [`admin`]).
 //!
 //! Every change that must be atomic is one Lua script in `scripts/`. The
 //! connection manager reconnects by itself; every failed command counts in
@@ -23,7 +25,9 @@ use redis::{AsyncCommands, Script};
 use crate::incident::{timestamp_ms, Incident, Severity, Source, State, TimelineEntry};
 use crate::telemetry::metric;
 
+pub mod admin;
 pub mod dispatch;
+pub mod report;
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
@@ -48,6 +52,9 @@ pub struct NewIncident {
     pub source: Source,
     pub caller: String,
     pub caller_name: String,
+    /// `incident::pseudonym` of the caller ("" when unknown): the key of the
+    /// erasure index, so the number itself never appears in a key name.
+    pub caller_pseudonym: String,
     pub ivr_path: Vec<String>,
     pub queue: String,
     pub wait_seconds: Option<u32>,
@@ -152,6 +159,7 @@ impl Store {
             ("call_key", n.call_key.clone()),
             ("caller", n.caller.clone()),
             ("caller_name", n.caller_name.clone()),
+            ("caller_pseudonym", n.caller_pseudonym.clone()),
             ("ivr_path", n.ivr_path.join(",")),
             ("queue", n.queue.clone()),
             ("wait_seconds", n.wait_seconds.map(|w| w.to_string()).unwrap_or_default()),

@@ -5,7 +5,8 @@
 -- ARGV[1] prefix          ARGV[2] call key (X-Call-Ref or Call-ID)
 -- ARGV[3] call key TTL s  ARGV[4] opened_at in ms
 -- ARGV[5] queue score: severity rank then opened_at (see store::queue_score)
--- ARGV[6] number of record fields (n); then n name/value pairs
+-- ARGV[6] number of record fields (n); then n name/value pairs (a non-empty
+--         `caller_pseudonym` also puts the incident in p:caller:<pseudonym>)
 -- then the timeline entries (JSON text), each appended in order
 -- Returns {created (0|1), id}
 local p = ARGV[1]
@@ -40,6 +41,14 @@ for i = 7, 6 + 2 * nfields do
   hset[#hset + 1] = ARGV[i]
 end
 redis.call('HSET', unpack(hset))
+-- The caller's index (by pseudonym, never the number) for erasure; kept while an incident is open.
+for i = 7, 6 + 2 * nfields, 2 do
+  if ARGV[i] == 'caller_pseudonym' and ARGV[i + 1] ~= '' then
+    local idx = p .. ':caller:' .. ARGV[i + 1]
+    redis.call('SADD', idx, id)
+    redis.call('PERSIST', idx)
+  end
+end
 local first_entry = 7 + 2 * nfields
 for i = first_entry, #ARGV do
   redis.call('RPUSH', rec .. ':tl', ARGV[i])

@@ -1,0 +1,251 @@
+//! `/v1` administration: open, resolve and cancel incidents; the roster; caller erasure.
+//!
+//! - `POST /v1/incidents` `{"category","severity","summary"}` → 201, the record
+//!   (`source: api`), queued and dispatched like a call's incident;
+//! - `POST /v1/incidents/{id}/resolve|cancel` `[{"note"}]` → 200, the record;
+//!   409 when already closed; whoever held it gets a `cancel` and is free again;
+//! - `GET /v1/responders` → the roster with live connection and availability;
+//! - `DELETE /v1/callers/{number}` → `{"erased": n}`: number and name gone from
+//!   every record, each one's timeline noting it (contract §7).
+//!
+//! Bodies are strict JSON (unknown fields refused); every error is JSON.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{error, ApiState};
+use crate::config::{is_category_name, Settings};
+use crate::incident::{normalize_id, pseudonym, Severity, Source, State as IncidentState, TimelineEntry};
+use crate::responders::wire;
+use crate::store::admin::Closed;
+use crate::store::{NewIncident, StoreError};
+use crate::telemetry::metric;
+
+const MAX_SUMMARY: usize = 500;
+const MAX_NOTE: usize = 1000;
+const MAX_NUMBER: usize = 128;
+
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/incidents", post(open_incident))
+        .route("/v1/incidents/{id}/resolve", post(resolve))
+        .route("/v1/incidents/{id}/cancel", post(cancel))
+        .route("/v1/responders", get(responders))
+        .route("/v1/callers/{number}", delete(erase_caller))
+}
+
+fn settings(st: &ApiState) -> Arc<Settings> {
+    match st.settings.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn unavailable(e: StoreError) -> Response {
+    tracing::warn!(error = %e, "admin request not applied");
+    error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+}
+
+/// Why a request is refused: its status and error text.
+type Refusal = (StatusCode, String);
+
+fn refuse((status, what): Refusal) -> Response {
+    error(status, &what)
+}
+
+/// The body (413 when it is over the limit).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, "body too large".into()),
+        _ => (StatusCode::BAD_REQUEST, "body not readable".into()),
+    })
+}
+
+/// Parses a JSON object body strictly; the error names what was wrong.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    let bad = |what: String| (StatusCode::BAD_REQUEST, what);
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad("body is not valid JSON".into()))?;
+    if !value.is_object() {
+        return Err(bad("body must be a JSON object".into()));
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBody {
+    category: String,
+    severity: String,
+    summary: String,
+}
+
+async fn open_incident(State(st): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let b: NewBody = match body_bytes(body).and_then(|body| parse(&body)) {
+        Ok(b) => b,
+        Err(r) => return refuse(r),
+    };
+    let Some(severity) = Severity::parse(&b.severity) else {
+        return error(StatusCode::BAD_REQUEST, "severity must be critical, high, medium or low");
+    };
+    if !is_category_name(&b.category) {
+        return error(StatusCode::BAD_REQUEST, "category must be 1 to 40 of a-z, 0-9, _ and -");
+    }
+    let summary = b.summary.trim();
+    if summary.is_empty() || summary.chars().count() > MAX_SUMMARY {
+        return error(StatusCode::BAD_REQUEST, "summary must be 1 to 500 characters");
+    }
+    let now = Utc::now();
+    let call_key = format!("api:{:032x}", rand::random::<u128>());
+    let new = NewIncident {
+        call_key: call_key.clone(),
+        call_id: call_key,
+        source: Source::Api,
+        caller: String::new(),
+        caller_name: String::new(),
+        caller_pseudonym: String::new(),
+        ivr_path: Vec::new(),
+        queue: String::new(),
+        wait_seconds: None,
+        category: b.category.clone(),
+        severity,
+        summary: summary.to_string(),
+        instructions: String::new(),
+        opened_at: now,
+        timeline: vec![
+            TimelineEntry::new(now, "opened", "api", json!({"source": "api"})),
+            TimelineEntry::new(
+                now,
+                "classified",
+                "api",
+                json!({"category": b.category, "severity": severity, "rule": "api"}),
+            ),
+            TimelineEntry::new(now, "queued", "dispatchd", json!({"severity": severity})),
+        ],
+    };
+    let id = match st.store.open(&new).await {
+        Ok((id, _)) => id,
+        Err(e) => return unavailable(e),
+    };
+    st.dispatch.wake();
+    metrics::counter!(metric::INCIDENTS_OPENED, "severity" => severity.as_str(), "category" => b.category.clone())
+        .increment(1);
+    tracing::info!(incident_id = %id, severity = %severity, category = %b.category, source = "api", "incident opened");
+    match st.store.get(&id).await {
+        Ok(Some(inc)) => (StatusCode::CREATED, Json(inc)).into_response(),
+        Ok(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "incident vanished"),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    #[serde(default)]
+    note: Option<String>,
+}
+
+type IdPath = Result<Path<String>, PathRejection>;
+
+async fn resolve(st: State<ApiState>, id: IdPath, body: Result<Bytes, BytesRejection>) -> Response {
+    close(st, id, body, IncidentState::Resolved).await
+}
+
+async fn cancel(st: State<ApiState>, id: IdPath, body: Result<Bytes, BytesRejection>) -> Response {
+    close(st, id, body, IncidentState::Cancelled).await
+}
+
+async fn close(State(st): State<ApiState>, id: IdPath, body: Result<Bytes, BytesRejection>, to: IncidentState) -> Response {
+    let Some(id) = id.ok().and_then(|Path(id)| normalize_id(&id)) else {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    };
+    let parsed = body_bytes(body).and_then(|body| {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            Ok(CloseBody::default())
+        } else {
+            parse(&body)
+        }
+    });
+    let b = match parsed {
+        Ok(b) => b,
+        Err(r) => return refuse(r),
+    };
+    let note = b.note.unwrap_or_default();
+    if note.chars().count() > MAX_NOTE {
+        return error(StatusCode::BAD_REQUEST, "note must be at most 1000 characters");
+    }
+    let retention = settings(&st).privacy.retention;
+    match st.store.close(&id, to, note.trim(), retention).await {
+        Ok(Closed::Done { held }) => {
+            if let Some((rid, dispatch_id, daemon)) = held {
+                let reason = "incident_cancelled";
+                let sent = st.dispatch.sessions.send(&rid, wire::cancel(&dispatch_id, reason));
+                if !sent && !daemon.is_empty() && daemon != st.dispatch.daemon {
+                    st.store.publish("cancel", &format!("{rid}\t{dispatch_id}\t{reason}")).await;
+                }
+                tracing::info!(incident_id = %id, responder = %rid, dispatch_id = %dispatch_id, "responder released");
+            }
+            st.dispatch.wake();
+            tracing::info!(incident_id = %id, state = to.as_str(), actor = "api", "incident closed");
+            match st.store.get(&id).await {
+                Ok(Some(inc)) => Json(inc).into_response(),
+                Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
+                Err(e) => unavailable(e),
+            }
+        }
+        Ok(Closed::NotFound) => error(StatusCode::NOT_FOUND, "not_found"),
+        Ok(Closed::Conflict) => error(StatusCode::CONFLICT, "conflict"),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn responders(State(st): State<ApiState>) -> Response {
+    let s = settings(&st);
+    let ids: Vec<String> = s.roster.iter().map(|r| r.id.clone()).collect();
+    let presence = match st.store.presence(&ids).await {
+        Ok(p) => p,
+        Err(e) => return unavailable(e),
+    };
+    let list: Vec<serde_json::Value> = s
+        .roster
+        .iter()
+        .zip(presence)
+        .map(|(r, p)| {
+            json!({
+                "id": r.id,
+                "name": r.name,
+                "tier": r.tier,
+                "skills": r.skills,
+                "connected": p.connected,
+                "availability": p.availability.unwrap_or_else(|| "off_duty".into()),
+            })
+        })
+        .collect();
+    Json(json!({"responders": list})).into_response()
+}
+
+async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
+    // The path is percent-decoded already (`%2B44…` → `+44…`).
+    let Ok(Path(number)) = number else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
+    let number = number.trim();
+    if number.is_empty() || number.len() > MAX_NUMBER || number.chars().any(char::is_control) {
+        return error(StatusCode::BAD_REQUEST, "bad caller number");
+    }
+    let ps = pseudonym(settings(&st).privacy.caller_key.expose(), number);
+    match st.store.erase_caller(number, &ps).await {
+        Ok(n) => {
+            tracing::info!(caller = %ps, erased = n, actor = "api", "caller erased");
+            Json(json!({"erased": n})).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}

@@ -1,0 +1,45 @@
+//! `GET /v1/report?since=&until=`: the post-incident review report.
+//!
+//! `since` and `until` are RFC 3339 (`until` exclusive), both required, at most
+//! 366 days apart; incidents are selected by opening time. The body is
+//! [`crate::report::Report`], the same that `dispatchd report --format json` prints.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{error, ApiState};
+use crate::report::{compute, parse_range};
+
+pub fn router() -> Router<ApiState> {
+    Router::new().route("/v1/report", get(report))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportQuery {
+    since: Option<String>,
+    until: Option<String>,
+}
+
+async fn report(State(st): State<ApiState>, q: Result<Query<ReportQuery>, QueryRejection>) -> Response {
+    let Ok(Query(q)) = q else { return error(StatusCode::BAD_REQUEST, "bad query string") };
+    let range = match parse_range(q.since.as_deref(), q.until.as_deref()) {
+        Ok(r) => r,
+        Err(what) => return error(StatusCode::BAD_REQUEST, &what),
+    };
+    let targets = match st.settings.read() {
+        Ok(g) => g.targets.clone(),
+        Err(p) => p.into_inner().targets.clone(),
+    };
+    match st.store.report_facts(range.since_ms, range.until_ms).await {
+        Ok(facts) => Json(compute(&range, &facts, &targets)).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "report not read");
+            error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
+    }
+}

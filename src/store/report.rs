@@ -1,0 +1,54 @@
+//! Reading incidents for the report (`GET /v1/report`, `dispatchd report`).
+
+use redis::AsyncCommands;
+
+use super::{Result, Store};
+use crate::incident::{Severity, TimelineEntry};
+use crate::report::Facts;
+
+/// Incidents read per pipelined round trip.
+const BATCH: usize = 200;
+
+impl Store {
+    /// The incidents opened in `[since_ms, until_ms)` (by `p:incidents`), oldest
+    /// first, with their timelines; records that have expired are skipped.
+    pub async fn report_facts(&self, since_ms: i64, until_ms: i64) -> Result<Vec<Facts>> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = Self::counted(
+            c.zrangebyscore(self.key(&["incidents"]), since_ms, format!("({until_ms}")).await,
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                let rec = self.key(&["inc", id]);
+                pipe.cmd("HMGET").arg(&rec).arg(&["severity", "category", "opened_ms"]);
+                pipe.lrange(format!("{rec}:tl"), 0, -1);
+            }
+            // HMGET and LRANGE both answer arrays of (nil or) strings.
+            let replies: Vec<Vec<Option<String>>> = Self::counted(pipe.query_async(&mut c).await)?;
+            for (id, pair) in chunk.iter().zip(replies.chunks(2)) {
+                let [fields, timeline] = pair else { continue };
+                let (Some(Some(severity)), Some(category), Some(Some(opened))) =
+                    (fields.first(), fields.get(1), fields.get(2))
+                else {
+                    continue; // expired (or never written): not in the report
+                };
+                let (Some(severity), Ok(opened_ms)) = (Severity::parse(severity), opened.parse::<i64>()) else {
+                    tracing::warn!(incident_id = %id, "record left out of the report: bad severity or opened_ms");
+                    continue;
+                };
+                let timeline: Vec<TimelineEntry> =
+                    timeline.iter().flatten().filter_map(|t| serde_json::from_str(t).ok()).collect();
+                out.push(Facts {
+                    id: id.clone(),
+                    severity,
+                    category: category.clone().unwrap_or_default(),
+                    opened_ms,
+                    timeline,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
