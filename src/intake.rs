@@ -83,6 +83,13 @@ fn classified_entry(at: DateTime<Utc>, actor: &str, c: &Classification, path: &[
 
 impl Intake {
     pub fn new(store: Store, settings: &Settings) -> Intake {
+        // Every configured classification is a series from the start (zero until used).
+        let d = &settings.ivr_default;
+        let pairs = settings.ivr.iter().map(|r| (r.severity, &r.category)).chain([(d.severity, &d.category)]);
+        for (severity, category) in pairs {
+            metrics::counter!(metric::INCIDENTS_OPENED, "severity" => severity.as_str(), "category" => category.clone())
+                .absolute(0);
+        }
         Intake {
             store,
             on_open: None,

@@ -61,7 +61,34 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(metric::REDIS_ERRORS, "Redis commands that failed");
     describe_gauge!(metric::REDIS_UP, "1 while Redis answers");
     describe_histogram!(metric::INTAKE_SECONDS, Unit::Seconds, "INVITE received to incident durably stored");
-    // Present from the start, so dashboards and alerts see zeros rather than nothing.
+    describe_counter!(metric::DISPATCH_OFFERS, "Dispatch offers, by outcome (offered, acknowledged, declined, ack_timeout, exhausted)");
+    describe_histogram!(metric::CALL_TO_OFFER, Unit::Seconds, "INVITE received to dispatch handed to the responder's connection");
+    describe_histogram!(metric::OFFER_TO_ACK, Unit::Seconds, "Offer to acknowledgement");
+    describe_counter!(metric::ESCALATIONS, "Offers moved to a higher tier, by severity");
+    describe_gauge!(metric::RESPONDERS_CONNECTED, "Responders connected to this daemon");
+
+    // Present from the start (contract §6: these metrics exist), so dashboards
+    // and alerts see zeros rather than nothing.
+    use crate::incident::Severity;
     metrics::counter!(metric::REDIS_ERRORS).absolute(0);
+    metrics::gauge!(metric::RESPONDERS_CONNECTED).set(0.0);
+    metrics::gauge!(metric::SIP_TCP_CONNECTIONS).set(0.0);
+    for m in ["INVITE", "ACK", "CANCEL", "BYE", "INFO", "OPTIONS"] {
+        metrics::counter!(metric::SIP_REQUESTS, "method" => m).absolute(0);
+    }
+    for s in ["100", "180", "200", "400", "481", "487", "503", "603"] {
+        metrics::counter!(metric::SIP_RESPONSES, "status" => s).absolute(0);
+    }
+    for o in ["offered", "acknowledged", "declined", "ack_timeout", "exhausted"] {
+        metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => o).absolute(0);
+    }
+    for s in Severity::ALL {
+        metrics::counter!(metric::ESCALATIONS, "severity" => s.as_str()).absolute(0);
+        metrics::gauge!(metric::QUEUE_DEPTH, "severity" => s.as_str()).set(0.0);
+    }
+    for h in [metric::CALL_TO_OFFER, metric::OFFER_TO_ACK, metric::INTAKE_SECONDS] {
+        // A histogram appears in the text format once it has a handle.
+        let _ = metrics::histogram!(h);
+    }
     Ok(handle)
 }

@@ -66,6 +66,28 @@ fn health_metrics_and_auth() {
 }
 
 #[test]
+fn every_contract_metric_exists_from_the_start() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options::default());
+    let m = d.metrics();
+    for name in [
+        "dispatchd_sip_requests_total{",
+        "dispatchd_sip_responses_total{",
+        "dispatchd_incidents_opened_total{",
+        "dispatchd_queue_depth{",
+        "dispatchd_dispatch_offers_total{",
+        "dispatchd_call_to_offer_seconds_bucket{",
+        "dispatchd_offer_to_ack_seconds_bucket{",
+        "dispatchd_escalations_total{",
+        "dispatchd_responders_connected ",
+        "dispatchd_redis_errors_total ",
+    ] {
+        assert!(m.lines().any(|l| l.starts_with(name)), "{name} missing from a fresh daemon's /metrics:\n{m}");
+    }
+    assert_eq!(metric_value(&m, "dispatchd_incidents_opened_total", "category=\"outage\""), 0.0);
+}
+
+#[test]
 fn list_filters_and_order() {
     let redis = Redis::start();
     let d = Daemon::start(&redis, Options::default());
