@@ -50,8 +50,8 @@ for i = 7, 6 + 2 * nfields, 2 do
   end
 end
 local first_entry = 7 + 2 * nfields
-for i = first_entry, #ARGV do
-  redis.call('RPUSH', rec .. ':tl', ARGV[i])
+if #ARGV >= first_entry then
+  redis.call('RPUSH', rec .. ':tl', unpack(ARGV, first_entry))
 end
 local opened = tonumber(ARGV[4])
 redis.call('ZADD', p .. ':incidents', opened, id)
