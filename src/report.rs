@@ -133,8 +133,8 @@ impl Intervals {
         let answered_offer = ack.and_then(|&(ack_pos, ack_e, _)| {
             let offers = || entries.iter().filter(|(i, e, _)| *i < ack_pos && e.event == "offered");
             match dispatch_id(ack_e) {
-                Some(d) => offers().find(|(_, e, _)| dispatch_id(e) == Some(d)).or_else(|| offers().last()),
-                None => offers().last(),
+                Some(d) => offers().find(|(_, e, _)| dispatch_id(e) == Some(d)).or_else(|| offers().next_back()),
+                None => offers().next_back(),
             }
         });
         Intervals {
@@ -255,7 +255,7 @@ fn group(group: &'static str, key: &str, rows: &[&Row], target: Option<&crate::c
             ack_within_ms: limit as u64,
             percent: t.percent,
             within,
-            achieved_percent: share(within, count).map(|s| s * 100.0),
+            achieved_percent: share(within * 100, count),
             met: (count > 0).then(|| within * 100 >= t.percent as usize * count),
         }
     });

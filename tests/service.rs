@@ -449,9 +449,9 @@ fn during_the_drain_new_invites_get_503_and_writes_in_flight_finish() {
     let mut alpha = Responder::connect(&d, "r-alpha");
     let (ringing, ringing_id) = ring(&d, "drain-ring", "9");
 
-    // Redis holds every write for 1.5 s (under the 2 s command timeout): an
+    // Redis holds every write for 1.2 s (under the 2 s command timeout): an
     // INVITE sent now is still being written when SIGTERM comes.
-    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "1500", "WRITE"]).trim(), "OK");
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "1200", "WRITE"]).trim(), "OK");
     let slow = UdpPeer::new(&d);
     slow.send(invite(slow.port(), "drain-slow", "X-IVR-Path: 2\r\n").as_bytes());
     std::thread::sleep(Duration::from_millis(200));
@@ -470,7 +470,7 @@ fn during_the_drain_new_invites_get_503_and_writes_in_flight_finish() {
     let refused = late.recv_final(Duration::from_secs(1)).expect("a new INVITE during the drain is answered");
     assert_eq!(status_of(&refused), 503, "{refused}");
     assert!(header_of(&refused, "Retry-After").is_some(), "{refused}");
-    assert!(t0.elapsed() < Duration::from_millis(1200), "answered before Redis woke up");
+    assert!(t0.elapsed() < Duration::from_millis(800), "answered before Redis woke up");
     late.send(ack_for(&refused, late.port(), "drain-late").as_bytes());
     // The responder is told the daemon goes away.
     assert_eq!(alpha.close_code(S5), Some(1001));
