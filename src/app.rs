@@ -124,6 +124,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));
     tokio::spawn(dispatch.clone().listen(token.clone()));
     tokio::spawn(health_loop(store.clone(), redis_up.clone(), uas.clone(), token.clone()));
+    tokio::spawn(retention_loop(store.clone(), in_force.clone(), token.clone()));
 
     // Every listener is bound and Redis answered: ready (and /readyz agrees).
     listening.store(true, Ordering::Relaxed);
@@ -131,7 +132,14 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     tracing::info!(mode = settings.sip.mode.as_str(), version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
 
     // Reloads start only now, so RELOADING/READY never precede the first READY.
-    let reloader = reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), store.clone());
+    let reloader = reload::Reloader::new(
+        config_path,
+        intake.clone(),
+        roster,
+        in_force.clone(),
+        store.clone(),
+        dispatch.clone(),
+    );
     tokio::spawn(reloader.run(hangups, token.clone()));
 
     token.cancelled().await;
@@ -179,6 +187,24 @@ async fn wait_for_redis(store: &Store, token: &CancellationToken) -> bool {
     }
 }
 
+/// Every minute: incidents resolved or cancelled longer than `privacy.retention`
+/// ago are removed (contract §7). The retention in force is re-read each time,
+/// so a SIGHUP reload applies to it.
+async fn retention_loop(store: Store, in_force: Arc<std::sync::RwLock<Arc<Settings>>>, token: CancellationToken) {
+    loop {
+        let retention = in_force.read().map(|s| s.privacy.retention).unwrap_or(Duration::from_secs(90 * 86_400));
+        match store.expire_closed(retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired incidents removed"),
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
 /// Every second: is Redis there, how deep are the queues; forget old SIP
 /// transactions. (The watchdog is the dispatcher's.)
 async fn health_loop(store: Store, redis_up: Arc<AtomicBool>, uas: Arc<Uas>, token: CancellationToken) {
@@ -192,11 +218,9 @@ async fn health_loop(store: Store, redis_up: Arc<AtomicBool>, uas: Arc<Uas>, tok
             }
         }
         metrics::gauge!(metric::REDIS_UP).set(if up { 1.0 } else { 0.0 });
-        if up {
-            if let Ok(depths) = store.queue_depths().await {
-                for (s, n) in depths {
-                    metrics::gauge!(metric::QUEUE_DEPTH, "severity" => Severity::as_str(s)).set(n as f64);
-                }
+        if up && let Ok(depths) = store.queue_depths().await {
+            for (s, n) in depths {
+                metrics::gauge!(metric::QUEUE_DEPTH, "severity" => Severity::as_str(s)).set(n as f64);
             }
         }
         uas.sweep();

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::classify::Classifier;
 use crate::config::{ResponderConfig, Settings};
+use crate::dispatcher::Dispatch;
 use crate::intake::Intake;
 use crate::responders::Roster;
 use crate::store::Store;
@@ -156,6 +157,8 @@ pub struct Reloader {
     /// The settings in force, as the API reads them (and the drain at shutdown).
     pub settings: Arc<RwLock<Arc<Settings>>>,
     pub store: Store,
+    /// The responders connected here.
+    pub dispatch: Arc<Dispatch>,
     /// Bumped on every applied reload, so an older roster retry gives up.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -182,8 +185,9 @@ impl Reloader {
         roster: Arc<RwLock<Roster>>,
         settings: Arc<RwLock<Arc<Settings>>>,
         store: Store,
+        dispatch: Arc<Dispatch>,
     ) -> Reloader {
-        Reloader { config_path, intake, roster, settings, store, generation: Arc::default() }
+        Reloader { config_path, intake, roster, settings, store, dispatch, generation: Arc::default() }
     }
 
     /// The settings in force.
@@ -275,8 +279,11 @@ impl Reloader {
                 }
             }
         }
-        for rid in &plan.responders_removed {
-            tracing::info!(responder = %rid, "removed from the roster: no more offers; a connection it has open stays until it closes");
+        // Out of the roster: no more offers (the Lua rules check the roster)
+        // and no new connections. An open connection stays until it closes.
+        for rid in plan.responders_removed.iter().filter(|r| self.dispatch.sessions.is_connected(r)) {
+            tracing::info!(responder = %rid, "removed from the roster while connected: closing its connection");
+            self.dispatch.sessions.close(rid, 4403, "removed from roster");
         }
         tracing::info!(
             ivr_rules_before = plan.ivr_rules_before,
@@ -340,8 +347,7 @@ mod tests {
 
     #[test]
     fn live_settings_change_restart_only_ones_stay() {
-        let mut old = Settings::default();
-        old.roster = vec![responder("a", 1), responder("b", 1)];
+        let old = Settings { roster: vec![responder("a", 1), responder("b", 1)], ..Settings::default() };
         let mut new = old.clone();
         new.roster = vec![responder("a", 2), responder("c", 1)];
         new.ivr.push(IvrRule { path: "7".into(), category: "flood".into(), severity: Severity::Critical, instructions: String::new() });

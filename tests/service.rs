@@ -93,7 +93,7 @@ fn pid_of(d: &Daemon) -> u32 {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.first().is_some_and(|a| a.ends_with("dispatchd")) && args.iter().any(|a| *a == needle) {
+        if args.first().is_some_and(|a| a.ends_with("dispatchd")) && args.contains(&needle) {
             return pid;
         }
     }
@@ -253,6 +253,12 @@ fn notify_ready_only_when_serving_watchdog_repeats_stopping_on_sigterm() {
     assert!(early.iter().all(|(_, m)| !has_line(m, "READY=1")), "READY=1 before Redis answered: {early:?}");
     assert_eq!(http_get(http, "/readyz", None).0, 0, "nothing listens before Redis answers");
     assert!(p.child.try_wait().unwrap().is_none(), "it waits for Redis instead of exiting");
+    assert!(early.iter().any(|(_, m)| m.lines().any(|l| l.starts_with("STATUS=starting"))), "{early:?}");
+    // A SIGHUP while starting neither kills it nor reloads early: it waits for READY.
+    signal(p.child.id(), "-HUP");
+    let more = n.collect(Duration::from_millis(300));
+    assert!(more.iter().all(|(_, m)| !has_line(m, "RELOADING=1") && !has_line(m, "READY=1")), "{more:?}");
+    assert!(p.child.try_wait().unwrap().is_none(), "SIGHUP during startup is not fatal");
 
     redis.restart();
     let (ready, _) = n.wait_for("READY=1", Duration::from_secs(15));
@@ -272,8 +278,11 @@ fn notify_ready_only_when_serving_watchdog_repeats_stopping_on_sigterm() {
 
     // WATCHDOG=1 repeats, never further apart than WATCHDOG_USEC (1 s).
     let start = Instant::now();
-    let pings: Vec<Instant> =
-        n.collect(Duration::from_secs(3)).into_iter().filter(|(_, m)| has_line(m, "WATCHDOG=1")).map(|(t, _)| t).collect();
+    let msgs = n.collect(Duration::from_secs(3));
+    let pings: Vec<Instant> = msgs.iter().filter(|(_, m)| has_line(m, "WATCHDOG=1")).map(|(t, _)| *t).collect();
+    // The SIGHUP of the startup is handled now: RELOADING=1, then READY=1.
+    let reloading = msgs.iter().position(|(_, m)| has_line(m, "RELOADING=1")).expect("the queued SIGHUP reloads");
+    assert!(msgs[reloading..].iter().any(|(_, m)| has_line(m, "READY=1")), "{msgs:?}");
     assert!(pings.len() >= 4, "{} WATCHDOG=1 in 3 s", pings.len());
     let mut last = start;
     for t in &pings {
@@ -482,7 +491,7 @@ fn during_the_drain_new_invites_get_503_and_writes_in_flight_finish() {
     assert_eq!(statuses.first(), Some(&180), "{answers:?}");
 
     assert!(statuses.contains(&503), "{answers:?}");
-    let slow_id = header_of(&answers.iter().find(|r| status_of(r) == 180).unwrap(), "X-Incident-Id").unwrap().to_string();
+    let slow_id = header_of(answers.iter().find(|r| status_of(r) == 180).unwrap(), "X-Incident-Id").unwrap().to_string();
 
     // The exit is clean.
     assert_eq!(d.stop(), Some(0), "{}", d.log());

@@ -109,6 +109,11 @@ impl Sessions {
         true
     }
 
+    /// Closes one responder's connection here; false when it is not connected.
+    pub fn close(&self, rid: &str, code: u16, reason: &'static str) -> bool {
+        self.lock().get(rid).is_some_and(|h| h.tx.try_send(Out::Close(code, reason)).is_ok())
+    }
+
     /// Closes every connection (shutdown: 1001 going away).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         for h in self.lock().values() {

@@ -454,6 +454,19 @@ pub struct SippRun {
 /// Runs sipp as a UAC against the daemon; `transport` is "u1" (UDP) or "t1" (TCP).
 /// `extra` are more sipp arguments (e.g. `-inf file`, `-m 3`). Returns when sipp exits.
 pub fn sipp(d: &Daemon, scenario_file: &str, transport: &str, extra: &[&str]) -> SippRun {
+    // The local port is chosen free and then bound by sipp a moment later;
+    // when another process took it meanwhile, sipp exits at once: try again.
+    for _ in 0..2 {
+        let run = sipp_once(d, scenario_file, transport, extra);
+        let lost_port = !run.ok && (run.output.contains("already in use") || run.output.contains("bind"));
+        if !lost_port {
+            return run;
+        }
+    }
+    sipp_once(d, scenario_file, transport, extra)
+}
+
+fn sipp_once(d: &Daemon, scenario_file: &str, transport: &str, extra: &[&str]) -> SippRun {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
     let target = format!("127.0.0.1:{}", d.sip_port);
