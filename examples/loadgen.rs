@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::UdpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 type Times = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -95,7 +95,9 @@ async fn dispatch(sip: SocketAddr, url: String, responders: usize, rate: u64, se
                 if text.starts_with("SIP/2.0 100 ") {
                     continue;
                 }
-                let (Some(call_id), Some(id)) = (header(&text, "Call-ID"), header(&text, "X-Incident-Id")) else { continue };
+                let (Some(call_id), Some(id)) = (header(&text, "Call-ID"), header(&text, "X-Incident-Id")) else {
+                    continue;
+                };
                 incident_of.lock().unwrap().insert(id.to_string(), call_id.to_string());
                 let to = header(&text, "To").unwrap_or_default();
                 let from_hdr = header(&text, "From").unwrap_or_default();
@@ -171,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
             dispatch(sip.parse()?, url.to_string(), n.parse()?, rate.parse()?, secs.parse()?).await
         }
         ["idle", url, n] => idle(url.to_string(), n.parse()?).await,
-        _ => anyhow::bail!("usage: loadgen dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS | loadgen idle WS_URL RESPONDERS"),
+        _ => anyhow::bail!(
+            "usage: loadgen dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS | loadgen idle WS_URL RESPONDERS"
+        ),
     }
 }

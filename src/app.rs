@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -38,8 +38,8 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let hangups = shutdown::hangups().context("installing the SIGHUP handler")?;
     systemd::status("starting: waiting for Redis");
 
-    let store = Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout)
-        .context("redis.url")?;
+    let store =
+        Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout).context("redis.url")?;
     if !wait_for_redis(&store, &token).await {
         systemd::stopping();
         tracing::info!("dispatchd stopped before it was ready");
@@ -115,9 +115,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     });
     let http_token = token.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http, router)
-            .with_graceful_shutdown(async move { http_token.cancelled().await })
-            .await
+        axum::serve(http, router).with_graceful_shutdown(async move { http_token.cancelled().await }).await
     });
     let roster = Arc::new(std::sync::RwLock::new(Roster::new(&settings.roster)));
     tokio::spawn(responders::serve(ws, dispatch.clone(), roster.clone(), settings.responders.heartbeat, token.clone()));
@@ -132,14 +130,8 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     tracing::info!(mode = settings.sip.mode.as_str(), version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
 
     // Reloads start only now, so RELOADING/READY never precede the first READY.
-    let reloader = reload::Reloader::new(
-        config_path,
-        intake.clone(),
-        roster,
-        in_force.clone(),
-        store.clone(),
-        dispatch.clone(),
-    );
+    let reloader =
+        reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), store.clone(), dispatch.clone());
     tokio::spawn(reloader.run(hangups, token.clone()));
 
     token.cancelled().await;

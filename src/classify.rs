@@ -93,21 +93,16 @@ impl Classifier {
         }
         // Only categories the deployment knows: the URI is caller-controlled
         // input and categories become metric labels.
-        if let Some(cat) = ruri_user.and_then(|u| u.strip_prefix("incident-")) {
-            if let Some(sev) = self.categories.get(cat) {
-                let instructions = self
-                    .rules
-                    .iter()
-                    .find(|r| r.category == cat && !r.instructions.is_empty())
-                    .map(|r| r.instructions.clone())
-                    .unwrap_or_default();
-                return Classification {
-                    category: cat.to_string(),
-                    severity: *sev,
-                    instructions,
-                    rule: "uri".into(),
-                };
-            }
+        if let Some(cat) = ruri_user.and_then(|u| u.strip_prefix("incident-"))
+            && let Some(sev) = self.categories.get(cat)
+        {
+            let instructions = self
+                .rules
+                .iter()
+                .find(|r| r.category == cat && !r.instructions.is_empty())
+                .map(|r| r.instructions.clone())
+                .unwrap_or_default();
+            return Classification { category: cat.to_string(), severity: *sev, instructions, rule: "uri".into() };
         }
         self.default.clone()
     }

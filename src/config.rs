@@ -172,10 +172,7 @@ pub struct PrivacySettings {
 
 impl Default for PrivacySettings {
     fn default() -> Self {
-        PrivacySettings {
-            caller_key: Secret::default(),
-            retention: Duration::from_secs(90 * 86_400),
-        }
+        PrivacySettings { caller_key: Secret::default(), retention: Duration::from_secs(90 * 86_400) }
     }
 }
 
@@ -400,18 +397,18 @@ fn from_config_error_at(path: &str, e: &config::ConfigError) -> ConfigError {
     let first = msg.lines().next().unwrap_or("invalid value");
     let path = if path == "." { String::new() } else { path.to_string() };
     // "unknown field `foo`, expected one of …" names the key one level below `path`.
-    if let Some(rest) = first.strip_prefix("unknown field `") {
-        if let Some(end) = rest.find('`') {
-            let field = &rest[..end];
-            // The path already ends with the unknown field itself.
-            let key = if path.is_empty() || !path.ends_with(field) { join(&path, field) } else { path };
-            return err(key, "unknown key");
-        }
+    if let Some(rest) = first.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        let field = &rest[..end];
+        // The path already ends with the unknown field itself.
+        let key = if path.is_empty() || !path.ends_with(field) { join(&path, field) } else { path };
+        return err(key, "unknown key");
     }
-    if let Some(rest) = first.strip_prefix("missing field `") {
-        if let Some(end) = rest.find('`') {
-            return err(join(&path, &rest[..end]), "missing");
-        }
+    if let Some(rest) = first.strip_prefix("missing field `")
+        && let Some(end) = rest.find('`')
+    {
+        return err(join(&path, &rest[..end]), "missing");
     }
     // config wraps some errors as "… for key `x.y`"; strip to keep one clean line.
     let message = match first.find(" for key `") {
@@ -422,11 +419,7 @@ fn from_config_error_at(path: &str, e: &config::ConfigError) -> ConfigError {
 }
 
 fn join(path: &str, field: &str) -> String {
-    if path.is_empty() {
-        field.to_string()
-    } else {
-        format!("{path}.{field}")
-    }
+    if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
 }
 
 fn is_hex_sha256(s: &str) -> bool {
@@ -453,10 +446,7 @@ fn check_listen(key: &str, value: &str, may_be_empty: bool) -> Result<(), Config
     if value.is_empty() && may_be_empty {
         return Ok(());
     }
-    value
-        .parse::<SocketAddr>()
-        .map(|_| ())
-        .map_err(|_| err(key, format!("{value:?} is not an address:port")))
+    value.parse::<SocketAddr>().map(|_| ()).map_err(|_| err(key, format!("{value:?} is not an address:port")))
 }
 
 /// Parses one `sip.allow` entry: a CIDR or a bare address.
@@ -616,8 +606,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.toml");
         std::fs::write(&path, toml).unwrap();
-        let mut env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         if !env.iter().any(|(k, _)| k == KEY) {
             env.push((KEY.into(), "0123456789abcdef0123".into()));
         }
@@ -689,7 +678,9 @@ mod tests {
             let e = load_str(toml, &[]).unwrap_err();
             assert!(e.key.starts_with("targets.") && e.to_string().contains(key), "{toml}: {e}");
         }
-        let s = load_str("", &[("DISPATCHD__TARGETS__LOW__ACK_WITHIN", "5m"), ("DISPATCHD__TARGETS__LOW__PERCENT", "75")]).unwrap();
+        let s =
+            load_str("", &[("DISPATCHD__TARGETS__LOW__ACK_WITHIN", "5m"), ("DISPATCHD__TARGETS__LOW__PERCENT", "75")])
+                .unwrap();
         assert_eq!(s.targets.low, Some(TargetPolicy { ack_within: Duration::from_secs(300), percent: 75 }));
     }
 

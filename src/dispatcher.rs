@@ -14,8 +14,8 @@
 //! Pub/sub only speeds things up between daemons; nothing depends on it.
 //! The systemd watchdog is pinged from this loop, so a stuck core stops it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
-use crate::incident::{mask, timestamp_ms, Severity, TimelineEntry};
-use crate::responders::{wire, Sessions};
-use crate::store::dispatch::{Cancel, OfferDetails, Policy};
+use crate::incident::{Severity, TimelineEntry, mask, timestamp_ms};
+use crate::responders::{Sessions, wire};
 use crate::store::Store;
+use crate::store::dispatch::{Cancel, OfferDetails, Policy};
 use crate::systemd;
 use crate::telemetry::metric;
 
@@ -198,10 +198,10 @@ impl Dispatch {
     /// Offers the connected responders should have; leases.
     async fn resync(&self, renew_leases: bool) {
         let rids = self.sessions.connected();
-        if renew_leases {
-            if let Err(e) = self.store.refresh_leases(&self.daemon, self.lease_until(self.heartbeat), &rids).await {
-                tracing::warn!(error = %e, "leases not renewed");
-            }
+        if renew_leases
+            && let Err(e) = self.store.refresh_leases(&self.daemon, self.lease_until(self.heartbeat), &rids).await
+        {
+            tracing::warn!(error = %e, "leases not renewed");
         }
         if let Ok(offers) = self.store.current_offers(&rids).await {
             let pending: Vec<(String, String)> =

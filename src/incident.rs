@@ -198,11 +198,8 @@ pub fn incident_id(seq: u64) -> String {
 /// `I`/`L`→`1`, dashes and spaces ignored; checks the check symbol.
 /// Returns the canonical id, or None when it cannot be one.
 pub fn normalize_id(input: &str) -> Option<String> {
-    let mut s: String = input
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '-')
-        .map(|c| c.to_ascii_uppercase())
-        .collect();
+    let mut s: String =
+        input.chars().filter(|c| !c.is_whitespace() && *c != '-').map(|c| c.to_ascii_uppercase()).collect();
     if let Some(rest) = s.strip_prefix("INC") {
         s = rest.to_string();
     }

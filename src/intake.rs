@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::classify::{Classification, Classifier};
 use crate::config::Settings;
-use crate::incident::{pseudonym, Source, TimelineEntry};
+use crate::incident::{Source, TimelineEntry, pseudonym};
 use crate::sip::call::{CallFacts, MAX_IVR_SELECTIONS};
 use crate::store::{Changes, NewIncident, Store, StoreError};
 use crate::telemetry::metric;
@@ -124,7 +124,12 @@ impl Intake {
     }
 
     /// Opens (or finds) the incident of a call. On `Ok` it is durably in Redis.
-    pub async fn open_call(&self, facts: &CallFacts, received_at: DateTime<Utc>, transport: &str) -> Result<Opened, StoreError> {
+    pub async fn open_call(
+        &self,
+        facts: &CallFacts,
+        received_at: DateTime<Utc>,
+        transport: &str,
+    ) -> Result<Opened, StoreError> {
         let c = self.classifier().classify(&facts.ivr_path, facts.ruri_user.as_deref());
         let initial = json!({
             "source": "sip",
@@ -140,7 +145,11 @@ impl Intake {
             source: Source::Sip,
             caller: facts.caller.clone(),
             caller_name: facts.caller_name.clone(),
-            caller_pseudonym: if facts.caller.is_empty() { String::new() } else { pseudonym(&self.caller_key, &facts.caller) },
+            caller_pseudonym: if facts.caller.is_empty() {
+                String::new()
+            } else {
+                pseudonym(&self.caller_key, &facts.caller)
+            },
             ivr_path: facts.ivr_path.clone(),
             queue: facts.queue.clone(),
             wait_seconds: facts.wait_seconds,
@@ -194,7 +203,12 @@ impl Intake {
             summary: Some(summary(&c, &facts)),
         };
         let entries = [
-            TimelineEntry::new(now, "ivr_input", "sip", json!({"digit": digit.to_string(), "ivr_path": facts.ivr_path})),
+            TimelineEntry::new(
+                now,
+                "ivr_input",
+                "sip",
+                json!({"digit": digit.to_string(), "ivr_path": facts.ivr_path}),
+            ),
             classified_entry(now, "sip", &c, &facts.ivr_path),
         ];
         self.store.update(id, &changes, &entries).await?;

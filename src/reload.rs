@@ -275,7 +275,13 @@ impl Reloader {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "roster not written to Redis yet; retrying in the background");
-                    tokio::spawn(sync_roster(self.store.clone(), rows, self.generation.clone(), generation, shutdown.clone()));
+                    tokio::spawn(sync_roster(
+                        self.store.clone(),
+                        rows,
+                        self.generation.clone(),
+                        generation,
+                        shutdown.clone(),
+                    ));
                 }
             }
         }
@@ -336,13 +342,7 @@ mod tests {
     use crate::incident::Severity;
 
     fn responder(id: &str, tier: u32) -> ResponderConfig {
-        ResponderConfig {
-            id: id.into(),
-            name: id.into(),
-            token_sha256: "0".repeat(64),
-            skills: vec!["*".into()],
-            tier,
-        }
+        ResponderConfig { id: id.into(), name: id.into(), token_sha256: "0".repeat(64), skills: vec!["*".into()], tier }
     }
 
     #[test]
@@ -350,7 +350,12 @@ mod tests {
         let old = Settings { roster: vec![responder("a", 1), responder("b", 1)], ..Settings::default() };
         let mut new = old.clone();
         new.roster = vec![responder("a", 2), responder("c", 1)];
-        new.ivr.push(IvrRule { path: "7".into(), category: "flood".into(), severity: Severity::Critical, instructions: String::new() });
+        new.ivr.push(IvrRule {
+            path: "7".into(),
+            category: "flood".into(),
+            severity: Severity::Critical,
+            instructions: String::new(),
+        });
         new.sip.mode = SipMode::Shadow;
         new.http.listen = "127.0.0.1:1".into();
         new.shutdown.drain = Duration::from_secs(3);

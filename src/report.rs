@@ -44,7 +44,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::TargetsSettings;
-use crate::incident::{timestamp_ms, Incident, Severity, TimelineEntry};
+use crate::incident::{Incident, Severity, TimelineEntry, timestamp_ms};
 
 /// The widest range a report may cover.
 pub const MAX_RANGE_MS: i64 = 366 * 86_400_000;
@@ -171,7 +171,14 @@ pub struct Stat {
 impl Stat {
     fn of(values: impl Iterator<Item = Option<i64>>) -> Stat {
         let mut missing = 0;
-        let mut v: Vec<i64> = values.filter_map(|x| x.or_else(|| { missing += 1; None })).collect();
+        let mut v: Vec<i64> = values
+            .filter_map(|x| {
+                x.or_else(|| {
+                    missing += 1;
+                    None
+                })
+            })
+            .collect();
         v.sort_unstable();
         Stat {
             n: v.len(),
@@ -308,12 +315,7 @@ pub fn compute(range: &Range, incidents: &[Facts], targets: &TargetsSettings) ->
     for (c, of) in by_category {
         groups.push(group("category", c, &of, None));
     }
-    Report {
-        since: timestamp_ms(range.since_ms),
-        until: timestamp_ms(range.until_ms),
-        incidents: rows.len(),
-        groups,
-    }
+    Report { since: timestamp_ms(range.since_ms), until: timestamp_ms(range.until_ms), incidents: rows.len(), groups }
 }
 
 #[cfg(test)]
@@ -380,7 +382,10 @@ mod tests {
             [10, 20, 30, 40, 50].iter().map(|s| acked(Severity::High, "outage", 1_000, Some(s * 1000))).collect();
         let r = compute(&range(), &incs, &TargetsSettings::default());
         let g = find(&r, "severity", "high");
-        assert_eq!(g.offer_to_ack, Stat { n: 5, missing: 0, p50_ms: Some(30_000), p90_ms: Some(50_000), p95_ms: Some(50_000) });
+        assert_eq!(
+            g.offer_to_ack,
+            Stat { n: 5, missing: 0, p50_ms: Some(30_000), p90_ms: Some(50_000), p95_ms: Some(50_000) }
+        );
         assert_eq!(g.call_to_offer.p50_ms, Some(1_000));
         assert_eq!(find(&r, "all", "all").offer_to_ack, g.offer_to_ack);
         assert_eq!(find(&r, "category", "outage").count, 5);
@@ -397,8 +402,14 @@ mod tests {
         let r = compute(&range(), &incs, &TargetsSettings::default());
         let g = find(&r, "severity", "low");
         assert_eq!(g.count, 3);
-        assert_eq!(g.call_to_offer, Stat { n: 2, missing: 1, p50_ms: Some(2_000), p90_ms: Some(3_000), p95_ms: Some(3_000) });
-        assert_eq!(g.offer_to_ack, Stat { n: 1, missing: 2, p50_ms: Some(4_000), p90_ms: Some(4_000), p95_ms: Some(4_000) });
+        assert_eq!(
+            g.call_to_offer,
+            Stat { n: 2, missing: 1, p50_ms: Some(2_000), p90_ms: Some(3_000), p95_ms: Some(3_000) }
+        );
+        assert_eq!(
+            g.offer_to_ack,
+            Stat { n: 1, missing: 2, p50_ms: Some(4_000), p90_ms: Some(4_000), p95_ms: Some(4_000) }
+        );
         assert_eq!(g.ack_to_on_scene, Stat { n: 0, missing: 3, p50_ms: None, p90_ms: None, p95_ms: None });
         // Empty groups are reported, with nothing to divide by.
         let m = find(&r, "severity", "medium");
@@ -436,7 +447,12 @@ mod tests {
             }
         );
         // Without a dispatch id: the last offer before the ack.
-        let g = inc(Severity::Critical, "outage", 0, &[(1_000, "offered", ""), (20_000, "offered", ""), (21_000, "acknowledged", "")]);
+        let g = inc(
+            Severity::Critical,
+            "outage",
+            0,
+            &[(1_000, "offered", ""), (20_000, "offered", ""), (21_000, "acknowledged", "")],
+        );
         assert_eq!(Intervals::of(&g).offer_to_ack, Some(1_000));
         // Timestamps before the opening (another daemon's clock) count as 0.
         let h = inc(Severity::Critical, "outage", 0, &[(-5, "offered", "")]);
@@ -477,7 +493,16 @@ mod tests {
         let targets = TargetsSettings { critical: policy(60, 60), medium: policy(60, 90), ..Default::default() };
         let r = compute(&range(), &incs, &targets);
         let t = find(&r, "severity", "critical").target.clone().unwrap();
-        assert_eq!(t, TargetResult { ack_within_ms: 60_000, percent: 60, within: 3, achieved_percent: Some(60.0), met: Some(true) });
+        assert_eq!(
+            t,
+            TargetResult {
+                ack_within_ms: 60_000,
+                percent: 60,
+                within: 3,
+                achieved_percent: Some(60.0),
+                met: Some(true)
+            }
+        );
         let t = find(&r, "severity", "medium").target.clone().unwrap();
         assert_eq!((t.within, t.achieved_percent, t.met), (0, None, None));
         assert!(find(&r, "severity", "low").target.is_none());
@@ -507,7 +532,10 @@ mod tests {
         assert_eq!(r.incidents, 2);
         assert_eq!(r.since, "2027-01-15T08:00:00.000Z");
         let v = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["groups"][0]["offer_to_ack"], json!({"n": 0, "missing": 2, "p50_ms": null, "p90_ms": null, "p95_ms": null}));
+        assert_eq!(
+            v["groups"][0]["offer_to_ack"],
+            json!({"n": 0, "missing": 2, "p50_ms": null, "p90_ms": null, "p95_ms": null})
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Signals: SIGTERM / SIGINT → one CancellationToken that every task watches;
 //! SIGHUP → a configuration reload (see `reload`).
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on the first SIGTERM or SIGINT. Later ones are caught

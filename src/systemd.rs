@@ -4,8 +4,8 @@
 //! Datagrams are sent by hand rather than through `sd_notify::notify` so that
 //! abstract-namespace sockets (`NOTIFY_SOCKET=@name`) work too.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;

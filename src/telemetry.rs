@@ -2,7 +2,7 @@
 //! every metric name in one place.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -47,11 +47,12 @@ pub fn init_logging(log: &LogSettings) {
 
 /// Installs the Prometheus recorder and describes the metrics.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+    let buckets =
+        [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
         .install_recorder()?;
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(metric::SIP_REQUESTS, "SIP requests received, by method");
     describe_counter!(metric::SIP_RESPONSES, "SIP responses sent, by status");
     describe_counter!(metric::SIP_DROPPED, "SIP messages dropped without an answer, by reason");
@@ -61,8 +62,15 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(metric::REDIS_ERRORS, "Redis commands that failed");
     describe_gauge!(metric::REDIS_UP, "1 while Redis answers");
     describe_histogram!(metric::INTAKE_SECONDS, Unit::Seconds, "INVITE received to incident durably stored");
-    describe_counter!(metric::DISPATCH_OFFERS, "Dispatch offers, by outcome (offered, acknowledged, declined, ack_timeout, exhausted)");
-    describe_histogram!(metric::CALL_TO_OFFER, Unit::Seconds, "INVITE received to dispatch handed to the responder's connection");
+    describe_counter!(
+        metric::DISPATCH_OFFERS,
+        "Dispatch offers, by outcome (offered, acknowledged, declined, ack_timeout, exhausted)"
+    );
+    describe_histogram!(
+        metric::CALL_TO_OFFER,
+        Unit::Seconds,
+        "INVITE received to dispatch handed to the responder's connection"
+    );
     describe_histogram!(metric::OFFER_TO_ACK, Unit::Seconds, "Offer to acknowledgement");
     describe_counter!(metric::ESCALATIONS, "Offers moved to a higher tier, by severity");
     describe_gauge!(metric::RESPONDERS_CONNECTED, "Responders connected to this daemon");

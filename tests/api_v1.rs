@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const S5: Duration = Duration::from_secs(5);
 
@@ -108,7 +108,9 @@ fn every_endpoint_needs_the_token_and_refuses_bad_input() {
         }
     }
     // Bodies of resolve/cancel: optional, but JSON with only `note` (a string).
-    for body in ["nope", "[1]", r#"{"note":5}"#, r#"{"reason":"x"}"#, "{", &format!(r#"{{"note":"{}"}}"#, "n".repeat(1001))] {
+    for body in
+        ["nope", "[1]", r#"{"note":5}"#, r#"{"reason":"x"}"#, "{", &format!(r#"{{"note":"{}"}}"#, "n".repeat(1001))]
+    {
         for action in ["resolve", "cancel"] {
             let (status, v) = req(&d, "POST", &format!("/v1/incidents/{id}/{action}"), Some(body));
             assert_eq!(status, 400, "{action} {body}: {v}");

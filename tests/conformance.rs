@@ -63,12 +63,27 @@ const fn e(file: &'static str, udp: Outcomes, tcp: Outcomes, why: &'static str) 
 const EXPECTED: &[Expect] = &[
     // ---- RFC 4475 §3.1.2: invalid messages — 400 when answerable, else silence ----
     e("invalid__badaspec.sip", REJECT, REJECT, "§3.1.2.14: SP inside the <> of To's addr-spec"),
-    e("invalid__baddate.sip", REJECT, REJECT, "§3.1.2.12: Date with a non-GMT zone (the contract rejects what RFC 4475 calls invalid)"),
+    e(
+        "invalid__baddate.sip",
+        REJECT,
+        REJECT,
+        "§3.1.2.12: Date with a non-GMT zone (the contract rejects what RFC 4475 calls invalid)",
+    ),
     e("invalid__baddn.sip", REJECT, REJECT, "§3.1.2.15: unquoted display names with a comma"),
     e("invalid__badinv01.sip", REJECT, REJECT, "§3.1.2.1: empty Via/Contact params ';;,;,,'"),
-    e("invalid__badvers.sip", &[&[400], &[505], &[]], &[&[400], &[505], &[]], "§3.1.2.16: SIP/7.0 (RFC 4475 suggests 505, 400 also rejects it)"),
+    e(
+        "invalid__badvers.sip",
+        &[&[400], &[505], &[]],
+        &[&[400], &[505], &[]],
+        "§3.1.2.16: SIP/7.0 (RFC 4475 suggests 505, 400 also rejects it)",
+    ),
     e("invalid__bigcode.sip", SILENT, SILENT, "§3.1.2.19: a response with code 4294967301: dropped"),
-    e("invalid__clerr.sip", REJECT, REJECT, "§3.1.2.2: Content-Length 9999 > body (TCP: waits for the body; closed after 1 s)"),
+    e(
+        "invalid__clerr.sip",
+        REJECT,
+        REJECT,
+        "§3.1.2.2: Content-Length 9999 > body (TCP: waits for the body; closed after 1 s)",
+    ),
     e("invalid__escruri.sip", REJECT, REJECT, "§3.1.2.11: escaped headers in the Request-URI"),
     e("invalid__ltgtruri.sip", REJECT, REJECT, "§3.1.2.7: Request-URI in <>, Via without branch"),
     e("invalid__lwsruri.sip", REJECT, REJECT, "§3.1.2.8: LWS inside the Request-URI"),
@@ -82,33 +97,103 @@ const EXPECTED: &[Expect] = &[
     e("invalid__scalarlg.sip", SILENT, SILENT, "§3.1.2.5: a response with overlarge scalars: dropped"),
     e("invalid__trws.sip", REJECT, REJECT, "§3.1.2.10: SP after SIP/2.0 on the Request-Line"),
     // ---- RFC 4475 §3.1.1 (valid), §3.2–§3.3 (transaction/application semantics), §3.4 (RFC 2543) ----
-    e("valid__badbranch.sip", &[&[200], &[400]], &[&[200], &[400]], "§3.2.1: branch is only the magic cookie: 400 is allowed, or fall back to RFC 2543 matching; OPTIONS → 200"),
+    e(
+        "valid__badbranch.sip",
+        &[&[200], &[400]],
+        &[&[200], &[400]],
+        "§3.2.1: branch is only the magic cookie: 400 is allowed, or fall back to RFC 2543 matching; OPTIONS → 200",
+    ),
     e("valid__bcast.sip", SILENT, SILENT, "§3.3.10: a 200 response (broadcast Via): a UAS drops responses"),
-    e("valid__bext01.sip", &[&[420]], &[&[420]], "§3.3.5: Require with unknown option tags: RFC 3261 §8.2.2.3 MUST 420 + Unsupported"),
+    e(
+        "valid__bext01.sip",
+        &[&[420]],
+        &[&[420]],
+        "§3.3.5: Require with unknown option tags: RFC 3261 §8.2.2.3 MUST 420 + Unsupported",
+    ),
     e("valid__cparam01.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.3.12: REGISTER: this UAS is no registrar → 405"),
-    e("valid__cparam02.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.3.13: REGISTER → 405 (same Via as cparam01: its retransmission)"),
-    e("valid__dblreq.sip", NOT_ALLOWED, &[&[405, 603]], "§3.1.1.8: UDP: bytes after Content-Length 0 are discarded, the inner INVITE is not processed; TCP: two messages, both answered"),
+    e(
+        "valid__cparam02.sip",
+        NOT_ALLOWED,
+        NOT_ALLOWED,
+        "§3.3.13: REGISTER → 405 (same Via as cparam01: its retransmission)",
+    ),
+    e(
+        "valid__dblreq.sip",
+        NOT_ALLOWED,
+        &[&[405, 603]],
+        "§3.1.1.8: UDP: bytes after Content-Length 0 are discarded, the inner INVITE is not processed; TCP: two messages, both answered",
+    ),
     e("valid__esc01.sip", INVITE, INVITE, "§3.1.1.3: escaped characters in URIs: a valid INVITE"),
-    e("valid__esc02.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.1.1.5: method RE%47IST%45R is an unknown method (not REGISTER) → 405"),
+    e(
+        "valid__esc02.sip",
+        NOT_ALLOWED,
+        NOT_ALLOWED,
+        "§3.1.1.5: method RE%47IST%45R is an unknown method (not REGISTER) → 405",
+    ),
     e("valid__escnull.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.1.1.4: REGISTER with %00 in URIs → 405"),
     e("valid__insuf.sip", &[&[400]], &[&[400]], "§3.3.1: INVITE without Call-ID, From, To, Max-Forwards: MUST 400"),
-    e("valid__inv2543.sip", INVITE, &[&[603], &[400], &[]], "§3.4.1: RFC 2543 INVITE (no branch, no tags, no Max-Forwards); TCP: no Content-Length on a stream (RFC 3261 §18.3 MUST) — accept, 400 or close"),
-    e("valid__invut.sip", &[&[603], &[415]], &[&[603], &[415]], "§3.3.6: unknown body type: RFC 3261 §8.2.3 SHOULD 415; declining it (603) never uses the body"),
+    e(
+        "valid__inv2543.sip",
+        INVITE,
+        &[&[603], &[400], &[]],
+        "§3.4.1: RFC 2543 INVITE (no branch, no tags, no Max-Forwards); TCP: no Content-Length on a stream (RFC 3261 §18.3 MUST) — accept, 400 or close",
+    ),
+    e(
+        "valid__invut.sip",
+        &[&[603], &[415]],
+        &[&[603], &[415]],
+        "§3.3.6: unknown body type: RFC 3261 §8.2.3 SHOULD 415; declining it (603) never uses the body",
+    ),
     e("valid__longreq.sip", INVITE, INVITE, "§3.1.1.7: long values, 34 Vias in every form: a valid INVITE"),
     e("valid__lwsdisp.sip", OK, OK, "§3.1.1.6: display name without LWS before <: OPTIONS → 200"),
     e("valid__mcl01.sip", &[&[400]], REJECT, "§3.3.9: two Content-Length values: 400 (TCP: unframeable, close)"),
     e("valid__multi01.sip", &[&[400]], REJECT, "§3.3.8: several Call-ID/CSeq/To/From: 400 (TCP: l: 154 > body, waits)"),
     e("valid__noreason.sip", SILENT, SILENT, "§3.1.1.13: a 100 response without reason phrase: dropped"),
-    e("valid__novelsc.sip", &[&[416], &[200]], &[&[416], &[200]], "§3.3.3: soap.beep Request-URI: RFC 3261 §8.2.2.1 SHOULD 416; an OPTIONS 200 is tolerated"),
+    e(
+        "valid__novelsc.sip",
+        &[&[416], &[200]],
+        &[&[416], &[200]],
+        "§3.3.3: soap.beep Request-URI: RFC 3261 §8.2.2.1 SHOULD 416; an OPTIONS 200 is tolerated",
+    ),
     e("valid__regaut01.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.3.7: REGISTER with an unknown auth scheme → 405"),
-    e("valid__regescrt.sip", NOT_ALLOWED, NOT_ALLOWED, "§3.3.14: REGISTER with an escaped header in Contact → 405 (same Via as escnull)"),
-    e("valid__sdp01.sip", &[&[603], &[406]], &[&[603], &[406]], "§3.3.15: Accept: text/nobodyKnowsThis: 406 only matters for a body; 603 has none"),
+    e(
+        "valid__regescrt.sip",
+        NOT_ALLOWED,
+        NOT_ALLOWED,
+        "§3.3.14: REGISTER with an escaped header in Contact → 405 (same Via as escnull)",
+    ),
+    e(
+        "valid__sdp01.sip",
+        &[&[603], &[406]],
+        &[&[603], &[406]],
+        "§3.3.15: Accept: text/nobodyKnowsThis: 406 only matters for a body; 603 has none",
+    ),
     e("valid__semiuri.sip", OK, OK, "§3.1.1.9: ';' in the Request-URI user part: OPTIONS → 200"),
     e("valid__transports.sip", OK, OK, "§3.1.1.10: Vias with SCTP/TLS/UNKNOWN transports: OPTIONS → 200"),
-    e("valid__unkscm.sip", &[&[416], &[200]], &[&[416], &[200]], "§3.3.2: unknown Request-URI scheme: SHOULD 416 (same Via as novelsc: its retransmission)"),
-    e("valid__unksm2.sip", &[&[405], &[400], &[416]], &[&[405], &[400], &[416]], "§3.3.4: REGISTER with isbn:/http: URIs: 405 (no REGISTER here), a registrar's 400, or 416"),
-    e("valid__wsinv.sip", &[&[481]], &[&[481]], "§3.1.1.1: odd whitespace, but To carries a tag: an INVITE in an unknown dialog → 481 (RFC 3261 §12.2.2)"),
-    e("valid__zeromf.sip", OK, OK, "§3.3.11: OPTIONS with Max-Forwards 0: an endpoint processes it (only proxies answer 483)"),
+    e(
+        "valid__unkscm.sip",
+        &[&[416], &[200]],
+        &[&[416], &[200]],
+        "§3.3.2: unknown Request-URI scheme: SHOULD 416 (same Via as novelsc: its retransmission)",
+    ),
+    e(
+        "valid__unksm2.sip",
+        &[&[405], &[400], &[416]],
+        &[&[405], &[400], &[416]],
+        "§3.3.4: REGISTER with isbn:/http: URIs: 405 (no REGISTER here), a registrar's 400, or 416",
+    ),
+    e(
+        "valid__wsinv.sip",
+        &[&[481]],
+        &[&[481]],
+        "§3.1.1.1: odd whitespace, but To carries a tag: an INVITE in an unknown dialog → 481 (RFC 3261 §12.2.2)",
+    ),
+    e(
+        "valid__zeromf.sip",
+        OK,
+        OK,
+        "§3.3.11: OPTIONS with Max-Forwards 0: an endpoint processes it (only proxies answer 483)",
+    ),
 ];
 
 // ---------------------------------------------------------------------------
@@ -187,12 +272,7 @@ fn rfc3261_tx_key(text: &str) -> Option<(String, String, String)> {
     let top = via.split(',').next()?.trim();
     let (_proto, rest) = top.split_once([' ', '\t'])?;
     let sent_by = rest.split(';').next()?.trim().to_ascii_lowercase();
-    let branch = rest
-        .split(';')
-        .skip(1)
-        .find_map(|p| p.trim().strip_prefix("branch="))?
-        .trim()
-        .to_string();
+    let branch = rest.split(';').skip(1).find_map(|p| p.trim().strip_prefix("branch="))?.trim().to_string();
     branch.starts_with("z9hG4bK").then_some((branch, sent_by, method))
 }
 
@@ -309,10 +389,13 @@ fn udp_exchange(d: &Daemon, s: &Sample, wait: &Wait) -> Collected {
             // ACK a final answer of an INVITE transaction so it is not retransmitted
             // (400 comes from the syntax checks, 481/483 are not INVITE transactions).
             let st = status_of(&r);
-            if new && st >= 300 && ![400, 481, 483].contains(&st) && s.method.as_deref() == Some("INVITE") {
-                if let Some(ack) = ack_from_response(&r, s.ruri.as_deref().unwrap_or("sip:x@127.0.0.1")) {
-                    p.send(ack.as_bytes());
-                }
+            if new
+                && st >= 300
+                && ![400, 481, 483].contains(&st)
+                && s.method.as_deref() == Some("INVITE")
+                && let Some(ack) = ack_from_response(&r, s.ruri.as_deref().unwrap_or("sip:x@127.0.0.1"))
+            {
+                p.send(ack.as_bytes());
             }
         }
         responses.push(r);
@@ -356,7 +439,12 @@ fn tcp_exchange(d: &Daemon, s: &Sample, wait: &Wait) -> Collected {
             }
         }
     }
-    assert!(stream.iter().all(|b| *b == b'\r' || *b == b'\n'), "{}: unframed bytes from the daemon: {:?}", s.file, String::from_utf8_lossy(&stream));
+    assert!(
+        stream.iter().all(|b| *b == b'\r' || *b == b'\n'),
+        "{}: unframed bytes from the daemon: {:?}",
+        s.file,
+        String::from_utf8_lossy(&stream)
+    );
     Collected { responses, closed }
 }
 
@@ -434,10 +522,11 @@ fn run(transport: Transport) {
         let finals = finals_of(&got.responses);
         let statuses: Vec<u16> = finals.iter().map(|r| status_of(r)).collect();
         let all: Vec<u16> = got.responses.iter().map(|r| status_of(r)).collect();
-        let mut fail = |why: String| failures.push(format!("{tname} {}: {why}\n    answers: {:#?}", s.file, got.responses));
+        let mut fail =
+            |why: String| failures.push(format!("{tname} {}: {why}\n    answers: {:#?}", s.file, got.responses));
 
         // 1. The outcome is one of the allowed ones.
-        if !outcomes.iter().any(|o| *o == statuses.as_slice()) {
+        if !outcomes.contains(&statuses.as_slice()) {
             fail(format!("final statuses {statuses:?}, expected one of {outcomes:?} ({})", exp.why));
         }
         // 2. Provisionals: only 100, only for a valid INVITE; an accepted INVITE gets one first.
@@ -448,10 +537,10 @@ fn run(transport: Transport) {
             }
         }
         let retransmission = s.tx_key.as_ref().is_some_and(|k| by_tx.contains_key(k));
-        if let Some(pos603) = got.responses.iter().position(|r| status_of(r) == 603).filter(|_| !retransmission) {
-            if !got.responses[..pos603].iter().any(|r| status_of(r) == 100) {
-                fail("603 without a 100 Trying before it: not a new INVITE transaction".into());
-            }
+        if let Some(pos603) = got.responses.iter().position(|r| status_of(r) == 603).filter(|_| !retransmission)
+            && !got.responses[..pos603].iter().any(|r| status_of(r) == 100)
+        {
+            fail("603 without a 100 Trying before it: not a new INVITE transaction".into());
         }
         // 3. Headers that must (not) be there.
         for r in &finals {
@@ -476,16 +565,17 @@ fn run(transport: Transport) {
             allowed_ids.extend(by_tx.get(k).cloned().unwrap_or_default());
         }
         for r in &got.responses {
-            if let Some(cid) = header_of(r, "Call-ID") {
-                if !s.call_ids.is_empty() && !allowed_ids.contains(cid) {
-                    let other = samples.iter().find(|o| o.call_ids.iter().any(|c| c == cid)).map(|o| o.file.as_str());
-                    fail(format!(
-                        "{} carries Call-ID {cid} (of {other:?}), not this request's {:?}; \
+            if let Some(cid) = header_of(r, "Call-ID")
+                && !s.call_ids.is_empty()
+                && !allowed_ids.contains(cid)
+            {
+                let other = samples.iter().find(|o| o.call_ids.iter().any(|c| c == cid)).map(|o| o.file.as_str());
+                fail(format!(
+                    "{} carries Call-ID {cid} (of {other:?}), not this request's {:?}; \
                          RFC 3261 §17.2.3 matches a transaction by branch AND sent-by AND method",
-                        r.lines().next().unwrap_or(""),
-                        s.call_ids
-                    ));
-                }
+                    r.lines().next().unwrap_or(""),
+                    s.call_ids
+                ));
             }
         }
         // 5. An incident named by a 603 exists and is this request's.
@@ -501,10 +591,10 @@ fn run(transport: Transport) {
             if !allowed_ids.contains(&cid) {
                 fail(format!("603 names incident {id} whose call_id is {cid:?}, not this request's {:?}", s.call_ids));
             }
-            if let Some(prev) = incident_ids.insert(id.to_string(), s.file.clone()) {
-                if !retransmission {
-                    fail(format!("incident {id} was already given to {prev}"));
-                }
+            if let Some(prev) = incident_ids.insert(id.to_string(), s.file.clone())
+                && !retransmission
+            {
+                fail(format!("incident {id} was already given to {prev}"));
             }
             opened.insert(cid);
         }
@@ -532,7 +622,10 @@ fn run(transport: Transport) {
         let cid = inc["call_id"].as_str().unwrap_or("").to_string();
         if ours.contains(&cid) && !opened.contains(&cid) {
             let file = samples.iter().find(|s| s.call_ids.contains(&cid)).map(|s| s.file.as_str());
-            failures.push(format!("{tname}: incident {} exists for {file:?} (Call-ID {cid}) which was never answered 603", inc["id"]));
+            failures.push(format!(
+                "{tname}: incident {} exists for {file:?} (Call-ID {cid}) which was never answered 603",
+                inc["id"]
+            ));
         }
         if cid.is_empty() {
             failures.push(format!("{tname}: incident {} has an empty call_id: {inc}", inc["id"]));
@@ -557,7 +650,8 @@ fn rfc4475_over_tcp() {
 
 #[test]
 fn call_id_replacement_keeps_everything_else() {
-    let (out, ids) = with_fresh_call_ids(b"INVITE sip:a@b SIP/2.0\r\nCall-ID:  x@y\r\ni: z\r\nVia: v\r\n\r\nbody i: not\r\n", "N");
+    let (out, ids) =
+        with_fresh_call_ids(b"INVITE sip:a@b SIP/2.0\r\nCall-ID:  x@y\r\ni: z\r\nVia: v\r\n\r\nbody i: not\r\n", "N");
     assert_eq!(ids, ["N-1", "N-2"]);
     assert_eq!(out, b"INVITE sip:a@b SIP/2.0\r\nCall-ID:  N-1\r\ni: N-2\r\nVia: v\r\n\r\nbody i: not\r\n");
     assert_eq!(

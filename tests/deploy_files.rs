@@ -278,7 +278,10 @@ fn dashboard_panels_are_well_formed() {
         let mut refs = BTreeSet::new();
         for t in targets {
             let expr = t["expr"].as_str().unwrap_or_else(|| panic!("panel {title}: target without expr"));
-            assert!(expr.contains("job=\"dispatchd\""), "panel {title}: query not limited to job=\"dispatchd\": {expr}");
+            assert!(
+                expr.contains("job=\"dispatchd\""),
+                "panel {title}: query not limited to job=\"dispatchd\": {expr}"
+            );
             assert!(refs.insert(t["refId"].as_str().unwrap().to_string()), "panel {title}: refId twice");
         }
     }
@@ -361,11 +364,7 @@ fn alert_rules_cover_the_required_conditions() {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -385,7 +384,8 @@ fn alert_rules_and_prometheus_config_pass_promtool() {
     let out = run_ok(Command::new("promtool").arg("check").arg("rules").arg(dir.join("alerts.yml")));
     assert!(out.contains("SUCCESS"), "{out}");
     // rule_files in prometheus.yml are relative to the file itself: check from elsewhere.
-    let out = run_ok(Command::new("promtool").arg("check").arg("config").arg(dir.join("prometheus.yml")).current_dir("/"));
+    let out =
+        run_ok(Command::new("promtool").arg("check").arg("config").arg(dir.join("prometheus.yml")).current_dir("/"));
     assert!(out.contains("alerts.yml") && out.contains("SUCCESS"), "the config did not load alerts.yml:\n{out}");
     let out = run_ok(Command::new("promtool").arg("test").arg("rules").arg(dir.join("alerts_test.yml")));
     assert!(out.contains("SUCCESS"), "{out}");
@@ -412,9 +412,7 @@ fn dashboard_queries_parse_with_promtool() {
 // ---------------------------------------------------------------- systemd
 
 fn account_exists(file: &str, name: &str) -> bool {
-    std::fs::read_to_string(file)
-        .map(|t| t.lines().any(|l| l.split(':').next() == Some(name)))
-        .unwrap_or(false)
+    std::fs::read_to_string(file).map(|t| t.lines().any(|l| l.split(':').next() == Some(name))).unwrap_or(false)
 }
 
 #[test]
@@ -463,7 +461,8 @@ fn systemd_unit_verifies() {
         // that it is executable).
         if key.starts_with("Exec") {
             let value = line.split_once('=').map(|(_, v)| v.to_string()).unwrap_or_default();
-            let exe = value.trim_start_matches(['-', '@', ':', '+', '!']).split_whitespace().next().unwrap_or("").to_string();
+            let exe =
+                value.trim_start_matches(['-', '@', ':', '+', '!']).split_whitespace().next().unwrap_or("").to_string();
             if exe.starts_with('/') && !Path::new(&exe).exists() {
                 notes.push(format!("{exe} does not exist here; {key} points at the binary for the check"));
                 line = line.replacen(&exe, bin, 1);
@@ -621,7 +620,9 @@ fn compose_file_runs_redis_with_aof_and_loads_the_monitoring_files() {
     }
     // prometheus.yml scrapes the compose service and loads the rules beside it.
     let prom = read("deploy/prometheus/prometheus.yml");
-    for needle in ["rule_files:", "- alerts.yml", "job_name: dispatchd", "\"dispatchd:9090\"", "job_name: dispatchd-readyz"] {
+    for needle in
+        ["rule_files:", "- alerts.yml", "job_name: dispatchd", "\"dispatchd:9090\"", "job_name: dispatchd-readyz"]
+    {
         assert!(prom.contains(needle), "prometheus.yml lacks {needle:?}");
     }
     let ds = read("deploy/grafana/provisioning/datasources/prometheus.yml");

@@ -46,7 +46,9 @@ fn call_reaches_responder_ack_and_status_follow() {
     }
     let inc = d.incident(&id);
     let ev = events(&inc);
-    for e in ["opened", "classified", "queued", "offered", "delivered", "acknowledged", "en_route", "on_scene", "resolved"] {
+    for e in
+        ["opened", "classified", "queued", "offered", "delivered", "acknowledged", "en_route", "on_scene", "resolved"]
+    {
         assert!(ev.contains(&e.to_string()), "{e} missing from {ev:?}");
     }
     let ack = inc["timeline"].as_array().unwrap().iter().find(|e| e["event"] == "acknowledged").unwrap();

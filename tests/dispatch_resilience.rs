@@ -7,12 +7,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tungstenite::Message;
 
 const S5: Duration = Duration::from_secs(5);
@@ -160,7 +160,8 @@ fn ack_and_resolve(mut r: Responder, stop: &AtomicBool, board: &Mutex<Board>) ->
                 r.send(json!({"type": "status", "incident_id": inc, "status": "resolved", "id": format!("res|{inc}")}));
             }
             "error" if reference.starts_with("ack|") => {
-                seen.refused.push((reference["ack|".len()..].to_string(), v["code"].as_str().unwrap_or("").to_string()));
+                seen.refused
+                    .push((reference["ack|".len()..].to_string(), v["code"].as_str().unwrap_or("").to_string()));
             }
             "ok" if reference.starts_with("res|") => seen.resolved.push(reference["res|".len()..].to_string()),
             "cancel" => seen.cancels.push(v),
@@ -291,7 +292,9 @@ fn authentication_header_hello_and_refusals() {
     }
     let res = tungstenite::connect(ws_url(&d, "/v1/responders/ws/extra"));
     assert!(res.is_err(), "a longer path must not be accepted");
-    assert!(Responder::connect(&d, "r-a").request(json!({"type": "availability", "status": "busy"}), "end")["type"] == "ok");
+    assert!(
+        Responder::connect(&d, "r-a").request(json!({"type": "availability", "status": "busy"}), "end")["type"] == "ok"
+    );
 }
 
 // ---- 2. junk frames -------------------------------------------------------------
@@ -302,7 +305,8 @@ fn junk_frames_get_bad_request_and_never_close() {
     let mut d = Daemon::start(&redis, opts(&[("r-a", 1, ALL)], "30s", 3));
     let mut a = Responder::connect(&d, "r-a");
 
-    let big = format!(r#"{{"type":"availability","status":"available","id":"big","pad":"{}"}}"#, "x".repeat(100 * 1024));
+    let big =
+        format!(r#"{{"type":"availability","status":"available","id":"big","pad":"{}"}}"#, "x".repeat(100 * 1024));
     let cases: Vec<(&str, Message, Option<&str>)> = vec![
         ("not JSON", Message::text("this is not json {"), None),
         ("array", Message::text("[]"), None),
@@ -370,7 +374,10 @@ fn another_responders_incident_is_not_allowed_and_untouched() {
     assert_eq!(before["assigned_to"], "r-a");
 
     for (i, status) in ["en_route", "on_scene", "resolved"].iter().enumerate() {
-        let reply = b.request(json!({"type": "status", "incident_id": id, "status": status, "note": "mine now"}), &format!("b{i}"));
+        let reply = b.request(
+            json!({"type": "status", "incident_id": id, "status": status, "note": "mine now"}),
+            &format!("b{i}"),
+        );
         assert_eq!(reply["type"], "error", "{reply}");
         assert_eq!(reply["code"], "not_allowed", "{status}: {reply}");
     }
@@ -487,8 +494,7 @@ fn two_daemons_one_redis_offer_each_incident_to_one_responder_at_a_time() {
     let started = Instant::now();
 
     let (incidents, seen) = std::thread::scope(|s| {
-        let workers: Vec<_> =
-            responders.into_iter().map(|r| s.spawn(|| ack_and_resolve(r, &stop, &board))).collect();
+        let workers: Vec<_> = responders.into_iter().map(|r| s.spawn(|| ack_and_resolve(r, &stop, &board))).collect();
         let callers: Vec<_> = (0..CALLERS)
             .map(|t| {
                 s.spawn(move || {
@@ -559,8 +565,9 @@ fn two_daemons_one_redis_offer_each_incident_to_one_responder_at_a_time() {
     for (r, s) in &seen {
         for (inc, did) in &s.dispatches {
             match acked_by.get(inc) {
-                Some((who, acked)) if who != &r.id && attempt_of(did) >= attempt_of(acked) => problems
-                    .push(format!("{} got {did} although {who} acknowledged {acked}", r.id)),
+                Some((who, acked)) if who != &r.id && attempt_of(did) >= attempt_of(acked) => {
+                    problems.push(format!("{} got {did} although {who} acknowledged {acked}", r.id))
+                }
                 None => problems.push(format!("{inc} was dispatched to {} but nobody acknowledged it", r.id)),
                 _ => {}
             }
@@ -585,10 +592,10 @@ fn two_daemons_one_redis_offer_each_incident_to_one_responder_at_a_time() {
             problems.push(format!("{id}: state {} timeline {ev:?}", inc["state"]));
         }
         problems.extend(offer_problems(&inc));
-        if let Some((who, _)) = acked_by.get(id) {
-            if inc["assigned_to"] != who.as_str() {
-                problems.push(format!("{id}: assigned_to {} but acked by {who}", inc["assigned_to"]));
-            }
+        if let Some((who, _)) = acked_by.get(id)
+            && inc["assigned_to"] != who.as_str()
+        {
+            problems.push(format!("{id}: assigned_to {} but acked by {who}", inc["assigned_to"]));
         }
     }
     assert!(problems.is_empty(), "{} timeline problems:\n{}", problems.len(), problems.join("\n"));
@@ -684,7 +691,10 @@ fn kill9_with_offers_in_flight_loses_nothing() {
         }
         has(&d2.incident(&low), "withdrawn")
     });
-    assert!(unexpected.iter().all(|v| v["type"] != "dispatch" || v["dispatch_id"] == crit_did.as_str()), "{unexpected:?}");
+    assert!(
+        unexpected.iter().all(|v| v["type"] != "dispatch" || v["dispatch_id"] == crit_did.as_str()),
+        "{unexpected:?}"
+    );
     let inc = d2.incident(&low);
     assert!(has(&inc, "ack_timeout"), "withdrawn for another reason: {}", inc["timeline"]);
     eprintln!("low offer still open at the kill: {low_was_open}");
@@ -793,7 +803,14 @@ fn offer_checker_flags_overlapping_offers() {
         json!({"id": "INC-T", "timeline": entries.iter()
             .map(|(e, d)| json!({"event": e, "detail": {"dispatch_id": d}})).collect::<Vec<_>>()})
     };
-    let good = tl(&[("opened", ""), ("queued", ""), ("offered", "x.1"), ("withdrawn", "x.1"), ("offered", "x.2"), ("acknowledged", "x.2")]);
+    let good = tl(&[
+        ("opened", ""),
+        ("queued", ""),
+        ("offered", "x.1"),
+        ("withdrawn", "x.1"),
+        ("offered", "x.2"),
+        ("acknowledged", "x.2"),
+    ]);
     assert!(offer_problems(&good).is_empty(), "{:?}", offer_problems(&good));
     let overlap = tl(&[("offered", "x.1"), ("offered", "x.2"), ("acknowledged", "x.2")]);
     assert!(!offer_problems(&overlap).is_empty());

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const HEARTBEAT: &str = "5s";
 
@@ -51,7 +51,13 @@ struct Client {
 
 impl Client {
     fn connect(d: &Daemon, id: &str) -> Client {
-        Client { id: id.to_string(), r: Responder::connect(d, id), backlog: VecDeque::new(), seen: Vec::new(), closed: false }
+        Client {
+            id: id.to_string(),
+            r: Responder::connect(d, id),
+            backlog: VecDeque::new(),
+            seen: Vec::new(),
+            closed: false,
+        }
     }
 
     /// Reads at most one frame within `wait`. Pings are answered by tungstenite.
@@ -65,7 +71,8 @@ impl Client {
         }
         match self.r.ws.read() {
             Ok(tungstenite::Message::Text(t)) => {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap_or_else(|_| json!({"type": "<not json>", "text": t.as_str()}));
+                let v: Value = serde_json::from_str(t.as_str())
+                    .unwrap_or_else(|_| json!({"type": "<not json>", "text": t.as_str()}));
                 self.seen.push(v.clone());
                 self.backlog.push_back(v);
                 true
@@ -151,7 +158,7 @@ impl Client {
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
                 {
-                    continue
+                    continue;
                 }
                 Err(_) => return,
             }
@@ -218,7 +225,9 @@ impl Crew {
         loop {
             for i in 0..self.cs.len() {
                 let c = &mut self.cs[i];
-                if let Some(pos) = c.backlog.iter().position(|f| f["type"] == "dispatch" && f["incident_id"] == incident) {
+                if let Some(pos) =
+                    c.backlog.iter().position(|f| f["type"] == "dispatch" && f["incident_id"] == incident)
+                {
                     let f = c.backlog.remove(pos).unwrap();
                     let id = c.id.clone();
                     self.assert_one_holder(incident);
@@ -254,7 +263,8 @@ fn timeline(inc: &Value) -> Vec<Value> {
 
 /// The events of the dispatch rules, in order, without `delivered` and the intake ones.
 fn rule_events(inc: &Value) -> Vec<String> {
-    const RULES: [&str; 7] = ["offered", "ack_timeout", "declined", "withdrawn", "acknowledged", "escalated", "exhausted"];
+    const RULES: [&str; 7] =
+        ["offered", "ack_timeout", "declined", "withdrawn", "acknowledged", "escalated", "exhausted"];
     events(inc).into_iter().filter(|e| RULES.contains(&e.as_str())).collect()
 }
 
@@ -280,7 +290,9 @@ fn assert_alternation(inc: &Value) -> Vec<String> {
                 open = Some((rid, did));
             }
             "withdrawn" | "acknowledged" => {
-                let o = open.take().unwrap_or_else(|| panic!("{} without an open offer: {:#?}", e["event"], inc["timeline"]));
+                let o = open
+                    .take()
+                    .unwrap_or_else(|| panic!("{} without an open offer: {:#?}", e["event"], inc["timeline"]));
                 assert_eq!((rid, did), o, "{} does not match the open offer: {:#?}", e["event"], inc["timeline"]);
                 if e["event"] == "acknowledged" {
                     acked = true;
@@ -311,7 +323,8 @@ fn wait_state(d: &Daemon, id: &str, state: &str, crew: Option<&mut Crew>) -> Val
 /// A call to `sip:<ruri_user>@…` (category from the Request-URI), no IVR path.
 fn place_call_to(d: &Daemon, call_id: &str, ruri_user: &str) -> String {
     let p = UdpPeer::new(d);
-    let fix = |s: String| s.replacen("sip:incident@127.0.0.1 SIP/2.0", &format!("sip:{ruri_user}@127.0.0.1 SIP/2.0"), 1);
+    let fix =
+        |s: String| s.replacen("sip:incident@127.0.0.1 SIP/2.0", &format!("sip:{ruri_user}@127.0.0.1 SIP/2.0"), 1);
     p.send(fix(invite(p.port(), call_id, "")).as_bytes());
     let resp = p.recv_final(secs(5)).expect("answer to INVITE");
     p.send(fix(ack_for(&resp, p.port(), call_id)).as_bytes());
@@ -337,7 +350,11 @@ fn no_ack_is_withdrawn_and_offered_to_the_next_in_tier() {
     assert_eq!(d1, format!("{id}.1"));
     assert_eq!(offer1["attempt"], 1);
     let inc = d.incident(&id);
-    assert_eq!((inc["state"].as_str(), inc["assigned_to"].as_str()), (Some("offered"), Some(first.as_str())), "{inc:#}");
+    assert_eq!(
+        (inc["state"].as_str(), inc["assigned_to"].as_str()),
+        (Some("offered"), Some(first.as_str())),
+        "{inc:#}"
+    );
 
     // The first never answers: cancel (ack_timeout), then the second is offered it.
     let cancel = crew
@@ -441,7 +458,8 @@ fn silent_tier_escalates_to_the_next() {
     let (t2, o3) = crew.wait_dispatch(&id, secs(3 + 10));
     assert_eq!(t2, "r-c");
     assert_eq!(o3["attempt"], 3);
-    let c2 = crew.get(&t1b).wait_for(secs(5), |f| f["type"] == "cancel").expect("cancel to the second tier-1 responder");
+    let c2 =
+        crew.get(&t1b).wait_for(secs(5), |f| f["type"] == "cancel").expect("cancel to the second tier-1 responder");
     assert_eq!(c2, json!({"type": "cancel", "dispatch_id": o2["dispatch_id"], "reason": "ack_timeout"}));
     let r = crew.get("r-c").request(json!({"type": "ack", "dispatch_id": o3["dispatch_id"]}), "ack3");
     assert_eq!(r["type"], "ok", "{r}");
@@ -449,7 +467,17 @@ fn silent_tier_escalates_to_the_next() {
     let inc = d.incident(&id);
     assert_eq!(
         rule_events(&inc),
-        ["offered", "ack_timeout", "withdrawn", "offered", "ack_timeout", "withdrawn", "escalated", "offered", "acknowledged"],
+        [
+            "offered",
+            "ack_timeout",
+            "withdrawn",
+            "offered",
+            "ack_timeout",
+            "withdrawn",
+            "escalated",
+            "offered",
+            "acknowledged"
+        ],
         "{inc:#}"
     );
     assert_eq!(assert_alternation(&inc), [t1a, t1b, "r-c".to_string()]);
@@ -500,9 +528,10 @@ fn max_rounds_exhausts_then_waits_for_someone_becoming_available() {
     assert_alternation(&inc);
 
     // A WARN log line names the incident.
-    let warn = d.log().lines().any(|l| {
-        serde_json::from_str::<Value>(l).is_ok_and(|v| v["level"] == "WARN") && l.contains(id.as_str())
-    });
+    let warn = d
+        .log()
+        .lines()
+        .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["level"] == "WARN") && l.contains(id.as_str()));
     assert!(warn, "no WARN line mentioning {id}:\n{}", d.log());
 
     // Not offered again to the same responder on its own.
@@ -647,7 +676,11 @@ fn reconnect_before_the_deadline_gets_the_same_dispatch() {
     crew.cs.remove(pos).close();
     crew.assert_no_dispatch_for(secs(3), "while the offered responder is away");
     let inc = d.incident(&id);
-    assert_eq!((inc["state"].as_str(), inc["assigned_to"].as_str()), (Some("offered"), Some(first.as_str())), "{inc:#}");
+    assert_eq!(
+        (inc["state"].as_str(), inc["assigned_to"].as_str()),
+        (Some("offered"), Some(first.as_str())),
+        "{inc:#}"
+    );
 
     // Back: the same dispatch again, before its deadline.
     crew.add(Client::connect(&d, &first));
@@ -687,7 +720,8 @@ fn responder_gone_for_good_loses_the_offer_at_the_deadline() {
     let end = Instant::now() + secs(3 + 15);
     let o2 = loop {
         let inc = d.incident(&id);
-        let now = (inc["state"].as_str().unwrap_or("").to_string(), inc["assigned_to"].as_str().unwrap_or("").to_string());
+        let now =
+            (inc["state"].as_str().unwrap_or("").to_string(), inc["assigned_to"].as_str().unwrap_or("").to_string());
         if seen.last() != Some(&now) {
             seen.push(now);
         }
@@ -701,7 +735,10 @@ fn responder_gone_for_good_loses_the_offer_at_the_deadline() {
     seen.push((inc["state"].as_str().unwrap_or("").to_string(), inc["assigned_to"].as_str().unwrap_or("").to_string()));
     let owners: Vec<&str> = seen.iter().map(|(_, a)| a.as_str()).filter(|a| !a.is_empty()).collect();
     let switches = owners.windows(2).filter(|w| w[0] != w[1]).count();
-    assert!(owners.first() == Some(&first.as_str()) && owners.last() == Some(&second.as_str()) && switches == 1, "{seen:?}");
+    assert!(
+        owners.first() == Some(&first.as_str()) && owners.last() == Some(&second.as_str()) && switches == 1,
+        "{seen:?}"
+    );
     for (state, who) in &seen {
         assert!(
             (state == "queued" && who.is_empty()) || (state == "offered" && !who.is_empty()),
@@ -762,7 +799,11 @@ fn status_only_from_the_assigned_responder() {
 
     // Made-up dispatch ids.
     let r = crew.get(&y).request(json!({"type": "ack", "dispatch_id": "INC-99999999.1"}), "bogus1");
-    assert_eq!((r["type"].as_str(), r["code"].as_str(), r["ref"].as_str()), (Some("error"), Some("unknown_dispatch"), Some("bogus1")), "{r}");
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str(), r["ref"].as_str()),
+        (Some("error"), Some("unknown_dispatch"), Some("bogus1")),
+        "{r}"
+    );
     let r = crew.get(&y).request(json!({"type": "ack", "dispatch_id": format!("{two}.7")}), "bogus2");
     assert_eq!(r["code"], "unknown_dispatch", "{r}");
 
@@ -775,7 +816,10 @@ fn status_only_from_the_assigned_responder() {
     assert_eq!(inc["state"], "resolved");
     let ev = events(&inc);
     let pos = |e: &str| ev.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e} missing: {ev:?}"));
-    assert!(pos("acknowledged") < pos("en_route") && pos("en_route") < pos("on_scene") && pos("on_scene") < pos("resolved"), "{ev:?}");
+    assert!(
+        pos("acknowledged") < pos("en_route") && pos("en_route") < pos("on_scene") && pos("on_scene") < pos("resolved"),
+        "{ev:?}"
+    );
     for e in ["en_route", "on_scene", "resolved"] {
         let entry = entries(&timeline(&inc), e)[0].clone();
         assert_eq!(entry["actor"], x.as_str(), "{entry}");

@@ -214,7 +214,19 @@ fn mutate(rng: &mut Rng, buf: &mut Vec<u8>) {
         // The method or start line replaced.
         _ => {
             let end = buf.iter().position(|b| *b == b' ').unwrap_or(0);
-            let word: &[u8] = [&b"INVITE"[..], b"OPTIONS", b"ACK", b"CANCEL", b"BYE", b"INFO", b"REGISTER", b"X", b"SIP/2.0", b"invite", b""][rng.below(11)];
+            let word: &[u8] = [
+                &b"INVITE"[..],
+                b"OPTIONS",
+                b"ACK",
+                b"CANCEL",
+                b"BYE",
+                b"INFO",
+                b"REGISTER",
+                b"X",
+                b"SIP/2.0",
+                b"invite",
+                b"",
+            ][rng.below(11)];
             buf.splice(0..end, word.iter().copied());
         }
     }
@@ -223,7 +235,8 @@ fn mutate(rng: &mut Rng, buf: &mut Vec<u8>) {
 
 /// A response datagram from the daemon must be a well-formed SIP response.
 fn check_response(r: &[u8]) -> Result<u16, String> {
-    let text = std::str::from_utf8(r).map_err(|_| format!("response is not UTF-8: {:?}", String::from_utf8_lossy(r)))?;
+    let text =
+        std::str::from_utf8(r).map_err(|_| format!("response is not UTF-8: {:?}", String::from_utf8_lossy(r)))?;
     if !text.starts_with("SIP/2.0 ") || !text.contains("\r\n\r\n") {
         return Err(format!("not a SIP response: {text:?}"));
     }
@@ -308,10 +321,7 @@ fn assert_incidents_sane(d: &Daemon) -> usize {
 
 fn dropped_by_reason(d: &Daemon) -> String {
     let m = d.metrics();
-    m.lines()
-        .filter(|l| l.starts_with("dispatchd_sip_dropped_total{"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    m.lines().filter(|l| l.starts_with("dispatchd_sip_dropped_total{")).collect::<Vec<_>>().join("\n")
 }
 
 // ---------------------------------------------------------------------------
@@ -358,7 +368,11 @@ fn ten_thousand_fuzzed_datagrams() {
         } else if kind < 28 {
             // Random bytes behind a plausible start line reach the header parser.
             *kinds.entry("random with a start line").or_default() += 1;
-            let start: &[u8] = [&b"INVITE sip:incident@127.0.0.1 SIP/2.0\r\n"[..], b"SIP/2.0 200 OK\r\n", b"OPTIONS * SIP/2.0\r\nVia: "][rng.below(3)];
+            let start: &[u8] = [
+                &b"INVITE sip:incident@127.0.0.1 SIP/2.0\r\n"[..],
+                b"SIP/2.0 200 OK\r\n",
+                b"OPTIONS * SIP/2.0\r\nVia: ",
+            ][rng.below(3)];
             let mut m = start.to_vec();
             let n = rng.range(0, 2000);
             m.extend(rng.bytes(n));
@@ -420,10 +434,12 @@ fn send_and_collect(p: &UdpPeer, msg: &[u8]) -> Vec<String> {
         p.sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
         let Ok((n, _)) = p.sock.recv_from(&mut buf) else { break };
         let r = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if status_of(&r) >= 300 && status_of(&r) != 400 && !out.contains(&r) {
-            if let Some(ack) = ack_from(&r) {
-                p.send(ack.as_bytes());
-            }
+        if status_of(&r) >= 300
+            && status_of(&r) != 400
+            && !out.contains(&r)
+            && let Some(ack) = ack_from(&r)
+        {
+            p.send(ack.as_bytes());
         }
         out.push(r);
     }
@@ -466,7 +482,8 @@ fn oversized_datagrams() {
     // Pure junk, and junk behind a request line, at 65,000 bytes: dropped or 400.
     let mut rng = Rng(42);
     let junk = rng.bytes(65_000);
-    let mut junk_req = b"INVITE sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKj\r\n".to_vec();
+    let mut junk_req =
+        b"INVITE sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKj\r\n".to_vec();
     junk_req.extend(rng.bytes(65_000 - junk_req.len()));
     // A 65,000-byte header section of 8,000 tiny headers.
     let mut many = invite(p.port(), "many-headers", "").into_bytes();
@@ -478,16 +495,15 @@ fn oversized_datagrams() {
     assert_eq!(many.len(), 65_000);
     // Content-Length promising 65,000 bytes the datagram does not have.
     let short_body = invite(p.port(), "short-body", "").replace("Content-Length: 0", "Content-Length: 65000");
-    for (name, msg) in [("junk", junk), ("junk request", junk_req), ("8,000 headers", many), ("short body", short_body.into_bytes())] {
+    for (name, msg) in
+        [("junk", junk), ("junk request", junk_req), ("8,000 headers", many), ("short body", short_body.into_bytes())]
+    {
         let answers = send_and_collect(&p, &msg);
         let st: Vec<u16> = answers.iter().map(|r| status_of(r)).collect();
         eprintln!("{} bytes of {name}: answers {st:?}", msg.len());
         match name {
             "junk" => assert!(answers.is_empty(), "junk answered: {answers:?}"),
-            "8,000 headers" => assert!(
-                st.iter().all(|s| [100, 400, 513, 603].contains(s)),
-                "{name}: {st:?}"
-            ),
+            "8,000 headers" => assert!(st.iter().all(|s| [100, 400, 513, 603].contains(s)), "{name}: {st:?}"),
             _ => assert!(st.iter().all(|s| [400, 513].contains(s)), "{name}: {st:?}"),
         }
         assert!(d.alive(), "the daemon died after {name}");
@@ -596,7 +612,11 @@ fn tcp_lying_slow_and_endless_clients() {
     c.write_all(&msg.as_bytes()[..msg.len() / 2]).unwrap();
     let said = read_until_closed(&mut c, Duration::from_secs(60), "half a message");
     assert_only_errors(&said, "half a message");
-    assert!(metric_value(&d.metrics(), "dispatchd_sip_dropped_total", "reason=\"tcp_idle\"") >= 1.0, "{}", dropped_by_reason(&d));
+    assert!(
+        metric_value(&d.metrics(), "dispatchd_sip_dropped_total", "reason=\"tcp_idle\"") >= 1.0,
+        "{}",
+        dropped_by_reason(&d)
+    );
     still_serving(&mut d, "after-half-message");
 
     // The stalled clients opened no incident.

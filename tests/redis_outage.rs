@@ -16,7 +16,9 @@ fn redis_outage_gives_503_then_recovers_losing_nothing() {
     let d = Daemon::start(&redis, Options::default());
 
     // A caller that keeps calling through the whole outage.
-    let results: Arc<Mutex<Vec<(String, u16, Option<String>, Option<String>)>>> = Arc::default();
+    // (Call-ID, final status, X-Incident-Id, Retry-After) of every call placed.
+    type Outcome = (String, u16, Option<String>, Option<String>);
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
         let (results, stop) = (results.clone(), stop.clone());
@@ -48,9 +50,7 @@ fn redis_outage_gives_503_then_recovers_losing_nothing() {
     wait_until("/readyz 503", Duration::from_secs(10), || http_get(d.http_port, "/readyz", None).0 == 503);
     // While Redis is away the API says so instead of hanging.
     assert_eq!(http_get(d.http_port, "/v1/incidents", Some(ADMIN_TOKEN)).0, 503);
-    wait_until("a 503 to an INVITE", Duration::from_secs(10), || {
-        results.lock().unwrap().iter().any(|r| r.1 == 503)
-    });
+    wait_until("a 503 to an INVITE", Duration::from_secs(10), || results.lock().unwrap().iter().any(|r| r.1 == 503));
     redis.restart();
     wait_until("/readyz 200", Duration::from_secs(10), || http_get(d.http_port, "/readyz", None).0 == 200);
     let before = results.lock().unwrap().len();
@@ -74,7 +74,8 @@ fn redis_outage_gives_503_then_recovers_losing_nothing() {
         let id = id.as_deref().expect("603 carries X-Incident-Id");
         let inc = d.incident(id);
         assert_eq!(inc["call_id"], call_id.as_str());
-        let events: Vec<&str> = inc["timeline"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+        let events: Vec<&str> =
+            inc["timeline"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
         assert_eq!(&events[..3], ["opened", "classified", "queued"]);
     }
     let m = d.metrics();

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const S5: Duration = Duration::from_secs(5);
 const DAY: &str = "2026-11-02T00:00:00Z";
@@ -71,8 +71,13 @@ impl Seed {
     /// Offered (and delivered) at `ms` to `rid` as attempt `n`.
     fn offer(self, ms: i64, rid: &'static str, n: u32) -> Seed {
         let d = format!("{}.{n}", self.id());
-        self.at(ms, "offered", "dispatchd", json!({"responder": rid, "dispatch_id": d, "attempt": n, "tier": 1, "round": 1}))
-            .at(ms, "delivered", "dispatchd", json!({"responder": rid, "dispatch_id": d}))
+        self.at(
+            ms,
+            "offered",
+            "dispatchd",
+            json!({"responder": rid, "dispatch_id": d, "attempt": n, "tier": 1, "round": 1}),
+        )
+        .at(ms, "delivered", "dispatchd", json!({"responder": rid, "dispatch_id": d}))
     }
 
     fn ack(self, ms: i64, rid: &'static str, n: u32) -> Seed {
@@ -82,8 +87,12 @@ impl Seed {
 
     fn timeout(self, ms: i64, rid: &'static str, n: u32) -> Seed {
         let d = format!("{}.{n}", self.id());
-        self.at(ms, "ack_timeout", "dispatchd", json!({"responder": rid, "dispatch_id": d}))
-            .at(ms, "withdrawn", "dispatchd", json!({"responder": rid, "dispatch_id": d, "reason": "ack_timeout"}))
+        self.at(ms, "ack_timeout", "dispatchd", json!({"responder": rid, "dispatch_id": d})).at(
+            ms,
+            "withdrawn",
+            "dispatchd",
+            json!({"responder": rid, "dispatch_id": d, "reason": "ack_timeout"}),
+        )
     }
 
     fn status(self, ms: i64, rid: &'static str, status: &'static str) -> Seed {
@@ -120,8 +129,16 @@ impl Seed {
             hset.arg(k).arg(v);
         }
         let first = [
-            ("opened", "sip", json!({"source": "sip", "transport": "udp", "queue": "support", "wait_seconds": 12, "ivr_path": ["2", "1"], "caller_known": true})),
-            ("classified", "sip", json!({"category": self.category, "severity": self.severity, "rule": "ivr 2,1", "ivr_path": ["2", "1"]})),
+            (
+                "opened",
+                "sip",
+                json!({"source": "sip", "transport": "udp", "queue": "support", "wait_seconds": 12, "ivr_path": ["2", "1"], "caller_known": true}),
+            ),
+            (
+                "classified",
+                "sip",
+                json!({"category": self.category, "severity": self.severity, "rule": "ivr 2,1", "ivr_path": ["2", "1"]}),
+            ),
             ("queued", "dispatchd", json!({"severity": self.severity})),
         ];
         let entries = first.into_iter().map(|(e, a, d)| (0, e, a, d)).chain(self.steps.iter().cloned());
@@ -163,10 +180,11 @@ fn scripted_day() -> Vec<Seed> {
             .status(303 * S, "r-b", "on_scene")
             .at(400 * S, "note", "r-b", json!({"note": "caller +15550001234 met us"}))
             .status(4500 * S, "r-b", "resolved"),
-        Seed::new(104, "critical", "gas", "en_route", 3 * H)
-            .offer(4 * S, "r-a", 1)
-            .ack(44 * S, "r-a", 1)
-            .status(50 * S, "r-a", "en_route"),
+        Seed::new(104, "critical", "gas", "en_route", 3 * H).offer(4 * S, "r-a", 1).ack(44 * S, "r-a", 1).status(
+            50 * S,
+            "r-a",
+            "en_route",
+        ),
         Seed::new(105, "critical", "outage", "resolved", 4 * H)
             .offer(5 * S, "r-a", 1)
             .ack(55_500, "r-a", 1)
@@ -221,7 +239,13 @@ type St = (u64, u64, Option<i64>, Option<i64>, Option<i64>);
 /// (n, missing, p50, p90, p95) of one interval of a group.
 fn stat(g: &Value, name: &str) -> St {
     let s = &g[name];
-    (s["n"].as_u64().unwrap(), s["missing"].as_u64().unwrap(), s["p50_ms"].as_i64(), s["p90_ms"].as_i64(), s["p95_ms"].as_i64())
+    (
+        s["n"].as_u64().unwrap(),
+        s["missing"].as_u64().unwrap(),
+        s["p50_ms"].as_i64(),
+        s["p90_ms"].as_i64(),
+        s["p95_ms"].as_i64(),
+    )
 }
 
 fn group<'a>(report: &'a Value, group: &str, key: &str) -> &'a Value {
@@ -282,7 +306,10 @@ fn check_scripted_day(r: &Value) {
     assert_eq!(h["abandon_rate"].as_f64().unwrap(), 1.0 / 3.0);
     // Acknowledged 25 and 75 s after the call, one never: 1 of 3 within 30 s ≥ 30 %.
     let t = &h["target"];
-    assert_eq!((t["ack_within_ms"].clone(), t["percent"].clone(), t["within"].clone()), (json!(30_000), json!(30), json!(1)));
+    assert_eq!(
+        (t["ack_within_ms"].clone(), t["percent"].clone(), t["within"].clone()),
+        (json!(30_000), json!(30), json!(1))
+    );
     assert_eq!(t["achieved_percent"].as_f64().unwrap(), 100.0 / 3.0);
     assert_eq!(t["met"], true);
 
@@ -299,8 +326,13 @@ fn check_scripted_day(r: &Value) {
     assert_eq!(stat(l, "open_to_resolved"), (1, 1, Some(10_000_000), Some(10_000_000), Some(10_000_000)));
     assert_eq!(l["target"], Value::Null, "no [targets.low]");
 
-    let keys: Vec<&str> =
-        r["groups"].as_array().unwrap().iter().filter(|g| g["group"] == "category").map(|g| g["key"].as_str().unwrap()).collect();
+    let keys: Vec<&str> = r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["group"] == "category")
+        .map(|g| g["key"].as_str().unwrap())
+        .collect();
     assert_eq!(keys, ["enquiry", "gas", "outage", "security"]);
     let o = group(r, "category", "outage");
     assert_eq!(o["count"], 4);
@@ -338,7 +370,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 fn cli_report(d: &Daemon, format: &str) -> String {
     let config = d.config.to_str().unwrap();
-    let (code, out, err) = run(&["report", "--since", DAY, "--until", NEXT_DAY, "--format", format, "--config", config]);
+    let (code, out, err) =
+        run(&["report", "--since", DAY, "--until", NEXT_DAY, "--format", format, "--config", config]);
     assert_eq!(code, 0, "report --format {format}: {err}");
     out
 }
@@ -373,7 +406,8 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     assert_eq!(rows.len(), api["groups"].as_array().unwrap().len(), "{csv_out}");
     assert!(rows.iter().all(|r| r.len() == header.len()), "{csv_out}");
     let cell = |group: &str, key: &str, col: &str| -> String {
-        let row = rows.iter().find(|r| r[0] == group && r[1] == key).unwrap_or_else(|| panic!("{group}/{key}: {csv_out}"));
+        let row =
+            rows.iter().find(|r| r[0] == group && r[1] == key).unwrap_or_else(|| panic!("{group}/{key}: {csv_out}"));
         let i = header.iter().position(|h| *h == col).unwrap_or_else(|| panic!("no column {col}: {csv_out}"));
         row[i].to_string()
     };
@@ -399,11 +433,11 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     let table = cli_report(&d, "table");
     for needle in [
         "Incidents opened from 2026-11-02T00:00:00.000Z until 2026-11-03T00:00:00.000Z (exclusive): 10",
-        "5.000s / 50.000s / 1m00.000s (10/10)",   // all: call → offer
-        "30.000s / 50.500s / 50.500s (5/5)",      // critical: offer → ack
+        "5.000s / 50.000s / 1m00.000s (10/10)",    // all: call → offer
+        "30.000s / 50.500s / 50.500s (5/5)",       // critical: offer → ack
         "5m00.000s / 7m00.000s / 7m00.000s (4/5)", // critical: ack → on scene
-        "1/5 20.0%",                              // critical: escalated
-        "1/3 33.3%",                              // high: exhausted, abandoned
+        "1/5 20.0%",                               // critical: escalated
+        "1/3 33.3%",                               // high: exhausted, abandoned
         "ack ≤ 1m00.000s for ≥ 90%: 4/5 = 80.0% MISSED",
         "ack ≤ 30.000s for ≥ 30%: 1/3 = 33.3% met",
     ] {
@@ -415,7 +449,9 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     let first_table: Vec<&str> = table.lines().skip(3).take_while(|l| !l.is_empty()).collect();
     let col = first_table[0].find("count").unwrap();
     assert!(
-        first_table.iter().all(|l| l.chars().nth(col - 1) == Some(' ') && l.chars().nth(col).is_some_and(|c| !c.is_whitespace())),
+        first_table
+            .iter()
+            .all(|l| l.chars().nth(col - 1) == Some(' ') && l.chars().nth(col).is_some_and(|c| !c.is_whitespace())),
         "{table}"
     );
 
@@ -428,8 +464,18 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     assert_eq!(head, format!("{}  severity critical  category outage  state resolved", c3.id()));
     assert!(out.contains("summary: outage reported by phone, IVR 2,1"), "{out}");
     for event in [
-        "opened", "classified", "queued", "offered", "delivered", "ack_timeout", "withdrawn", "escalated",
-        "acknowledged", "on_scene", "note", "resolved",
+        "opened",
+        "classified",
+        "queued",
+        "offered",
+        "delivered",
+        "ack_timeout",
+        "withdrawn",
+        "escalated",
+        "acknowledged",
+        "on_scene",
+        "note",
+        "resolved",
     ] {
         assert!(out.lines().any(|l| l.split_whitespace().nth(3) == Some(event)), "{event} missing:\n{out}");
     }
@@ -441,7 +487,9 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     assert_eq!(ack, ["2026-11-02T02:01:03.000Z", "+30.000s", "+1m03.000s", "acknowledged", "r-b"]);
     assert!(line("resolved").contains("+1h15m00s"), "{out}");
     let tail: Vec<&str> = out.lines().skip_while(|l| *l != "key intervals").collect();
-    let interval = |name: &str| tail.iter().find(|l| l.trim_start().starts_with(name)).map(|l| l.split_whitespace().last().unwrap());
+    let interval = |name: &str| {
+        tail.iter().find(|l| l.trim_start().starts_with(name)).map(|l| l.split_whitespace().last().unwrap())
+    };
     assert_eq!(interval("call → offer"), Some("3.000s"), "{out}");
     assert_eq!(interval("offer → ack"), Some("30.000s"), "{out}");
     assert_eq!(interval("ack → on scene"), Some("4m00.000s"), "{out}");
@@ -453,7 +501,10 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     // Steps not reached are said so.
     let (code, out, _) = run(&["review", &day[3].id(), "--config", config]);
     assert_eq!(code, 0);
-    assert!(out.lines().any(|l| l.trim_start().starts_with("ack → on scene") && l.ends_with("- (not reached)")), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("ack → on scene") && l.ends_with("- (not reached)")),
+        "{out}"
+    );
 
     // Unknown ids: exit 1, one line.
     for id in [dispatchd::incident::incident_id(999_999), "INC-nope".into(), dispatchd::incident::incident_id(113)] {
@@ -546,7 +597,9 @@ fn a_real_call_acknowledged_and_resolved_is_in_the_last_minutes_report() {
     let report = get_report(&d, &since, &until);
     assert_eq!(report["incidents"], 1, "{report}");
     let elapsed = end.timestamp_millis() - start.timestamp_millis();
-    for g in [group(&report, "all", "all"), group(&report, "severity", "critical"), group(&report, "category", "outage")] {
+    for g in
+        [group(&report, "all", "all"), group(&report, "severity", "critical"), group(&report, "category", "outage")]
+    {
         assert_eq!(g["count"], 1, "{g}");
         for name in ["call_to_offer", "offer_to_ack", "open_to_resolved"] {
             let (n, missing, p50, p90, p95) = stat(g, name);
@@ -556,7 +609,10 @@ fn a_real_call_acknowledged_and_resolved_is_in_the_last_minutes_report() {
             assert_eq!((p90, p95), (p50, p50));
         }
         assert_eq!(stat(g, "ack_to_on_scene"), (0, 1, None, None, None), "resolved without on_scene");
-        assert_eq!((g["escalated"].clone(), g["exhausted"].clone(), g["ring_ended"].clone()), (json!(0), json!(0), json!(0)));
+        assert_eq!(
+            (g["escalated"].clone(), g["exhausted"].clone(), g["ring_ended"].clone()),
+            (json!(0), json!(0), json!(0))
+        );
     }
     let c = group(&report, "severity", "critical");
     let (_, _, open_to_resolved, _, _) = stat(c, "open_to_resolved");

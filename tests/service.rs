@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const S5: Duration = Duration::from_secs(5);
 
@@ -286,7 +286,11 @@ fn notify_ready_only_when_serving_watchdog_repeats_stopping_on_sigterm() {
     assert!(pings.len() >= 4, "{} WATCHDOG=1 in 3 s", pings.len());
     let mut last = start;
     for t in &pings {
-        assert!(t.duration_since(last) < Duration::from_millis(1000), "a gap of {:?} between pings", t.duration_since(last));
+        assert!(
+            t.duration_since(last) < Duration::from_millis(1000),
+            "a gap of {:?} between pings",
+            t.duration_since(last)
+        );
         last = *t;
     }
 
@@ -491,7 +495,8 @@ fn during_the_drain_new_invites_get_503_and_writes_in_flight_finish() {
     assert_eq!(statuses.first(), Some(&180), "{answers:?}");
 
     assert!(statuses.contains(&503), "{answers:?}");
-    let slow_id = header_of(answers.iter().find(|r| status_of(r) == 180).unwrap(), "X-Incident-Id").unwrap().to_string();
+    let slow_id =
+        header_of(answers.iter().find(|r| status_of(r) == 180).unwrap(), "X-Incident-Id").unwrap().to_string();
 
     // The exit is clean.
     assert_eq!(d.stop(), Some(0), "{}", d.log());
@@ -632,9 +637,7 @@ fn unit_text() -> String {
 }
 
 fn unit_values(text: &str, key: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('=').map(|v| v.trim().to_string()))
-        .collect()
+    text.lines().filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('=').map(|v| v.trim().to_string())).collect()
 }
 
 #[test]
@@ -667,7 +670,9 @@ fn unit_file_has_what_ops_need() {
 #[test]
 fn unit_file_passes_systemd_analyze_verify() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("note: systemd-analyze is not installed; skipping `systemd-analyze verify` of systemd/dispatchd.service");
+        eprintln!(
+            "note: systemd-analyze is not installed; skipping `systemd-analyze verify` of systemd/dispatchd.service"
+        );
         return;
     }
     // verify wants the executables to exist: point them at the real binary.

@@ -23,9 +23,9 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{error, ApiState};
-use crate::config::{is_category_name, Settings};
-use crate::incident::{normalize_id, pseudonym, Severity, Source, State as IncidentState, TimelineEntry};
+use super::{ApiState, error};
+use crate::config::{Settings, is_category_name};
+use crate::incident::{Severity, Source, State as IncidentState, TimelineEntry, normalize_id, pseudonym};
 use crate::responders::wire;
 use crate::store::admin::Closed;
 use crate::store::{NewIncident, StoreError};
@@ -164,16 +164,17 @@ async fn cancel(st: State<ApiState>, id: IdPath, body: Result<Bytes, BytesReject
     close(st, id, body, IncidentState::Cancelled).await
 }
 
-async fn close(State(st): State<ApiState>, id: IdPath, body: Result<Bytes, BytesRejection>, to: IncidentState) -> Response {
+async fn close(
+    State(st): State<ApiState>,
+    id: IdPath,
+    body: Result<Bytes, BytesRejection>,
+    to: IncidentState,
+) -> Response {
     let Some(id) = id.ok().and_then(|Path(id)| normalize_id(&id)) else {
         return error(StatusCode::NOT_FOUND, "not_found");
     };
     let parsed = body_bytes(body).and_then(|body| {
-        if body.iter().all(u8::is_ascii_whitespace) {
-            Ok(CloseBody::default())
-        } else {
-            parse(&body)
-        }
+        if body.iter().all(u8::is_ascii_whitespace) { Ok(CloseBody::default()) } else { parse(&body) }
     });
     let b = match parsed {
         Ok(b) => b,

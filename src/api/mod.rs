@@ -10,11 +10,11 @@
 pub mod admin;
 pub mod report;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::incident::{normalize_id, Severity, State as IncidentState};
+use crate::incident::{Severity, State as IncidentState, normalize_id};
 use crate::store::{ListFilter, Store};
 
 #[derive(Clone)]
@@ -100,11 +100,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,7 +110,10 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_incidents(State(st): State<ApiState>, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn list_incidents(
+    State(st): State<ApiState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Ok(Query(q)) = q else { return error(StatusCode::BAD_REQUEST, "bad query string") };
     let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,

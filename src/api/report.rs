@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{error, ApiState};
+use super::{ApiState, error};
 use crate::report::{compute, parse_range};
 
 pub fn router() -> Router<ApiState> {

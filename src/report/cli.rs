@@ -4,9 +4,9 @@
 
 use std::fmt::Write as _;
 
-use super::{compute, parse_ms, parse_range, Facts, Group, Intervals, Report, Stat};
+use super::{Facts, Group, Intervals, Report, Stat, compute, parse_ms, parse_range};
 use crate::config::Settings;
-use crate::incident::{mask, normalize_id, Incident};
+use crate::incident::{Incident, mask, normalize_id};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,7 +117,13 @@ fn target_cell(g: &Group) -> String {
         None => "no incidents",
     };
     let achieved = t.achieved_percent.map(|p| format!(" = {p:.1}%")).unwrap_or_default();
-    format!("ack ≤ {} for ≥ {}%: {}/{}{achieved} {verdict}", fmt_ms(t.ack_within_ms as i64), t.percent, t.within, g.count)
+    format!(
+        "ack ≤ {} for ≥ {}%: {}/{}{achieved} {verdict}",
+        fmt_ms(t.ack_within_ms as i64),
+        t.percent,
+        t.within,
+        g.count
+    )
 }
 
 /// The human-readable report.
@@ -171,11 +177,7 @@ pub fn table(r: &Report) -> String {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 
 /// One row per group, with a header line; empty cells for null.
@@ -267,19 +269,14 @@ fn short_detail(detail: &serde_json::Value, caller: &str) -> String {
 pub fn review_text(inc: &Incident) -> String {
     let facts = Facts::from_incident(inc);
     let mut out = String::new();
-    let _ = writeln!(out, "{}  severity {}  category {}  state {}", inc.id, inc.severity, inc.category, inc.state.as_str());
+    let _ =
+        writeln!(out, "{}  severity {}  category {}  state {}", inc.id, inc.severity, inc.category, inc.state.as_str());
     let _ = writeln!(out, "summary: {}", inc.summary);
     let caller = if inc.caller.is_empty() { "-".to_string() } else { mask(&inc.caller) };
     let _ = writeln!(out, "opened {}  source {}  caller {caller}", inc.opened_at, inc.source.as_str());
     out.push('\n');
-    let mut rows = vec![vec![
-        "at".to_string(),
-        "+prev".into(),
-        "+open".into(),
-        "event".into(),
-        "actor".into(),
-        "detail".into(),
-    ]];
+    let mut rows =
+        vec![vec!["at".to_string(), "+prev".into(), "+open".into(), "event".into(), "actor".into(), "detail".into()]];
     let mut prev: Option<i64> = None;
     for e in &facts.timeline {
         let at = parse_ms(&e.at);

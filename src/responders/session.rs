@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -74,6 +74,8 @@ async fn session(
 ) {
     let _ = stream.set_nodelay(true);
     let mut header_token: Option<String> = None;
+    // The callback's signature is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != PATH {
             let mut r = ErrorResponse::new(Some("not found".into()));
@@ -173,11 +175,10 @@ async fn session(
                 }
             }
         }
-        if ctx.sessions.unregister(&rid, conn) {
-            if let Err(e) = ctx.store.disconnect(&rid, &ctx.daemon).await {
+        if ctx.sessions.unregister(&rid, conn)
+            && let Err(e) = ctx.store.disconnect(&rid, &ctx.daemon).await {
                 tracing::warn!(error = %e, "disconnect not stored");
             }
-        }
         tracing::info!("responder disconnected");
     }
     .instrument(span)
@@ -213,19 +214,17 @@ async fn handle(ctx: &Dispatch, rid: &str, text: &str) -> String {
             Ok(Answer::Declined(_)) => wire::error(r, "bad_request", "unexpected"),
             Err(e) => unavailable(e),
         },
-        Inbound::Decline { dispatch_id, reason } => {
-            match ctx.store.answer(rid, &dispatch_id, false, &reason).await {
-                Ok(Answer::Declined(c)) => {
-                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "declined").increment(1);
-                    ctx.sessions.send(rid, wire::cancel(&c.dispatch_id, "declined"));
-                    ctx.wake();
-                    wire::ok(r)
-                }
-                Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
-                Ok(Answer::Acknowledged { .. }) => wire::error(r, "stale_dispatch", "already acknowledged"),
-                Err(e) => unavailable(e),
+        Inbound::Decline { dispatch_id, reason } => match ctx.store.answer(rid, &dispatch_id, false, &reason).await {
+            Ok(Answer::Declined(c)) => {
+                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "declined").increment(1);
+                ctx.sessions.send(rid, wire::cancel(&c.dispatch_id, "declined"));
+                ctx.wake();
+                wire::ok(r)
             }
-        }
+            Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
+            Ok(Answer::Acknowledged { .. }) => wire::error(r, "stale_dispatch", "already acknowledged"),
+            Err(e) => unavailable(e),
+        },
         Inbound::Status { incident_id, status, note } => {
             let id = crate::incident::normalize_id(&incident_id).unwrap_or(incident_id);
             match ctx.store.status(rid, &id, &status, &note).await {

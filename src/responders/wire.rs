@@ -1,7 +1,7 @@
 //! Responder frames (contract §4): one JSON object per text frame.
 //! Parsing is strict and never panics; every refusal names what was wrong.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 /// Longest text frame we read as a request; longer ones get `bad_request`.
 pub const MAX_FRAME: usize = 16 * 1024;
@@ -47,8 +47,8 @@ pub fn parse(text: &str) -> Result<(Option<Value>, Inbound), Refused> {
     if text.len() > MAX_FRAME {
         return Err(Refused { reference: None, message: format!("frame larger than {MAX_FRAME} bytes") });
     }
-    let value: Value = serde_json::from_str(text)
-        .map_err(|_| Refused { reference: None, message: "not JSON".into() })?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|_| Refused { reference: None, message: "not JSON".into() })?;
     let Value::Object(obj) = value else {
         return Err(Refused { reference: None, message: "not a JSON object".into() });
     };
@@ -117,8 +117,10 @@ mod tests {
 
     #[test]
     fn parses_each_kind() {
-        assert_eq!(parse(r#"{"type":"ack","dispatch_id":"INC-00011.1","id":7}"#).unwrap(),
-            (Some(json!(7)), Inbound::Ack { dispatch_id: "INC-00011.1".into() }));
+        assert_eq!(
+            parse(r#"{"type":"ack","dispatch_id":"INC-00011.1","id":7}"#).unwrap(),
+            (Some(json!(7)), Inbound::Ack { dispatch_id: "INC-00011.1".into() })
+        );
         assert!(matches!(parse(r#"{"type":"status","incident_id":"I","status":"on_scene"}"#).unwrap().1,
             Inbound::Status { ref note, .. } if note.is_empty()));
         assert!(matches!(parse(r#"{"type":"availability","status":"busy"}"#).unwrap().1, Inbound::Availability { .. }));
@@ -137,7 +139,10 @@ mod tests {
         assert!(parse(r#"{"type":"nope"}"#).is_err());
         assert!(parse(r#"{"type":42}"#).is_err());
         assert!(parse(&format!(r#"{{"type":"ack","dispatch_id":"{}"}}"#, "x".repeat(MAX_FRAME))).is_err());
-        assert_eq!(error(Some(&json!("r")), "bad_request", "m"), r#"{"code":"bad_request","message":"m","ref":"r","type":"error"}"#);
+        assert_eq!(
+            error(Some(&json!("r")), "bad_request", "m"),
+            r#"{"code":"bad_request","message":"m","ref":"r","type":"error"}"#
+        );
         assert_eq!(ok(None), r#"{"type":"ok"}"#);
     }
 }

@@ -139,9 +139,7 @@ pub fn dtmf_digit(content_type: Option<&str>, body: &[u8]) -> Result<Option<char
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let ctype = content_type
-        .map(|c| c.split(';').next().unwrap_or(c).trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let ctype = content_type.map(|c| c.split(';').next().unwrap_or(c).trim().to_ascii_lowercase()).unwrap_or_default();
     let value = match ctype.as_str() {
         "application/dtmf-relay" => text
             .lines()
@@ -168,7 +166,7 @@ pub fn dtmf_digit(content_type: Option<&str>, body: &[u8]) -> Result<Option<char
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::wire::{parse_datagram, Verdict};
+    use crate::sip::wire::{Verdict, parse_datagram};
 
     fn invite(extra: &str) -> Message {
         let raw = format!(

@@ -12,11 +12,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::uas::{build, Peer, Uas};
-use super::wire::{self, Frame, Verdict, MAX_MESSAGE};
+use super::uas::{Peer, Uas, build};
+use super::wire::{self, Frame, MAX_MESSAGE, Verdict};
 use crate::telemetry::metric;
 
 /// Source networks allowed to talk to us.

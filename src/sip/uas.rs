@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::call::{dtmf_digit, CallFacts, DtmfError};
-use super::wire::{response, Message, Reply};
+use super::call::{CallFacts, DtmfError, dtmf_digit};
+use super::wire::{Message, Reply, response};
 use crate::config::{SipMode, SipSettings};
 use crate::intake::{CallEnd, Intake};
 use crate::telemetry::metric;
@@ -123,6 +123,8 @@ struct OtherTx {
     expires: Instant,
 }
 
+// Most transactions are INVITEs: boxing them would add an allocation per call.
+#[allow(clippy::large_enum_variant)]
 enum Tx {
     Invite(InviteTx),
     Other(OtherTx),
@@ -191,7 +193,9 @@ fn answered_elsewhere(msg: &Message) -> bool {
     msg.headers("reason").flat_map(|v| v.split(',')).any(|r| {
         let mut parts = r.split(';').map(str::trim);
         parts.next().is_some_and(|p| p.eq_ignore_ascii_case("SIP"))
-            && parts.any(|p| p.split_once('=').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("cause") && v.trim() == "200"))
+            && parts.any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("cause") && v.trim() == "200")
+            })
     })
 }
 
@@ -271,7 +275,8 @@ impl Uas {
         }
         let reply = msg.reply();
         // RFC 3261 §8.2.2.3: we support no extensions, so any Require is refused.
-        let required: Vec<&str> = msg.headers("require").flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).collect();
+        let required: Vec<&str> =
+            msg.headers("require").flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).collect();
         if !required.is_empty() {
             let unsupported = required.join(", ");
             let r = build(&reply, 420, "Bad Extension", Some(&new_tag()), &[("Unsupported", unsupported.as_str())]);
@@ -364,7 +369,13 @@ impl Uas {
     }
 
     /// Stores the incident, then gives the answer that says it exists.
-    async fn open_and_answer(self: &Arc<Self>, key: TxKey, facts: CallFacts, transport: &'static str, received: Instant) {
+    async fn open_and_answer(
+        self: &Arc<Self>,
+        key: TxKey,
+        facts: CallFacts,
+        transport: &'static str,
+        received: Instant,
+    ) {
         let received_at = Utc::now() - received.elapsed();
         let opened = match self.intake.open_call(&facts, received_at, transport).await {
             Ok(o) => {
@@ -420,7 +431,9 @@ impl Uas {
                 self.final_invite(&key, 487, "Request Terminated", &id_hdr);
                 self.record_end(opened.id, how, rung);
             }
-            (None, SipMode::Decline) => self.final_invite(&key, self.decline_status, decline_reason(self.decline_status), &id_hdr),
+            (None, SipMode::Decline) => {
+                self.final_invite(&key, self.decline_status, decline_reason(self.decline_status), &id_hdr)
+            }
             (None, SipMode::Shadow) => self.ring_limit(key, opened.id),
         }
     }
@@ -494,12 +507,12 @@ impl Uas {
 
     fn on_ack(&self, msg: &Message) {
         let key = tx_key(msg, "INVITE");
-        if let Some(Tx::Invite(tx)) = self.lock().txs.get_mut(&key) {
-            if tx.final_sent {
-                tx.acked.store(true, Ordering::Relaxed);
-                // Confirmed: absorb ACK retransmissions for Timer I (T4), then forget.
-                tx.expires = tx.expires.min(Instant::now() + T4);
-            }
+        if let Some(Tx::Invite(tx)) = self.lock().txs.get_mut(&key)
+            && tx.final_sent
+        {
+            tx.acked.store(true, Ordering::Relaxed);
+            // Confirmed: absorb ACK retransmissions for Timer I (T4), then forget.
+            tx.expires = tx.expires.min(Instant::now() + T4);
         }
     }
 
@@ -580,9 +593,7 @@ impl Uas {
             }
         };
         // Absorb retransmissions while the digit is being stored.
-        self.lock()
-            .txs
-            .insert(key.clone(), Tx::Other(OtherTx { last: None, expires: Instant::now() + LINGER }));
+        self.lock().txs.insert(key.clone(), Tx::Other(OtherTx { last: None, expires: Instant::now() + LINGER }));
         let this = self.clone();
         self.tasks.spawn(async move {
             let _serial = dlock.lock().await;
@@ -637,11 +648,7 @@ impl Uas {
 }
 
 fn tag_of(name_addr: &str) -> String {
-    name_addr
-        .split(';')
-        .skip(1)
-        .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_string))
-        .unwrap_or_default()
+    name_addr.split(';').skip(1).find_map(|p| p.trim().strip_prefix("tag=").map(str::to_string)).unwrap_or_default()
 }
 
 /// The Contact of our 180: where the PBX reached us, so in-dialog requests come back here.
@@ -649,11 +656,7 @@ fn contact_uri(facts: &CallFacts, transport: &str, peer: &Peer) -> String {
     let _ = peer;
     let user = facts.ruri_user.as_deref().unwrap_or("dispatchd");
     let host = facts.ruri_host.as_deref().unwrap_or("127.0.0.1");
-    if transport == "tcp" {
-        format!("sip:{user}@{host};transport=tcp")
-    } else {
-        format!("sip:{user}@{host}")
-    }
+    if transport == "tcp" { format!("sip:{user}@{host};transport=tcp") } else { format!("sip:{user}@{host}") }
 }
 
 fn decline_reason(status: u16) -> &'static str {
@@ -670,7 +673,7 @@ fn decline_reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::wire::{parse_datagram, Verdict};
+    use crate::sip::wire::{Verdict, parse_datagram};
 
     fn msg(extra: &str) -> Message {
         let raw = format!(
@@ -700,7 +703,8 @@ mod tests {
         assert_eq!(tx_key(&m, "INVITE").branch, "z9hG4bKa|h");
         assert_eq!(method_label("NEWMETHOD"), "other");
         // Same branch from another host is another transaction (RFC 3261 §17.2.3).
-        let other = msg("").headers.iter().map(|(k, v)| (k.clone(), v.replace("UDP h;", "UDP Other.Example:5070;"))).collect();
+        let other =
+            msg("").headers.iter().map(|(k, v)| (k.clone(), v.replace("UDP h;", "UDP Other.Example:5070;"))).collect();
         let m2 = Message { headers: other, ..msg("") };
         assert_eq!(m2.top_via_sent_by().as_deref(), Some("other.example:5070"));
         assert_ne!(tx_key(&m2, "INVITE"), tx_key(&m, "INVITE"));

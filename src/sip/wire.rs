@@ -60,19 +60,13 @@ impl Message {
     /// or mixed-case name given here is normalised the same way.
     pub fn header(&self, name: &str) -> Option<&str> {
         let want = canonical_name(name);
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == *want)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| *n == *want).map(|(_, v)| v.as_str())
     }
 
     /// All values of a header (one per header line), in wire order.
     pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         let want = canonical_name(name);
-        self.headers
-            .iter()
-            .filter(move |(n, _)| *n == *want)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().filter(move |(n, _)| *n == *want).map(|(_, v)| v.as_str())
     }
 
     /// The Call-ID; `""` when absent (see [`Message::defect`]).
@@ -88,9 +82,7 @@ impl Message {
 
     /// The `branch` parameter of the top-most Via (first value of the first Via header).
     pub fn top_via_branch(&self) -> Option<&str> {
-        let first = split_top_level(self.header("via")?, b',')
-            .into_iter()
-            .next()?;
+        let first = split_top_level(self.header("via")?, b',').into_iter().next()?;
         parse_via(trim_ws(first)).ok()?
     }
 
@@ -107,10 +99,7 @@ impl Message {
 
     /// Every Via value (comma-separated values split apart), top-most first.
     pub fn via_values(&self) -> Vec<&str> {
-        self.headers("via")
-            .flat_map(|v| split_top_level(v, b','))
-            .map(trim_ws)
-            .collect()
+        self.headers("via").flat_map(|v| split_top_level(v, b',')).map(trim_ws).collect()
     }
 
     /// The `tag` parameter of From, if any.
@@ -233,11 +222,7 @@ pub fn frame_stream(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
         return Ok(Some(Frame::KeepAlive(keepalive)));
     }
     let Some(end) = find_head_end(buf) else {
-        return if buf.len() > MAX_MESSAGE {
-            Err(FrameError::TooLarge)
-        } else {
-            Ok(None)
-        };
+        return if buf.len() > MAX_MESSAGE { Err(FrameError::TooLarge) } else { Ok(None) };
     };
     let head_len = end.checked_add(4).ok_or(FrameError::TooLarge)?;
     if head_len > MAX_MESSAGE {
@@ -329,20 +314,12 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
         return Verdict::Drop("keepalive");
     }
     let (head_bytes, rest, terminated) = match find_head_end(buf) {
-        Some(end) => (
-            buf.get(..end).unwrap_or_default(),
-            buf.get(end.saturating_add(4)..).unwrap_or_default(),
-            true,
-        ),
+        Some(end) => (buf.get(..end).unwrap_or_default(), buf.get(end.saturating_add(4)..).unwrap_or_default(), true),
         None => (buf, &[][..], false),
     };
     let text = String::from_utf8_lossy(head_bytes);
     let utf8 = matches!(text, Cow::Borrowed(_));
-    let Head {
-        start,
-        headers,
-        error,
-    } = split_head(&text);
+    let Head { start, headers, error } = split_head(&text);
     // Errors of the header section as a whole, most fundamental first.
     let section_error = if !utf8 {
         Some("Invalid UTF-8")
@@ -354,11 +331,7 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
 
     if starts_with_ci(start, "SIP/") {
         return match check_response(start, &headers, section_error, rest, transport) {
-            Ok((start, body)) => Verdict::Ok(Message {
-                start,
-                headers,
-                body,
-            }),
+            Ok((start, body)) => Verdict::Ok(Message { start, headers, body }),
             Err(_) => Verdict::Drop("response"),
         };
     }
@@ -371,26 +344,15 @@ fn parse(buf: &[u8], transport: Transport) -> Verdict {
     let Some(top_via) = headers.iter().find(|(n, _)| n == "via").map(|(_, v)| v) else {
         return Verdict::Drop("no via");
     };
-    let top_value = split_top_level(top_via, b',')
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let top_value = split_top_level(top_via, b',').into_iter().next().unwrap_or_default();
     if matches!(parse_via(trim_ws(top_value)), Err(ViaError::Head)) {
         return Verdict::Drop("unaddressable");
     }
     match check_request(start, &headers, section_error, rest, transport) {
-        Ok((start, body)) => Verdict::Ok(Message {
-            start,
-            headers,
-            body,
-        }),
+        Ok((start, body)) => Verdict::Ok(Message { start, headers, body }),
         // An ACK is never answered (RFC 3261 §17.1.1.1, §17.2.1).
         Err(_) if first_word == "ACK" => Verdict::Drop("bad ack"),
-        Err(reason) => Verdict::Reject {
-            status: 400,
-            reason,
-            reply: reply_from(&headers),
-        },
+        Err(reason) => Verdict::Reject { status: 400, reason, reply: reply_from(&headers) },
     }
 }
 
@@ -407,13 +369,7 @@ fn check_request(
     }
     check_headers(headers, Some(method))?;
     let body = take_body(headers, rest, transport)?;
-    Ok((
-        StartLine::Request {
-            method: method.to_string(),
-            uri: uri.to_string(),
-        },
-        body,
-    ))
+    Ok((StartLine::Request { method: method.to_string(), uri: uri.to_string() }, body))
 }
 
 fn check_response(
@@ -435,8 +391,7 @@ fn check_response(
 /// `Method SP Request-URI SP SIP/2.0`, single spaces, nothing around.
 fn parse_request_line(line: &str) -> Result<(&str, &str), &'static str> {
     let mut parts = line.split(' ');
-    let (Some(method), Some(uri), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(uri), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err("Bad Request-Line");
     };
@@ -469,17 +424,14 @@ fn parse_status_line(line: &str) -> Option<u16> {
 }
 
 fn is_version_number(v: &str) -> bool {
-    v.split_once('.')
-        .is_some_and(|(a, b)| is_digits(a) && is_digits(b))
+    v.split_once('.').is_some_and(|(a, b)| is_digits(a) && is_digits(b))
 }
 
 /// Syntax of every header this module knows, in wire order; the first failure wins.
 fn check_headers(headers: &[(String, String)], method: Option<&str>) -> Result<(), &'static str> {
     for (name, value) in headers {
         let ok = match name.as_str() {
-            "via" => split_top_level(value, b',')
-                .into_iter()
-                .all(|v| parse_via(trim_ws(v)).is_ok()),
+            "via" => split_top_level(value, b',').into_iter().all(|v| parse_via(trim_ws(v)).is_ok()),
             "from" => parse_addr(value).is_some(),
             "to" => parse_addr(value).is_some(),
             "contact" => check_contact(value),
@@ -523,11 +475,7 @@ fn bad_header_reason(name: &str) -> &'static str {
 
 /// The body: Content-Length bytes (the first value if several), or on a datagram
 /// without Content-Length everything after the header section.
-fn take_body(
-    headers: &[(String, String)],
-    rest: &[u8],
-    transport: Transport,
-) -> Result<Vec<u8>, &'static str> {
+fn take_body(headers: &[(String, String)], rest: &[u8], transport: Transport) -> Result<Vec<u8>, &'static str> {
     let mut first: Option<usize> = None;
     for (_, value) in headers.iter().filter(|(n, _)| n == "content-length") {
         if !is_digits(value) {
@@ -540,10 +488,7 @@ fn take_body(
         first.get_or_insert(n);
     }
     match (first, transport) {
-        (Some(n), _) => rest
-            .get(..n)
-            .map(<[u8]>::to_vec)
-            .ok_or("Content-Length exceeds body"),
+        (Some(n), _) => rest.get(..n).map(<[u8]>::to_vec).ok_or("Content-Length exceeds body"),
         (None, Transport::Datagram) => Ok(rest.to_vec()),
         (None, Transport::Stream) => Err("Missing Content-Length"),
     }
@@ -556,9 +501,7 @@ fn reply_from(headers: &[(String, String)]) -> Reply {
             "via" => {
                 let values = split_top_level(value, b',');
                 if values.iter().all(|v| parse_via(trim_ws(v)).is_ok()) {
-                    reply
-                        .vias
-                        .extend(values.into_iter().map(|v| trim_ws(v).to_string()));
+                    reply.vias.extend(values.into_iter().map(|v| trim_ws(v).to_string()));
                 } else if !value.is_empty() {
                     // Malformed: copy the line as it came rather than guess at its values.
                     reply.vias.push(value.clone());
@@ -640,11 +583,7 @@ fn split_head(text: &str) -> Head<'_> {
     if has_control(start) || headers.iter().any(|(_, v)| has_control(v)) {
         error.get_or_insert("Control character in header");
     }
-    Head {
-        start,
-        headers,
-        error,
-    }
+    Head { start, headers, error }
 }
 
 /// Lowercase full header name; compact forms expanded.
@@ -689,9 +628,7 @@ fn compact_form(c: u8) -> Option<&'static str> {
 
 /// Number of leading CR/LF bytes.
 fn leading_crlf(buf: &[u8]) -> usize {
-    buf.iter()
-        .take_while(|b| matches!(b, b'\r' | b'\n'))
-        .count()
+    buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()
 }
 
 /// Offset of the CRLFCRLF ending the header section.
@@ -726,10 +663,7 @@ fn parse_via(value: &str) -> Result<Option<&str>, ViaError> {
         return Err(ViaError::Head);
     }
     let params = c.params().ok_or(ViaError::Params)?;
-    Ok(params
-        .into_iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("branch"))
-        .and_then(|(_, v)| v))
+    Ok(params.into_iter().find(|(n, _)| n.eq_ignore_ascii_case("branch")).and_then(|(_, v)| v))
 }
 
 struct Addr<'a> {
@@ -774,36 +708,24 @@ fn parse_addr(value: &str) -> Option<Addr<'_>> {
 }
 
 fn addr_tag(value: &str) -> Option<&str> {
-    parse_addr(value)?
-        .params
-        .into_iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("tag"))
-        .and_then(|(_, v)| v)
+    parse_addr(value)?.params.into_iter().find(|(n, _)| n.eq_ignore_ascii_case("tag")).and_then(|(_, v)| v)
 }
 
 fn has_tag(value: &str) -> bool {
     match parse_addr(value) {
-        Some(addr) => addr
-            .params
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("tag")),
+        Some(addr) => addr.params.iter().any(|(n, _)| n.eq_ignore_ascii_case("tag")),
         // Unparseable: look for the text, so as not to add a second tag.
         None => value.to_ascii_lowercase().contains(";tag="),
     }
 }
 
 fn check_contact(value: &str) -> bool {
-    value == "*"
-        || split_top_level(value, b',')
-            .into_iter()
-            .all(|v| parse_addr(v).is_some())
+    value == "*" || split_top_level(value, b',').into_iter().all(|v| parse_addr(v).is_some())
 }
 
 /// Route and Record-Route: a list of name-addr (angle brackets required).
 fn check_route(value: &str) -> bool {
-    split_top_level(value, b',')
-        .into_iter()
-        .all(|v| parse_addr(v).is_some_and(|a| a.name_addr))
+    split_top_level(value, b',').into_iter().all(|v| parse_addr(v).is_some_and(|a| a.name_addr))
 }
 
 /// `1*DIGIT LWS Method`, number < 2**31.
@@ -822,9 +744,7 @@ fn parse_cseq(value: &str) -> Option<(u32, &str)> {
 /// `word ["@" word]`.
 fn check_call_id(value: &str) -> bool {
     fn word(w: &str) -> bool {
-        !w.is_empty()
-            && w.bytes()
-                .all(|b| is_token_char(b) || b"()<>:\\\"/[]?{}".contains(&b))
+        !w.is_empty() && w.bytes().all(|b| is_token_char(b) || b"()<>:\\\"/[]?{}".contains(&b))
     }
     match value.split_once('@') {
         Some((a, b)) => word(a) && word(b),
@@ -836,9 +756,7 @@ fn check_call_id(value: &str) -> bool {
 fn check_date(value: &str) -> bool {
     const LAYOUT: &[u8; 29] = b"aaa, 00 aaa 0000 00:00:00 GMT";
     const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let bytes = value.as_bytes();
     if bytes.len() != LAYOUT.len() {
         return false;
@@ -886,10 +804,7 @@ fn check_uri(uri: &str, context: UriContext) -> bool {
         check_sip_uri(rest, context != UriContext::RequestUri)
     } else {
         // absoluteURI: uric characters only, escapes well-formed.
-        escapes_ok(rest)
-            && rest
-                .bytes()
-                .all(|b| is_unreserved(b) || b";/?:@&=+$,%[]".contains(&b))
+        escapes_ok(rest) && rest.bytes().all(|b| is_unreserved(b) || b";/?:@&=+$,%[]".contains(&b))
     }
 }
 
@@ -907,14 +822,8 @@ fn check_sip_uri(rest: &str, allow_headers: bool) -> bool {
             Some((u, p)) => (u, Some(p)),
             None => (userinfo, None),
         };
-        let user_ok = !user.is_empty()
-            && user
-                .bytes()
-                .all(|b| is_unreserved(b) || b"%&=+$,;?/".contains(&b));
-        let password_ok = password.is_none_or(|p| {
-            p.bytes()
-                .all(|b| is_unreserved(b) || b"%&=+$,".contains(&b))
-        });
+        let user_ok = !user.is_empty() && user.bytes().all(|b| is_unreserved(b) || b"%&=+$,;?/".contains(&b));
+        let password_ok = password.is_none_or(|p| p.bytes().all(|b| is_unreserved(b) || b"%&=+$,".contains(&b)));
         if !user_ok || !password_ok {
             return false;
         }
@@ -927,9 +836,7 @@ fn check_sip_uri(rest: &str, allow_headers: bool) -> bool {
         let hchar = |b: u8| is_unreserved(b) || b"%[]/?:+$".contains(&b);
         let ok = allow_headers
             && headers.split('&').all(|h| {
-                h.split_once('=').is_some_and(|(n, v)| {
-                    !n.is_empty() && n.bytes().all(hchar) && v.bytes().all(hchar)
-                })
+                h.split_once('=').is_some_and(|(n, v)| !n.is_empty() && n.bytes().all(hchar) && v.bytes().all(hchar))
             });
         if !ok {
             return false;
@@ -945,9 +852,7 @@ fn check_sip_uri(rest: &str, allow_headers: bool) -> bool {
             Some((n, v)) => (n, Some(v)),
             None => (p, None),
         };
-        !name.is_empty()
-            && name.bytes().all(pchar)
-            && value.is_none_or(|v| !v.is_empty() && v.bytes().all(pchar))
+        !name.is_empty() && name.bytes().all(pchar) && value.is_none_or(|v| !v.is_empty() && v.bytes().all(pchar))
     })
 }
 
@@ -985,28 +890,19 @@ fn check_host(host: &str) -> bool {
     }
     if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         let mut parts = host.split('.');
-        let octets_ok = parts
-            .by_ref()
-            .take(4)
-            .filter(|p| !p.is_empty() && p.len() <= 3 && parse_bounded(p, 255).is_some())
-            .count()
-            == 4;
+        let octets_ok =
+            parts.by_ref().take(4).filter(|p| !p.is_empty() && p.len() <= 3 && parse_bounded(p, 255).is_some()).count()
+                == 4;
         return octets_ok && parts.next().is_none();
     }
     let name = host.strip_suffix('.').unwrap_or(host);
     let labels_ok = name.split('.').all(|label| {
         !label.is_empty()
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     });
-    let top_ok = name
-        .rsplit('.')
-        .next()
-        .and_then(|l| l.bytes().next())
-        .is_some_and(|b| b.is_ascii_alphabetic());
+    let top_ok = name.rsplit('.').next().and_then(|l| l.bytes().next()).is_some_and(|b| b.is_ascii_alphabetic());
     labels_ok && top_ok
 }
 
@@ -1097,9 +993,7 @@ fn starts_with_ci(s: &str, prefix: &str) -> bool {
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| s.get(prefix.len()..))
-        .flatten()
+    head.eq_ignore_ascii_case(prefix).then(|| s.get(prefix.len()..)).flatten()
 }
 
 /// Splits at `sep` outside quoted strings and angle brackets.
@@ -1134,11 +1028,7 @@ fn split_top_level(s: &str, sep: u8) -> Vec<&str> {
 
 /// CR and LF replaced by spaces.
 fn one_line(s: &str) -> Cow<'_, str> {
-    if s.contains(['\r', '\n']) {
-        Cow::Owned(s.replace(['\r', '\n'], " "))
-    } else {
-        Cow::Borrowed(s)
-    }
+    if s.contains(['\r', '\n']) { Cow::Owned(s.replace(['\r', '\n'], " ")) } else { Cow::Borrowed(s) }
 }
 
 /// A byte cursor over one (unfolded) header value. It only ever stops on ASCII bytes,
@@ -1274,11 +1164,7 @@ impl<'a> Cursor<'a> {
             b'[' => self.host(),
             _ => {
                 let value = self.take_while(|b| is_token_char(b) || b == b':');
-                let ok = if value.contains(':') {
-                    value.parse::<Ipv6Addr>().is_ok()
-                } else {
-                    !value.is_empty()
-                };
+                let ok = if value.contains(':') { value.parse::<Ipv6Addr>().is_ok() } else { !value.is_empty() };
                 ok.then_some(value)
             }
         }
@@ -1344,93 +1230,25 @@ mod tests {
 
     /// (file stem, over UDP, over TCP).
     const EXPECTED: &[(&str, Want, Want)] = &[
-        (
-            "invalid__badaspec",
-            Want::Reject("Bad To"),
-            Want::Reject("Bad To"),
-        ),
-        (
-            "invalid__baddate",
-            Want::Reject("Bad Date"),
-            Want::Reject("Bad Date"),
-        ),
-        (
-            "invalid__baddn",
-            Want::Reject("Bad From"),
-            Want::Reject("Bad From"),
-        ),
-        (
-            "invalid__badinv01",
-            Want::Reject("Bad Via"),
-            Want::Reject("Bad Via"),
-        ),
-        (
-            "invalid__badvers",
-            Want::Reject("Version Not Supported"),
-            Want::Reject("Version Not Supported"),
-        ),
+        ("invalid__badaspec", Want::Reject("Bad To"), Want::Reject("Bad To")),
+        ("invalid__baddate", Want::Reject("Bad Date"), Want::Reject("Bad Date")),
+        ("invalid__baddn", Want::Reject("Bad From"), Want::Reject("Bad From")),
+        ("invalid__badinv01", Want::Reject("Bad Via"), Want::Reject("Bad Via")),
+        ("invalid__badvers", Want::Reject("Version Not Supported"), Want::Reject("Version Not Supported")),
         ("invalid__bigcode", Want::Drop, Want::Drop),
-        (
-            "invalid__clerr",
-            Want::Reject("Content-Length exceeds body"),
-            Want::NeedMore,
-        ),
-        (
-            "invalid__escruri",
-            Want::Reject("Bad Request-URI"),
-            Want::Reject("Bad Request-URI"),
-        ),
-        (
-            "invalid__ltgtruri",
-            Want::Reject("Bad Request-URI"),
-            Want::NeedMore,
-        ),
-        (
-            "invalid__lwsruri",
-            Want::Reject("Bad Request-Line"),
-            Want::NeedMore,
-        ),
-        (
-            "invalid__lwsstart",
-            Want::Reject("Bad Request-Line"),
-            Want::Reject("Bad Request-Line"),
-        ),
-        (
-            "invalid__mismatch01",
-            Want::Reject("CSeq method mismatch"),
-            Want::Reject("CSeq method mismatch"),
-        ),
-        (
-            "invalid__mismatch02",
-            Want::Reject("CSeq method mismatch"),
-            Want::Reject("CSeq method mismatch"),
-        ),
-        (
-            "invalid__ncl",
-            Want::Reject("Bad Content-Length"),
-            Want::Unframeable,
-        ),
-        (
-            "invalid__quotbal",
-            Want::Reject("Bad To"),
-            Want::Reject("Bad To"),
-        ),
-        (
-            "invalid__regbadct",
-            Want::Reject("Bad Contact"),
-            Want::Reject("Bad Contact"),
-        ),
-        (
-            "invalid__scalar02",
-            Want::Reject("Bad CSeq"),
-            Want::Reject("Bad CSeq"),
-        ),
+        ("invalid__clerr", Want::Reject("Content-Length exceeds body"), Want::NeedMore),
+        ("invalid__escruri", Want::Reject("Bad Request-URI"), Want::Reject("Bad Request-URI")),
+        ("invalid__ltgtruri", Want::Reject("Bad Request-URI"), Want::NeedMore),
+        ("invalid__lwsruri", Want::Reject("Bad Request-Line"), Want::NeedMore),
+        ("invalid__lwsstart", Want::Reject("Bad Request-Line"), Want::Reject("Bad Request-Line")),
+        ("invalid__mismatch01", Want::Reject("CSeq method mismatch"), Want::Reject("CSeq method mismatch")),
+        ("invalid__mismatch02", Want::Reject("CSeq method mismatch"), Want::Reject("CSeq method mismatch")),
+        ("invalid__ncl", Want::Reject("Bad Content-Length"), Want::Unframeable),
+        ("invalid__quotbal", Want::Reject("Bad To"), Want::Reject("Bad To")),
+        ("invalid__regbadct", Want::Reject("Bad Contact"), Want::Reject("Bad Contact")),
+        ("invalid__scalar02", Want::Reject("Bad CSeq"), Want::Reject("Bad CSeq")),
         ("invalid__scalarlg", Want::Drop, Want::Drop),
-        (
-            "invalid__trws",
-            Want::Reject("Bad Request-Line"),
-            Want::Reject("Bad Request-Line"),
-        ),
+        ("invalid__trws", Want::Reject("Bad Request-Line"), Want::Reject("Bad Request-Line")),
         ("valid__badbranch", Want::Ok, Want::Ok),
         ("valid__bcast", Want::Ok, Want::Ok),
         ("valid__bext01", Want::Ok, Want::Ok),
@@ -1450,11 +1268,7 @@ mod tests {
         ("valid__mcl01", Want::Ok, Want::Unframeable),
         // This copy's body is 152 bytes but says `l: 154` (the fault clerr tests);
         // RFC 4475 §3.3.8 wants 400 for multi01 anyway.
-        (
-            "valid__multi01",
-            Want::Reject("Content-Length exceeds body"),
-            Want::NeedMore,
-        ),
+        ("valid__multi01", Want::Reject("Content-Length exceeds body"), Want::NeedMore),
         ("valid__noreason", Want::Ok, Want::Ok),
         ("valid__novelsc", Want::Ok, Want::Ok),
         ("valid__regaut01", Want::Ok, Want::Ok),
@@ -1471,11 +1285,7 @@ mod tests {
     fn outcome(v: &Verdict) -> Want {
         match v {
             Verdict::Ok(_) => Want::Ok,
-            Verdict::Reject {
-                status,
-                reason,
-                reply,
-            } => {
+            Verdict::Reject { status, reason, reply } => {
                 assert_eq!(*status, 400);
                 assert!(!reply.vias.is_empty(), "a reject must be addressable");
                 Want::Reject(reason)
@@ -1502,18 +1312,13 @@ mod tests {
         assert_eq!(files.len(), 46, "the corpus has 46 messages");
         assert_eq!(EXPECTED.len(), files.len());
         for (name, bytes) in &files {
-            let &(_, udp, tcp) = EXPECTED
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .unwrap_or_else(|| panic!("no expectation for {name}"));
+            let &(_, udp, tcp) =
+                EXPECTED.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no expectation for {name}"));
             let got = outcome(&parse_datagram(bytes));
             assert_eq!(got, udp, "{name} over UDP");
             assert_eq!(stream_outcome(bytes), tcp, "{name} over TCP");
             if name.starts_with("invalid__") {
-                assert!(
-                    !matches!(udp, Want::Ok) && !matches!(tcp, Want::Ok),
-                    "{name}"
-                );
+                assert!(!matches!(udp, Want::Ok) && !matches!(tcp, Want::Ok), "{name}");
             } else if name != "valid__multi01" {
                 assert_eq!(udp, Want::Ok, "{name}");
             }
@@ -1540,9 +1345,7 @@ mod tests {
         assert_eq!(defect("valid__zeromf"), None);
         assert_eq!(ok(&file("valid__mcl01")).body, b"There's no wa");
         // multi01 with its Content-Length repaired: well-formed, but repeated headers.
-        let fixed = String::from_utf8(file("valid__multi01"))
-            .expect("utf8")
-            .replace("l: 154", "l: 152");
+        let fixed = String::from_utf8(file("valid__multi01")).expect("utf8").replace("l: 154", "l: 152");
         assert_eq!(ok(fixed.as_bytes()).defect(), Some("Multiple Call-ID"));
         let insuf = ok(&file("valid__insuf"));
         assert_eq!(insuf.call_id(), "");
@@ -1555,10 +1358,7 @@ mod tests {
         assert_eq!(m.start, StartLine::Response { code: 100 });
         assert_eq!(m.method(), None);
         assert!(!m.is_request());
-        assert!(matches!(
-            parse_datagram(&file("invalid__bigcode")),
-            Verdict::Drop("response")
-        ));
+        assert!(matches!(parse_datagram(&file("invalid__bigcode")), Verdict::Drop("response")));
     }
 
     #[test]
@@ -1568,14 +1368,8 @@ mod tests {
         assert_eq!(m.cseq(), (9, "INVITE"));
         assert_eq!(m.header("max-forwards"), Some("0068"));
         assert_eq!(m.header("subject"), Some(""));
-        assert_eq!(
-            m.header("newfangledheader"),
-            Some("newfangled value continued newfangled value")
-        );
-        assert_eq!(
-            m.header("from"),
-            Some(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#)
-        );
+        assert_eq!(m.header("newfangledheader"), Some("newfangled value continued newfangled value"));
+        assert_eq!(m.header("from"), Some(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#));
         assert_eq!(m.from_tag(), Some("98asjd8"));
         assert_eq!(m.to_tag(), Some("1918181833n"));
         assert_eq!(m.top_via_branch(), Some("390skdjuw"));
@@ -1641,11 +1435,7 @@ mod tests {
 
     fn reject_reason(raw: &str) -> &'static str {
         match parse_datagram(raw.as_bytes()) {
-            Verdict::Reject {
-                status: 400,
-                reason,
-                ..
-            } => reason,
+            Verdict::Reject { status: 400, reason, .. } => reason,
             other => panic!("{other:?}"),
         }
     }
@@ -1654,62 +1444,19 @@ mod tests {
     fn strictness_beyond_the_corpus() {
         ok(OPTIONS.as_bytes());
         let with = |from: &str, to: &str| OPTIONS.replacen(from, to, 1);
+        assert_eq!(reject_reason(&with("CSeq: 1 OPTIONS", "CSeq: 1 options")), "CSeq method mismatch");
+        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID: x y")), "Bad Call-ID");
+        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nMax-Forwards: 256")), "Bad Max-Forwards");
+        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call-ID x@h")), "Malformed header line");
+        assert_eq!(reject_reason(&with("Call-ID: x@h", "Call ID: x@h")), "Bad header name");
+        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a@exa mple.com SIP")), "Bad Request-Line");
+        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a@example.com:99999 SIP")), "Bad Request-URI");
+        assert_eq!(reject_reason(&with("sip:a@example.com SIP", "sip:a%4@example.com SIP")), "Bad Request-URI");
+        assert_eq!(reject_reason(&with("To: <sip:a@example.com>", "To: <sip:a@example.com>;;tag=2")), "Bad To");
+        assert_eq!(reject_reason(&with("To: <sip:a@example.com>", "To: sip:a@example.com,x")), "Bad To");
+        ok(with("Call-ID: x@h", "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 GMT").as_bytes());
         assert_eq!(
-            reject_reason(&with("CSeq: 1 OPTIONS", "CSeq: 1 options")),
-            "CSeq method mismatch"
-        );
-        assert_eq!(
-            reject_reason(&with("Call-ID: x@h", "Call-ID: x y")),
-            "Bad Call-ID"
-        );
-        assert_eq!(
-            reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nMax-Forwards: 256")),
-            "Bad Max-Forwards"
-        );
-        assert_eq!(
-            reject_reason(&with("Call-ID: x@h", "Call-ID x@h")),
-            "Malformed header line"
-        );
-        assert_eq!(
-            reject_reason(&with("Call-ID: x@h", "Call ID: x@h")),
-            "Bad header name"
-        );
-        assert_eq!(
-            reject_reason(&with("sip:a@example.com SIP", "sip:a@exa mple.com SIP")),
-            "Bad Request-Line"
-        );
-        assert_eq!(
-            reject_reason(&with(
-                "sip:a@example.com SIP",
-                "sip:a@example.com:99999 SIP"
-            )),
-            "Bad Request-URI"
-        );
-        assert_eq!(
-            reject_reason(&with("sip:a@example.com SIP", "sip:a%4@example.com SIP")),
-            "Bad Request-URI"
-        );
-        assert_eq!(
-            reject_reason(&with(
-                "To: <sip:a@example.com>",
-                "To: <sip:a@example.com>;;tag=2"
-            )),
-            "Bad To"
-        );
-        assert_eq!(
-            reject_reason(&with("To: <sip:a@example.com>", "To: sip:a@example.com,x")),
-            "Bad To"
-        );
-        ok(with(
-            "Call-ID: x@h",
-            "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 GMT",
-        )
-        .as_bytes());
-        assert_eq!(
-            reject_reason(&with(
-                "Call-ID: x@h",
-                "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 gmt"
-            )),
+            reject_reason(&with("Call-ID: x@h", "Call-ID: x@h\r\nDate: Sat, 13 Nov 2010 23:29:00 gmt")),
             "Bad Date"
         );
         assert_eq!(
@@ -1721,46 +1468,24 @@ mod tests {
             "Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1",
             "Via: SIP/2.0/UDP [2001:db8::1]:5060;received=2001:db8::9;branch=z9hG4bK1",
         )
-        .replace(
-            "To: <sip:a@example.com>",
-            "To: <sip:a@[2001:db8::2]:5070;transport=tcp>",
-        );
+        .replace("To: <sip:a@example.com>", "To: <sip:a@[2001:db8::2]:5070;transport=tcp>");
         assert_eq!(ok(v6.as_bytes()).top_via_branch(), Some("z9hG4bK1"));
-        assert_eq!(
-            reject_reason(&v6.replace("received=2001:db8::9", "received=2001:zz::9")),
-            "Bad Via"
-        );
+        assert_eq!(reject_reason(&v6.replace("received=2001:db8::9", "received=2001:zz::9")), "Bad Via");
         // A malformed ACK is never answered.
-        let ack = OPTIONS
-            .replace("OPTIONS", "ACK")
-            .replace("Call-ID: x@h", "Call-ID: x y");
-        assert!(matches!(
-            parse_datagram(ack.as_bytes()),
-            Verdict::Drop("bad ack")
-        ));
+        let ack = OPTIONS.replace("OPTIONS", "ACK").replace("Call-ID: x@h", "Call-ID: x y");
+        assert!(matches!(parse_datagram(ack.as_bytes()), Verdict::Drop("bad ack")));
         // Unknown methods are fine when CSeq agrees; the daemon answers 405.
         ok(OPTIONS.replace("OPTIONS", "FROBNICATE").as_bytes());
         // Missing headers and LF-only line ends.
         assert!(matches!(
-            parse_datagram(
-                with("Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1\r\n", "").as_bytes()
-            ),
+            parse_datagram(with("Via: SIP/2.0/UDP h.example.com;branch=z9hG4bK1\r\n", "").as_bytes()),
             Verdict::Drop("no via")
         ));
-        assert!(matches!(
-            parse_datagram(OPTIONS.replace("\r\n", "\n").as_bytes()),
-            Verdict::Drop(_)
-        ));
-        assert!(matches!(
-            parse_datagram(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Verdict::Drop(_)
-        ));
+        assert!(matches!(parse_datagram(OPTIONS.replace("\r\n", "\n").as_bytes()), Verdict::Drop(_)));
+        assert!(matches!(parse_datagram(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Verdict::Drop(_)));
         // A stream message must carry Content-Length.
         let no_cl = with("Content-Length: 0\r\n", "");
-        assert!(matches!(
-            frame_stream(no_cl.as_bytes()),
-            Err(FrameError::BadLength)
-        ));
+        assert!(matches!(frame_stream(no_cl.as_bytes()), Err(FrameError::BadLength)));
         assert_eq!(
             match parse_stream_message(no_cl.as_bytes()) {
                 Verdict::Reject { reason, .. } => reason,
@@ -1772,23 +1497,11 @@ mod tests {
 
     #[test]
     fn keepalives() {
-        assert!(matches!(
-            parse_datagram(b"\r\n\r\n"),
-            Verdict::Drop("keepalive")
-        ));
-        assert!(matches!(
-            parse_datagram(b"\r\n"),
-            Verdict::Drop("keepalive")
-        ));
+        assert!(matches!(parse_datagram(b"\r\n\r\n"), Verdict::Drop("keepalive")));
+        assert!(matches!(parse_datagram(b"\r\n"), Verdict::Drop("keepalive")));
         assert!(matches!(parse_datagram(b""), Verdict::Drop("keepalive")));
-        assert_eq!(
-            frame_stream(b"\r\n\r\n").ok().flatten(),
-            Some(Frame::KeepAlive(4))
-        );
-        assert_eq!(
-            frame_stream(b"\r\n").ok().flatten(),
-            Some(Frame::KeepAlive(2))
-        );
+        assert_eq!(frame_stream(b"\r\n\r\n").ok().flatten(), Some(Frame::KeepAlive(4)));
+        assert_eq!(frame_stream(b"\r\n").ok().flatten(), Some(Frame::KeepAlive(2)));
         assert_eq!(frame_stream(b"").ok().flatten(), None);
         assert_eq!(frame_stream(b"OPTIONS sip:a").ok().flatten(), None);
         // CRLFs in front of a message are skipped, in a datagram and on a stream.
@@ -1796,10 +1509,7 @@ mod tests {
         buf.extend_from_slice(OPTIONS.as_bytes());
         ok(&buf);
         assert_eq!(frame_stream(&buf).ok().flatten(), Some(Frame::KeepAlive(4)));
-        assert_eq!(
-            frame_stream(&buf[4..]).ok().flatten(),
-            Some(Frame::Message(OPTIONS.len()))
-        );
+        assert_eq!(frame_stream(&buf[4..]).ok().flatten(), Some(Frame::Message(OPTIONS.len())));
     }
 
     #[test]
@@ -1810,9 +1520,7 @@ mod tests {
         assert_eq!(first.method(), Some("REGISTER"));
         assert!(first.body.is_empty());
         // A stream: two frames.
-        let Ok(Some(Frame::Message(n1))) = frame_stream(&bytes) else {
-            panic!("first frame")
-        };
+        let Ok(Some(Frame::Message(n1))) = frame_stream(&bytes) else { panic!("first frame") };
         let m1 = match parse_stream_message(&bytes[..n1]) {
             Verdict::Ok(m) => m,
             other => panic!("{other:?}"),
@@ -1820,15 +1528,10 @@ mod tests {
         assert_eq!(m1.method(), Some("REGISTER"));
         assert_eq!(m1.call_id(), "dblreq.0ha0isndaksdj99sdfafnl3lk233412");
         let rest = &bytes[n1..];
-        let Ok(Some(Frame::Message(n2))) = frame_stream(rest) else {
-            panic!("second frame")
-        };
+        let Ok(Some(Frame::Message(n2))) = frame_stream(rest) else { panic!("second frame") };
         // The datagram's second message ends in a stray CRLF: a keep-alive on a stream.
         assert_eq!(&rest[n2..], b"\r\n");
-        assert_eq!(
-            frame_stream(&rest[n2..]).ok().flatten(),
-            Some(Frame::KeepAlive(2))
-        );
+        assert_eq!(frame_stream(&rest[n2..]).ok().flatten(), Some(Frame::KeepAlive(2)));
         let m2 = match parse_stream_message(&rest[..n2]) {
             Verdict::Ok(m) => m,
             other => panic!("{other:?}"),
@@ -1854,14 +1557,7 @@ mod tests {
             call_id: Some("x@h".into()),
             cseq: Some("1 INVITE".into()),
         };
-        let out = response(
-            &reply,
-            486,
-            "Busy Here",
-            Some("t9"),
-            &[("Retry-After", "30")],
-            b"",
-        );
+        let out = response(&reply, 486, "Busy Here", Some("t9"), &[("Retry-After", "30")], b"");
         assert_eq!(
             String::from_utf8(out).expect("utf8"),
             "SIP/2.0 486 Busy Here\r\n\
@@ -1875,10 +1571,7 @@ mod tests {
              Content-Length: 0\r\n\r\n"
         );
         // A To that already has a tag keeps it; a body is counted; no header injection.
-        let tagged = Reply {
-            to: Some("<sip:a@example.com> ; TAG=old".into()),
-            ..reply
-        };
+        let tagged = Reply { to: Some("<sip:a@example.com> ; TAG=old".into()), ..reply };
         let out = response(&tagged, 200, "OK\r\nX: y", Some("new"), &[], b"abc");
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.starts_with("SIP/2.0 200 OK  X: y\r\n"));
@@ -1886,102 +1579,49 @@ mod tests {
         assert!(text.ends_with("Content-Length: 3\r\n\r\nabc"));
         // An empty reply still gives a well-formed (if useless) response.
         let bare = response(&Reply::default(), 400, "Bad Request", None, &[], b"");
-        assert_eq!(
-            bare,
-            b"SIP/2.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
-        );
+        assert_eq!(bare, b"SIP/2.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
     }
 
     #[test]
     fn reject_carries_what_a_400_needs() {
-        let Verdict::Reject {
-            status,
-            reason,
-            reply,
-        } = parse_datagram(&file("invalid__badvers"))
-        else {
+        let Verdict::Reject { status, reason, reply } = parse_datagram(&file("invalid__badvers")) else {
             panic!("badvers must be rejected")
         };
         assert_eq!((status, reason), (400, "Version Not Supported"));
-        assert_eq!(
-            reply.vias,
-            ["SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw"]
-        );
-        assert_eq!(
-            reply.call_id.as_deref(),
-            Some("badvers.31417@c.example.com")
-        );
+        assert_eq!(reply.vias, ["SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw"]);
+        assert_eq!(reply.call_id.as_deref(), Some("badvers.31417@c.example.com"));
         assert_eq!(reply.cseq.as_deref(), Some("1 OPTIONS"));
-        assert_eq!(
-            reply.to.as_deref(),
-            Some("T. Watson <sip:t.watson@example.org>")
-        );
+        assert_eq!(reply.to.as_deref(), Some("T. Watson <sip:t.watson@example.org>"));
         // A Via line whose values are malformed is copied whole.
-        let Verdict::Reject { reply, .. } = parse_datagram(&file("invalid__badinv01")) else {
-            panic!()
-        };
+        let Verdict::Reject { reply, .. } = parse_datagram(&file("invalid__badinv01")) else { panic!() };
         assert_eq!(reply.vias, ["SIP/2.0/UDP 192.0.2.15;;,;,,"]);
     }
 
     #[test]
     fn huge_content_length_breaks_the_stream() {
         let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 10485760");
-        assert!(matches!(
-            frame_stream(raw.as_bytes()),
-            Err(FrameError::TooLarge)
-        ));
-        let raw = OPTIONS.replace(
-            "Content-Length: 0",
-            "Content-Length: 99999999999999999999999999",
-        );
-        assert!(matches!(
-            frame_stream(raw.as_bytes()),
-            Err(FrameError::TooLarge)
-        ));
-        assert!(matches!(
-            parse_datagram(raw.as_bytes()),
-            Verdict::Reject { .. }
-        ));
+        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::TooLarge)));
+        let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 99999999999999999999999999");
+        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::TooLarge)));
+        assert!(matches!(parse_datagram(raw.as_bytes()), Verdict::Reject { .. }));
         let raw = OPTIONS.replace("Content-Length: 0", "Content-Length: 0x10");
-        assert!(matches!(
-            frame_stream(raw.as_bytes()),
-            Err(FrameError::BadLength)
-        ));
+        assert!(matches!(frame_stream(raw.as_bytes()), Err(FrameError::BadLength)));
         // No end of headers within MAX_MESSAGE.
         let mut endless = OPTIONS.as_bytes()[..40].to_vec();
         endless.resize(MAX_MESSAGE + 1, b'a');
         assert!(matches!(frame_stream(&endless), Err(FrameError::TooLarge)));
-        assert!(matches!(
-            parse_datagram(&endless),
-            Verdict::Drop("oversized")
-        ));
+        assert!(matches!(parse_datagram(&endless), Verdict::Drop("oversized")));
     }
 
     /// Runs every entry point and accessor on `buf`; only a panic fails.
     fn exercise(buf: &[u8]) {
         let use_verdict = |v: Verdict| match v {
             Verdict::Ok(m) => {
-                let _ = (
-                    m.method(),
-                    m.call_id(),
-                    m.cseq(),
-                    m.top_via_branch(),
-                    m.from_tag(),
-                    m.to_tag(),
-                );
-                let _ = (
-                    m.defect(),
-                    m.via_values(),
-                    m.header("via"),
-                    m.headers("contact").count(),
-                );
+                let _ = (m.method(), m.call_id(), m.cseq(), m.top_via_branch(), m.from_tag(), m.to_tag());
+                let _ = (m.defect(), m.via_values(), m.header("via"), m.headers("contact").count());
                 let _ = response(&m.reply(), 200, "OK", Some("t"), &[("A", "b")], &m.body);
             }
-            Verdict::Reject {
-                status,
-                reason,
-                reply,
-            } => {
+            Verdict::Reject { status, reason, reply } => {
                 let _ = response(&reply, status, reason, Some("t"), &[], b"");
             }
             Verdict::Drop(_) => {}
@@ -2030,10 +1670,7 @@ mod tests {
                 let at = (next() as usize) % len;
                 match next() % 4 {
                     0 if !bytes.is_empty() => bytes[at] ^= 1 << (next() % 8),
-                    1 => bytes.insert(
-                        at.min(bytes.len()),
-                        INTERESTING[(next() as usize) % INTERESTING.len()],
-                    ),
+                    1 => bytes.insert(at.min(bytes.len()), INTERESTING[(next() as usize) % INTERESTING.len()]),
                     2 if !bytes.is_empty() => {
                         bytes.remove(at);
                     }

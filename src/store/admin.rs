@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 
 use super::{Result, Store, StoreError};
-use crate::incident::{timestamp, State};
+use crate::incident::{State, timestamp};
 
 static ADMIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/admin.lua")));
 
@@ -25,7 +25,9 @@ const SWEEP_STEPS: usize = 20;
 pub enum Closed {
     /// Done. `held` is the responder it was offered to or in the hands of,
     /// now free: (responder, dispatch id, its daemon).
-    Done { held: Option<(String, String, String)> },
+    Done {
+        held: Option<(String, String, String)>,
+    },
     NotFound,
     /// Already resolved or cancelled.
     Conflict,
@@ -59,9 +61,9 @@ impl Store {
         let mut c = self.conn.clone();
         let row: Vec<String> = Self::counted(inv.invoke_async(&mut c).await)?;
         Ok(match row.as_slice() {
-            [k, rid, dispatch_id, daemon] if k == "ok" => Closed::Done {
-                held: (!rid.is_empty()).then(|| (rid.clone(), dispatch_id.clone(), daemon.clone())),
-            },
+            [k, rid, dispatch_id, daemon] if k == "ok" => {
+                Closed::Done { held: (!rid.is_empty()).then(|| (rid.clone(), dispatch_id.clone(), daemon.clone())) }
+            }
             [_, code] if code == "not_found" => Closed::NotFound,
             [_, code] if code == "conflict" => Closed::Conflict,
             _ => return Err(StoreError::Corrupt(id.into(), "unexpected close result")),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 
 use super::{Result, Store, StoreError};
-use crate::incident::{timestamp, Severity};
+use crate::incident::{Severity, timestamp};
 
 /// Acknowledgement deadline and passes over all tiers, per severity
 /// (index = `Severity::rank`).
@@ -53,7 +53,10 @@ pub struct Step {
 pub enum Answer {
     /// Acknowledged now (with the offer time, for the offer → ack histogram),
     /// or again (a repeated ack of the same dispatch).
-    Acknowledged { offered_ms: Option<i64>, repeated: bool },
+    Acknowledged {
+        offered_ms: Option<i64>,
+        repeated: bool,
+    },
     Declined(Cancel),
     /// `unknown_dispatch` or `stale_dispatch`.
     Refused(String),
@@ -106,7 +109,8 @@ impl Store {
         let mut inv = self.dispatch_op("roster", Utc::now());
         inv.arg(roster.len());
         for (id, tier, skills) in roster {
-            let skills = if skills.iter().any(|s| s == "*") { "*".to_string() } else { format!(",{},", skills.join(",")) };
+            let skills =
+                if skills.iter().any(|s| s == "*") { "*".to_string() } else { format!(",{},", skills.join(",")) };
             inv.arg(id).arg(tier).arg(skills);
         }
         self.run::<i64>(&inv).await.map(|_| ())
@@ -167,9 +171,23 @@ impl Store {
         let mut step = Step::default();
         for row in rows {
             match row.as_slice() {
-                [k, id, rid, dispatch_id, daemon, sev, esc, attempt, category, summary, instructions, caller, queue, opened, ack_by]
-                    if k == "offer" =>
-                {
+                [
+                    k,
+                    id,
+                    rid,
+                    dispatch_id,
+                    daemon,
+                    sev,
+                    esc,
+                    attempt,
+                    category,
+                    summary,
+                    instructions,
+                    caller,
+                    queue,
+                    opened,
+                    ack_by,
+                ] if k == "offer" => {
                     let offer = Offer {
                         incident_id: id.clone(),
                         responder: rid.clone(),
@@ -195,7 +213,9 @@ impl Store {
                     };
                     step.offers.push((offer, details));
                 }
-                [k, id, sev] if k == "exhausted" => step.exhausted.push((id.clone(), Severity::parse(sev).ok_or_else(bad)?)),
+                [k, id, sev] if k == "exhausted" => {
+                    step.exhausted.push((id.clone(), Severity::parse(sev).ok_or_else(bad)?))
+                }
                 [k, ms] if k == "next" => step.next_deadline_ms = ms.parse::<f64>().ok().map(|v| v as i64),
                 other => step.cancels.push(cancel_row(other).ok_or_else(bad)?),
             }
@@ -221,7 +241,13 @@ impl Store {
     }
 
     /// A status update from a responder; `Err(code)` when it is not allowed.
-    pub async fn status(&self, rid: &str, incident_id: &str, status: &str, note: &str) -> Result<std::result::Result<(), String>> {
+    pub async fn status(
+        &self,
+        rid: &str,
+        incident_id: &str,
+        status: &str,
+        note: &str,
+    ) -> Result<std::result::Result<(), String>> {
         let mut inv = self.dispatch_op("status", Utc::now());
         inv.arg(rid).arg(incident_id).arg(status).arg(note);
         let row: Vec<String> = self.run(&inv).await?;

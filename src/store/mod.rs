@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use crate::incident::{timestamp_ms, Incident, Severity, Source, State, TimelineEntry};
+use crate::incident::{Incident, Severity, Source, State, TimelineEntry, timestamp_ms};
 use crate::telemetry::metric;
 
 pub mod admin;
@@ -237,9 +237,8 @@ impl Store {
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
         let rec = self.key(&["inc", id]);
         let mut c = self.conn.clone();
-        let (fields, tl): (Vec<(String, String)>, Vec<String>) = Self::counted(
-            redis::pipe().hgetall(&rec).lrange(format!("{rec}:tl"), 0, -1).query_async(&mut c).await,
-        )?;
+        let (fields, tl): (Vec<(String, String)>, Vec<String>) =
+            Self::counted(redis::pipe().hgetall(&rec).lrange(format!("{rec}:tl"), 0, -1).query_async(&mut c).await)?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -260,8 +259,7 @@ impl Store {
         let page: isize = 200;
         let mut start: isize = 0;
         while out.len() < limit && start < LIST_SCAN_MAX {
-            let ids: Vec<String> =
-                Self::counted(c.zrevrange(self.key(&["incidents"]), start, start + page - 1).await)?;
+            let ids: Vec<String> = Self::counted(c.zrevrange(self.key(&["incidents"]), start, start + page - 1).await)?;
             if ids.is_empty() {
                 break;
             }
@@ -275,9 +273,7 @@ impl Store {
                     continue; // expired record
                 }
                 let inc = record(id, fields)?;
-                if filter.state.is_some_and(|s| s != inc.state)
-                    || filter.severity.is_some_and(|s| s != inc.severity)
-                {
+                if filter.state.is_some_and(|s| s != inc.state) || filter.severity.is_some_and(|s| s != inc.severity) {
                     continue;
                 }
                 out.push(inc);

@@ -14,9 +14,8 @@ impl Store {
     /// first, with their timelines; records that have expired are skipped.
     pub async fn report_facts(&self, since_ms: i64, until_ms: i64) -> Result<Vec<Facts>> {
         let mut c = self.conn.clone();
-        let ids: Vec<String> = Self::counted(
-            c.zrangebyscore(self.key(&["incidents"]), since_ms, format!("({until_ms}")).await,
-        )?;
+        let ids: Vec<String> =
+            Self::counted(c.zrangebyscore(self.key(&["incidents"]), since_ms, format!("({until_ms}")).await)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
             let mut pipe = redis::pipe();

@@ -417,11 +417,8 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: Opti
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     // Undo chunked transfer encoding when present.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     (status, body)
 }
 
@@ -474,7 +471,19 @@ fn sipp_once(d: &Daemon, scenario_file: &str, transport: &str, extra: &[&str]) -
         .arg(&target)
         .arg("-sf")
         .arg(scenario(scenario_file))
-        .args(["-t", transport, "-i", "127.0.0.1", "-p", &port, "-nostdin", "-timeout", "30s", "-trace_err", "-trace_logs"])
+        .args([
+            "-t",
+            transport,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-nostdin",
+            "-timeout",
+            "30s",
+            "-trace_err",
+            "-trace_logs",
+        ])
         .args(["-m", "1"])
         .args(extra)
         .current_dir(dir.path())
@@ -700,7 +709,7 @@ impl Responder {
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
                 {
-                    return None
+                    return None;
                 }
                 Err(_) => return None,
             }
@@ -735,7 +744,7 @@ impl Responder {
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
                 {
-                    return None
+                    return None;
                 }
                 Err(_) => return Some(1006),
             }
@@ -768,5 +777,8 @@ pub fn place_call(d: &Daemon, call_id: &str, ivr_path: &str) -> String {
 
 /// The timeline's event names.
 pub fn events(incident: &Value) -> Vec<String> {
-    incident["timeline"].as_array().map(|t| t.iter().map(|e| e["event"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+    incident["timeline"]
+        .as_array()
+        .map(|t| t.iter().map(|e| e["event"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
 }
