@@ -45,9 +45,13 @@ fn health_metrics_and_auth() {
 
     let (status, body) = http_get(d.http_port, "/v1/incidents/INC-ZZZZZZ", Some(ADMIN_TOKEN));
     assert_eq!((status, body.as_str()), (404, r#"{"error":"not_found"}"#));
-    for bad in ["..%2F..%2Fetc", "%00", &"A".repeat(5000)] {
-        assert_eq!(http_get(d.http_port, &format!("/v1/incidents/{bad}"), Some(ADMIN_TOKEN)).0, 404, "{bad}");
+    for bad in ["..%2F..%2Fetc", "%00", "%FF", &"A".repeat(5000)] {
+        let (status, body) = http_get(d.http_port, &format!("/v1/incidents/{bad}"), Some(ADMIN_TOKEN));
+        assert_eq!((status, body.as_str()), (404, r#"{"error":"not_found"}"#), "{bad}");
     }
+    // A wrong method is JSON too.
+    let (status, body) = http(d.http_port, "PUT", "/v1/incidents", Some(ADMIN_TOKEN), Some("{}"));
+    assert_eq!((status, body.as_str()), (405, r#"{"error":"method_not_allowed"}"#));
 
     let m = http_get(d.http_port, "/metrics", None).1;
     for name in [

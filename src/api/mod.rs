@@ -60,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed") })
         .with_state(state)
 }
 
@@ -145,8 +146,13 @@ async fn list_incidents(
     }
 }
 
-async fn get_incident(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
-    let Some(id) = normalize_id(&id) else { return error(StatusCode::NOT_FOUND, "not_found") };
+async fn get_incident(
+    State(st): State<ApiState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let Some(id) = id.ok().and_then(|Path(id)| normalize_id(&id)) else {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    };
     match st.store.get(&id).await {
         Ok(Some(inc)) => Json(inc).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
