@@ -2,16 +2,12 @@
 //! hand, caller erasure, retention, and the roster's presence — each change
 //! one operation of `scripts/admin.lua`, atomic in Redis.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use redis::Script;
+use chrono::Utc;
 
 use super::{Result, Store, StoreError};
-use crate::incident::{State, timestamp};
-
-static ADMIN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/admin.lua")));
+use crate::incident::State;
 
 /// How many records the erasure reads, newest first, looking for a number
 /// the caller index does not know (records opened before it existed).
@@ -43,12 +39,6 @@ pub struct Presence {
 }
 
 impl Store {
-    fn admin_op(&self, op: &str, now: DateTime<Utc>) -> redis::ScriptInvocation<'static> {
-        let mut inv = ADMIN.prepare_invoke();
-        inv.arg(op).arg(&self.prefix).arg(now.timestamp_millis()).arg(timestamp(now));
-        inv
-    }
-
     /// Resolves or cancels an incident by hand: out of the queue and its
     /// deadline, its responder (if any) freed, and its record set to expire
     /// `retention` from now.
@@ -56,7 +46,7 @@ impl Store {
         if !matches!(to, State::Resolved | State::Cancelled) {
             return Err(StoreError::Corrupt(id.into(), "close to an open state"));
         }
-        let mut inv = self.admin_op("close", Utc::now());
+        let mut inv = self.dispatch_op("close", Utc::now());
         inv.arg(id).arg(to.as_str()).arg(note).arg(retention.as_millis().max(1) as u64);
         let mut c = self.conn.clone();
         let row: Vec<String> = Self::counted(inv.invoke_async(&mut c).await)?;
@@ -98,7 +88,7 @@ impl Store {
             found.extend(ids.into_iter().zip(callers).filter(|(_, n)| n.as_deref() == Some(number)).map(|(id, _)| id));
             start += page;
         }
-        let mut inv = self.admin_op("erase", Utc::now());
+        let mut inv = self.dispatch_op("erase", Utc::now());
         inv.arg(number).arg(pseudonym);
         for id in &found {
             inv.arg(id);
@@ -114,7 +104,7 @@ impl Store {
         let mut c = self.conn.clone();
         let mut removed = 0;
         for _ in 0..SWEEP_STEPS {
-            let mut inv = self.admin_op("sweep", Utc::now());
+            let mut inv = self.dispatch_op("sweep", Utc::now());
             inv.arg(retention.as_millis().max(1) as u64).arg(SWEEP_BATCH);
             let (gone, _set, more): (u64, u64, u64) = Self::counted(inv.invoke_async(&mut c).await)?;
             removed += gone;

@@ -93,7 +93,7 @@ fn cancel_row(row: &[String]) -> Option<Cancel> {
 }
 
 impl Store {
-    fn dispatch_op(&self, op: &str, now: DateTime<Utc>) -> redis::ScriptInvocation<'_> {
+    pub(super) fn dispatch_op(&self, op: &str, now: DateTime<Utc>) -> redis::ScriptInvocation<'_> {
         let mut inv = self.dispatch.prepare_invoke();
         inv.arg(op).arg(&self.prefix).arg(now.timestamp_millis()).arg(timestamp(now));
         inv
