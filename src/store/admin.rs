@@ -1,6 +1,6 @@
 //! The administration half of the store: incidents resolved or cancelled by
 //! hand, caller erasure, retention, and the roster's presence — each change
-//! one operation of `scripts/admin.lua`, atomic in Redis.
+//! one operation of `scripts/dispatch.lua`, atomic in Redis.
 
 use std::time::Duration;
 

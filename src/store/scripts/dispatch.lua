@@ -336,7 +336,7 @@ elseif op == 'status' then
   if status == 'resolved' then
     redis.call('HSET', resp_key(rid), 'assignment', '')
     if refresh_idle(rid) then redis.call('HSET', resp_key(rid), 'since', now) end
-    -- Closed: the retention sweep (scripts/admin.lua) sets its expiry.
+    -- Closed: the retention sweep (op sweep below) sets its expiry.
     redis.call('ZADD', p .. ':closed', now, id)
   end
   return {'ok', status}
