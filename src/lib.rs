@@ -20,6 +20,7 @@
 //! - `app` — startup order and drain; `config`, `telemetry`, `shutdown`, `systemd`.
 #![forbid(unsafe_code)]
 
+pub mod acd;
 pub mod api;
 pub mod app;
 pub mod classify;

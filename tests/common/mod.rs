@@ -693,25 +693,34 @@ impl Responder {
         self.ws.send(tungstenite::Message::text(t)).expect("send");
     }
 
+    /// The next message within `wait`: `Ok(None)` on timeout, `Err(code)` when
+    /// the connection ended (the close code, 1005 without one, 1006 without a close).
+    fn read_within(&mut self, wait: Duration) -> Result<Option<tungstenite::Message>, u16> {
+        if wait.is_zero() {
+            return Ok(None);
+        }
+        self.set_timeout(wait);
+        match self.ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => Err(u16::from(f.code)),
+            Ok(tungstenite::Message::Close(None)) => Err(1005),
+            Ok(m) => Ok(Some(m)),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                Ok(None)
+            }
+            Err(_) => Err(1006),
+        }
+    }
+
     /// The next JSON frame within `wait` (pings are answered by tungstenite).
     pub fn recv(&mut self, wait: Duration) -> Option<Value> {
         let end = Instant::now() + wait;
         loop {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.set_timeout(left);
-            match self.ws.read() {
-                Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
-                Ok(tungstenite::Message::Close(_)) => return None,
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    return None;
-                }
-                Err(_) => return None,
+            match self.read_within(end.saturating_duration_since(Instant::now())) {
+                Ok(Some(tungstenite::Message::Text(t))) => return serde_json::from_str(t.as_str()).ok(),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
             }
         }
     }
@@ -732,21 +741,10 @@ impl Responder {
     pub fn close_code(&mut self, wait: Duration) -> Option<u16> {
         let end = Instant::now() + wait;
         loop {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.set_timeout(left);
-            match self.ws.read() {
-                Ok(tungstenite::Message::Close(Some(f))) => return Some(u16::from(f.code)),
-                Ok(tungstenite::Message::Close(None)) => return Some(1005),
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    return None;
-                }
-                Err(_) => return Some(1006),
+            match self.read_within(end.saturating_duration_since(Instant::now())) {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(code) => return Some(code),
             }
         }
     }
