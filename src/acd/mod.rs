@@ -2,3 +2,4 @@
 //! parsing here is pure, the connection loops come with issue 5.
 
 pub mod ami;
+pub mod esl;

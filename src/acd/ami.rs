@@ -1,0 +1,945 @@
+//! Asterisk Manager Interface (AMI): the pure part — framing, the login
+//! action, and mapping queue/channel events to [`AcdEvent`]s.
+//!
+//! Wire format (Asterisk 18/20 AMI): after connecting the server sends one
+//! banner line `Asterisk Call Manager/X.Y.Z` (no blank line after it); every
+//! later message is `Key: Value` lines ending in CRLF, and a message ends with
+//! an empty line. Keys are case-insensitive, values may be empty, and the same
+//! key may repeat. [`AmiReader`] accepts bytes as they arrive, in any split,
+//! and never holds more than about one line ([`MAX_LINE`]) of unparsed input
+//! plus one message ([`MAX_MESSAGE`]) of parsed fields, provided the caller
+//! drains [`AmiReader::next_message`] after each [`AmiReader::push`].
+//!
+//! Field names follow the Asterisk 18/20 event docs (QueueCallerJoin,
+//! QueueCallerAbandon, AgentConnect, AgentComplete, DTMFEnd, Hangup); every
+//! event there carries the channel snapshot (`Uniqueid`, `Linkedid`,
+//! `CallerIDNum`, `CallerIDName`, …) of the caller's channel.
+
+use std::fmt;
+
+/// Largest message (all its lines, terminators included) the reader keeps.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest line (without its terminator) the reader accepts.
+pub const MAX_LINE: usize = 8 * 1024;
+
+/// The banner's prefix, sent once right after connecting.
+pub const BANNER_PREFIX: &str = "Asterisk Call Manager/";
+
+/// A framing error for one message. The reader has already dropped that
+/// message and resynchronises at the next blank line; keep reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AmiError {
+    /// A line longer than [`MAX_LINE`].
+    LineTooLong,
+    /// A message larger than [`MAX_MESSAGE`].
+    MessageTooLarge,
+}
+
+impl fmt::Display for AmiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AmiError::LineTooLong => write!(f, "AMI line longer than {MAX_LINE} bytes"),
+            AmiError::MessageTooLarge => write!(f, "AMI message larger than {MAX_MESSAGE} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for AmiError {}
+
+/// One AMI message: its fields in wire order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmiMessage {
+    fields: Vec<(String, String)>,
+}
+
+/// What a message is: an `Event: <name>`, a `Response: <status>`, or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind<'a> {
+    Event(&'a str),
+    Response(&'a str),
+    Other,
+}
+
+impl AmiMessage {
+    /// A message from `(key, value)` pairs, in order (tests, in-test servers).
+    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> Self {
+        AmiMessage { fields: pairs.iter().map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())).collect() }
+    }
+
+    /// The first value of `key`, compared case-insensitively.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `key` (AMI repeats keys, e.g. `Variable`).
+    pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.fields.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+    }
+
+    /// All fields in wire order.
+    pub fn fields(&self) -> &[(String, String)] {
+        &self.fields
+    }
+
+    /// `Event` wins over `Response` (an event answering an action carries
+    /// both `Event` and `ActionID`, never `Response`).
+    pub fn kind(&self) -> MessageKind<'_> {
+        if let Some(name) = self.get("Event") {
+            MessageKind::Event(name)
+        } else if let Some(status) = self.get("Response") {
+            MessageKind::Response(status)
+        } else {
+            MessageKind::Other
+        }
+    }
+
+    /// True for `Event: <name>` (case-insensitive).
+    pub fn is_event(&self, name: &str) -> bool {
+        matches!(self.kind(), MessageKind::Event(n) if n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Streaming AMI frame reader. Feed it with [`push`](Self::push), then call
+/// [`next_message`](Self::next_message) until it answers `None`.
+#[derive(Debug)]
+pub struct AmiReader {
+    /// Unparsed input; `buf[start..]` is live.
+    buf: Vec<u8>,
+    start: usize,
+    /// Fields of the message being assembled.
+    fields: Vec<(String, String)>,
+    /// Bytes (terminators included) of the message being assembled.
+    msg_bytes: usize,
+    /// After an error: drop lines until the next blank line.
+    discarding: bool,
+    /// Dropping the rest of an over-long line until its LF.
+    skipping_line: bool,
+    /// The next line is the first of the connection.
+    first_line: bool,
+    banner: Option<String>,
+}
+
+impl Default for AmiReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AmiReader {
+    /// A reader for a fresh connection (expects the banner first, tolerates
+    /// its absence). Use a new reader per connection.
+    pub fn new() -> Self {
+        AmiReader {
+            buf: Vec::new(),
+            start: 0,
+            fields: Vec::new(),
+            msg_bytes: 0,
+            discarding: false,
+            skipping_line: false,
+            first_line: true,
+            banner: None,
+        }
+    }
+
+    /// The banner line (`Asterisk Call Manager/X.Y.Z`), once seen.
+    pub fn banner(&self) -> Option<&str> {
+        self.banner.as_deref()
+    }
+
+    /// The protocol version from the banner (`X.Y.Z`), once seen.
+    pub fn banner_version(&self) -> Option<&str> {
+        self.banner.as_deref().and_then(|b| b.strip_prefix(BANNER_PREFIX))
+    }
+
+    /// Append bytes as they arrived from the socket.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet parsed into lines (for tests and metrics).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete message, a framing error for one message, or `None`
+    /// when more bytes are needed.
+    pub fn next_message(&mut self) -> Option<Result<AmiMessage, AmiError>> {
+        loop {
+            let live = &self.buf[self.start..];
+            let Some(lf) = live.iter().position(|&b| b == b'\n') else {
+                return self.need_more();
+            };
+            let line_end = self.start + lf;
+            let mut content_end = line_end;
+            if content_end > self.start && self.buf[content_end - 1] == b'\r' {
+                content_end -= 1;
+            }
+            let line_start = self.start;
+            self.start = line_end + 1;
+
+            if self.skipping_line {
+                // The tail of a line already reported as too long.
+                self.skipping_line = false;
+                continue;
+            }
+            let len = content_end - line_start;
+            if len > MAX_LINE {
+                self.first_line = false;
+                if let Some(err) = self.fail(AmiError::LineTooLong) {
+                    return Some(Err(err));
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&self.buf[line_start..content_end]).into_owned();
+            self.msg_bytes += self.start - line_start;
+
+            if self.first_line {
+                self.first_line = false;
+                if line.starts_with(BANNER_PREFIX) {
+                    self.banner = Some(line.trim_end().to_owned());
+                    self.msg_bytes = 0;
+                    continue;
+                }
+            }
+
+            if line.trim().is_empty() {
+                // End of a message (or a stray blank line).
+                let was_discarding = self.discarding;
+                self.discarding = false;
+                self.msg_bytes = 0;
+                if was_discarding || self.fields.is_empty() {
+                    self.fields.clear();
+                    continue;
+                }
+                let fields = std::mem::take(&mut self.fields);
+                return Some(Ok(AmiMessage { fields }));
+            }
+            if self.discarding {
+                continue;
+            }
+            if self.msg_bytes > MAX_MESSAGE {
+                if let Some(err) = self.fail(AmiError::MessageTooLarge) {
+                    return Some(Err(err));
+                }
+                continue;
+            }
+            // `Key: Value`; a line without a colon (or with an empty key) is skipped.
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let key = key.trim();
+            if key.is_empty() {
+                continue;
+            }
+            self.fields.push((key.to_owned(), value.trim().to_owned()));
+        }
+    }
+
+    /// No LF in the live input: bound it, compact, and ask for more.
+    fn need_more(&mut self) -> Option<Result<AmiMessage, AmiError>> {
+        let pending = self.buf.len() - self.start;
+        // `+ 1`: a line of exactly MAX_LINE may wait here with its CR.
+        if pending > MAX_LINE + 1 || (self.skipping_line && pending > 0) {
+            self.buf.clear();
+            self.start = 0;
+            if !self.skipping_line {
+                self.skipping_line = true;
+                self.first_line = false;
+                if let Some(err) = self.fail(AmiError::LineTooLong) {
+                    return Some(Err(err));
+                }
+            }
+            return None;
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        None
+    }
+
+    /// Drop the current message; report `err` unless it is already dropped.
+    fn fail(&mut self, err: AmiError) -> Option<AmiError> {
+        self.fields.clear();
+        self.msg_bytes = 0;
+        if self.discarding {
+            None
+        } else {
+            self.discarding = true;
+            Some(err)
+        }
+    }
+}
+
+/// The event classes dispatchd asks for: queue events are class AGENT,
+/// `Hangup` class CALL, `DTMFEnd` class DTMF.
+pub const LOGIN_EVENTS: &str = "call,agent,dtmf";
+
+/// The `Login` action (plain-text secret), ready to write to the socket.
+/// CR and LF are removed from the values so they cannot inject lines.
+pub fn login(username: &str, secret: &str, action_id: &str) -> String {
+    format!(
+        "Action: Login\r\nActionID: {}\r\nUsername: {}\r\nSecret: {}\r\nEvents: {}\r\n\r\n",
+        one_line(action_id),
+        one_line(username),
+        one_line(secret),
+        LOGIN_EVENTS,
+    )
+}
+
+fn one_line(value: &str) -> String {
+    value.chars().filter(|c| *c != '\r' && *c != '\n').collect()
+}
+
+/// The answer to [`login`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutcome {
+    /// `Response: Success` (`Message: Authentication accepted`).
+    Accepted,
+    /// `Response: Error` (`Message: Authentication failed`); Asterisk closes
+    /// the connection after it.
+    Rejected { message: String },
+}
+
+/// Whether `msg` answers the login sent with `action_id`: `None` for any
+/// other message (events, other actions). A response without an ActionID is
+/// taken as the answer (it is the only action in flight during login).
+pub fn login_response(msg: &AmiMessage, action_id: &str) -> Option<LoginOutcome> {
+    let MessageKind::Response(status) = msg.kind() else {
+        return None;
+    };
+    if msg.get("ActionID").is_some_and(|id| id != action_id) {
+        return None;
+    }
+    if status.eq_ignore_ascii_case("Success") {
+        Some(LoginOutcome::Accepted)
+    } else {
+        Some(LoginOutcome::Rejected { message: msg.get("Message").unwrap_or_default().to_owned() })
+    }
+}
+
+/// A call event from the ACD, keyed by `call_ref` (the AMI `Linkedid`, or the
+/// `Uniqueid` when there is none). Durations are whole seconds; `None` when
+/// the field is missing or not a number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcdEvent {
+    /// `QueueCallerJoin`.
+    QueueJoin { call_ref: String, queue: String, caller: String, caller_name: String },
+    /// `QueueCallerAbandon`; `wait_seconds` from `HoldTime`.
+    QueueAbandon { call_ref: String, queue: String, wait_seconds: Option<u64> },
+    /// `AgentConnect`; `agent` is `MemberName`, else `Interface`.
+    AgentConnect { call_ref: String, queue: String, agent: String, hold_seconds: Option<u64> },
+    /// `AgentComplete`; `reason` is `caller`, `agent` or `transfer`.
+    AgentComplete { call_ref: String, queue: String, talk_seconds: Option<u64>, reason: String },
+    /// `DTMFEnd` with `Direction: Received`.
+    Dtmf { call_ref: String, digit: String },
+    /// `Hangup` of any channel of the call; `cause` is the numeric `Cause`
+    /// (Q.850). Agent legs share the caller's `Linkedid`, so one call may
+    /// yield several.
+    Hangup { call_ref: String, cause: Option<u16> },
+}
+
+impl AcdEvent {
+    pub fn call_ref(&self) -> &str {
+        match self {
+            AcdEvent::QueueJoin { call_ref, .. }
+            | AcdEvent::QueueAbandon { call_ref, .. }
+            | AcdEvent::AgentConnect { call_ref, .. }
+            | AcdEvent::AgentComplete { call_ref, .. }
+            | AcdEvent::Dtmf { call_ref, .. }
+            | AcdEvent::Hangup { call_ref, .. } => call_ref,
+        }
+    }
+}
+
+/// Map an AMI event to an [`AcdEvent`]; `None` for other messages and for
+/// events without a `Linkedid`/`Uniqueid` (nothing to correlate them by).
+/// Other missing fields become empty strings or `None`.
+pub fn map_event(msg: &AmiMessage) -> Option<AcdEvent> {
+    let MessageKind::Event(name) = msg.kind() else {
+        return None;
+    };
+    let call_ref = call_ref(msg)?;
+    let text = |key: &str| msg.get(key).unwrap_or_default().to_owned();
+    let seconds = |key: &str| msg.get(key).and_then(|v| v.parse::<u64>().ok());
+    let event = if name.eq_ignore_ascii_case("QueueCallerJoin") {
+        AcdEvent::QueueJoin {
+            call_ref,
+            queue: text("Queue"),
+            caller: caller_id(msg.get("CallerIDNum")),
+            caller_name: caller_id(msg.get("CallerIDName")),
+        }
+    } else if name.eq_ignore_ascii_case("QueueCallerAbandon") {
+        AcdEvent::QueueAbandon { call_ref, queue: text("Queue"), wait_seconds: seconds("HoldTime") }
+    } else if name.eq_ignore_ascii_case("AgentConnect") {
+        let agent = [msg.get("MemberName"), msg.get("Interface")]
+            .into_iter()
+            .flatten()
+            .find(|v| !v.is_empty())
+            .unwrap_or_default()
+            .to_owned();
+        AcdEvent::AgentConnect { call_ref, queue: text("Queue"), agent, hold_seconds: seconds("HoldTime") }
+    } else if name.eq_ignore_ascii_case("AgentComplete") {
+        AcdEvent::AgentComplete {
+            call_ref,
+            queue: text("Queue"),
+            talk_seconds: seconds("TalkTime"),
+            reason: text("Reason"),
+        }
+    } else if name.eq_ignore_ascii_case("DTMFEnd") {
+        if !msg.get("Direction").is_some_and(|d| d.eq_ignore_ascii_case("Received")) {
+            return None;
+        }
+        let digit = text("Digit");
+        if digit.is_empty() {
+            return None;
+        }
+        AcdEvent::Dtmf { call_ref, digit }
+    } else if name.eq_ignore_ascii_case("Hangup") {
+        AcdEvent::Hangup { call_ref, cause: msg.get("Cause").and_then(|v| v.parse::<u16>().ok()) }
+    } else {
+        return None;
+    };
+    Some(event)
+}
+
+fn call_ref(msg: &AmiMessage) -> Option<String> {
+    [msg.get("Linkedid"), msg.get("Uniqueid")].into_iter().flatten().find(|v| !v.is_empty()).map(str::to_owned)
+}
+
+/// Asterisk writes `<unknown>` for an absent caller ID.
+fn caller_id(value: Option<&str>) -> String {
+    match value {
+        Some(v) if !v.eq_ignore_ascii_case("<unknown>") => v.to_owned(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session as the Asterisk 18/20 docs describe it: banner, login
+    /// answer, then a queued call that is answered, talks and hangs up.
+    const TRANSCRIPT: &str = "Asterisk Call Manager/7.0.3\r\n\
+Response: Success\r\n\
+ActionID: login-1\r\n\
+Message: Authentication accepted\r\n\
+\r\n\
+Event: FullyBooted\r\n\
+Privilege: system,all\r\n\
+Uptime: 3310\r\n\
+LastReload: 3310\r\n\
+Status: Fully Booted\r\n\
+\r\n\
+Event: QueueCallerJoin\r\n\
+Privilege: agent,all\r\n\
+Channel: PJSIP/trunk-00000012\r\n\
+ChannelState: 6\r\n\
+ChannelStateDesc: Up\r\n\
+CallerIDNum: +441632960123\r\n\
+CallerIDName: <unknown>\r\n\
+ConnectedLineNum: <unknown>\r\n\
+ConnectedLineName: <unknown>\r\n\
+Language: en\r\n\
+AccountCode: \r\n\
+Context: emergency\r\n\
+Exten: 999\r\n\
+Priority: 3\r\n\
+Uniqueid: 1700000000.18\r\n\
+Linkedid: 1700000000.18\r\n\
+Queue: triage\r\n\
+Position: 1\r\n\
+Count: 1\r\n\
+\r\n\
+Event: DTMFEnd\r\n\
+Privilege: dtmf,all\r\n\
+Channel: PJSIP/trunk-00000012\r\n\
+Uniqueid: 1700000000.18\r\n\
+Linkedid: 1700000000.18\r\n\
+Digit: 2\r\n\
+DurationMs: 120\r\n\
+Direction: Received\r\n\
+\r\n\
+Event: AgentConnect\r\n\
+Privilege: agent,all\r\n\
+Channel: PJSIP/trunk-00000012\r\n\
+CallerIDNum: +441632960123\r\n\
+Uniqueid: 1700000000.18\r\n\
+Linkedid: 1700000000.18\r\n\
+DestChannel: PJSIP/agent7-00000013\r\n\
+DestUniqueid: 1700000014.19\r\n\
+DestLinkedid: 1700000000.18\r\n\
+Queue: triage\r\n\
+MemberName: Agent Seven\r\n\
+Interface: PJSIP/agent7\r\n\
+HoldTime: 14\r\n\
+RingTime: 3\r\n\
+\r\n\
+Event: AgentComplete\r\n\
+Privilege: agent,all\r\n\
+Channel: PJSIP/trunk-00000012\r\n\
+Uniqueid: 1700000000.18\r\n\
+Linkedid: 1700000000.18\r\n\
+Queue: triage\r\n\
+MemberName: Agent Seven\r\n\
+Interface: PJSIP/agent7\r\n\
+HoldTime: 14\r\n\
+TalkTime: 95\r\n\
+Reason: caller\r\n\
+\r\n\
+Event: Hangup\r\n\
+Privilege: call,all\r\n\
+Channel: PJSIP/trunk-00000012\r\n\
+Uniqueid: 1700000000.18\r\n\
+Linkedid: 1700000000.18\r\n\
+Cause: 16\r\n\
+Cause-txt: Normal Clearing\r\n\
+\r\n";
+
+    fn drain(r: &mut AmiReader) -> Vec<Result<AmiMessage, AmiError>> {
+        let mut out = Vec::new();
+        while let Some(m) = r.next_message() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn read_chunked(bytes: &[u8], chunk: usize) -> (Vec<Result<AmiMessage, AmiError>>, AmiReader) {
+        let mut r = AmiReader::new();
+        let mut out = Vec::new();
+        for c in bytes.chunks(chunk.max(1)) {
+            r.push(c);
+            out.extend(drain(&mut r));
+        }
+        (out, r)
+    }
+
+    fn read_split(bytes: &[u8], at: usize) -> Vec<Result<AmiMessage, AmiError>> {
+        let mut r = AmiReader::new();
+        r.push(&bytes[..at]);
+        let mut out = drain(&mut r);
+        r.push(&bytes[at..]);
+        out.extend(drain(&mut r));
+        out
+    }
+
+    fn ok(msgs: Vec<Result<AmiMessage, AmiError>>) -> Vec<AmiMessage> {
+        msgs.into_iter()
+            .map(|m| match m {
+                Ok(m) => m,
+                Err(e) => panic!("unexpected error {e}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transcript_parses_with_banner() {
+        let (msgs, r) = read_chunked(TRANSCRIPT.as_bytes(), usize::MAX);
+        let msgs = ok(msgs);
+        assert_eq!(r.banner(), Some("Asterisk Call Manager/7.0.3"));
+        assert_eq!(r.banner_version(), Some("7.0.3"));
+        assert_eq!(r.buffered(), 0);
+        let kinds: Vec<_> = msgs.iter().map(|m| m.kind()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                MessageKind::Response("Success"),
+                MessageKind::Event("FullyBooted"),
+                MessageKind::Event("QueueCallerJoin"),
+                MessageKind::Event("DTMFEnd"),
+                MessageKind::Event("AgentConnect"),
+                MessageKind::Event("AgentComplete"),
+                MessageKind::Event("Hangup"),
+            ]
+        );
+        assert_eq!(login_response(&msgs[0], "login-1"), Some(LoginOutcome::Accepted));
+        // Case-insensitive keys, empty values, order kept.
+        assert_eq!(msgs[2].get("linkedid"), Some("1700000000.18"));
+        assert_eq!(msgs[2].get("ACCOUNTCODE"), Some(""));
+        assert_eq!(msgs[2].fields()[0].0, "Event");
+        assert_eq!(msgs[6].get("cause-TXT"), Some("Normal Clearing"));
+
+        let events: Vec<_> = msgs.iter().filter_map(map_event).collect();
+        let id = "1700000000.18".to_owned();
+        assert_eq!(
+            events,
+            vec![
+                AcdEvent::QueueJoin {
+                    call_ref: id.clone(),
+                    queue: "triage".into(),
+                    caller: "+441632960123".into(),
+                    caller_name: String::new(),
+                },
+                AcdEvent::Dtmf { call_ref: id.clone(), digit: "2".into() },
+                AcdEvent::AgentConnect {
+                    call_ref: id.clone(),
+                    queue: "triage".into(),
+                    agent: "Agent Seven".into(),
+                    hold_seconds: Some(14),
+                },
+                AcdEvent::AgentComplete {
+                    call_ref: id.clone(),
+                    queue: "triage".into(),
+                    talk_seconds: Some(95),
+                    reason: "caller".into(),
+                },
+                AcdEvent::Hangup { call_ref: id, cause: Some(16) },
+            ]
+        );
+    }
+
+    #[test]
+    fn every_split_and_chunk_size_gives_the_same_messages() {
+        let bytes = TRANSCRIPT.as_bytes();
+        let (whole, _) = read_chunked(bytes, usize::MAX);
+        let whole = ok(whole);
+        for chunk in [1, 7] {
+            let (msgs, r) = read_chunked(bytes, chunk);
+            assert_eq!(ok(msgs), whole, "chunk {chunk}");
+            assert_eq!(r.banner(), Some("Asterisk Call Manager/7.0.3"));
+        }
+        for at in 0..=bytes.len() {
+            assert_eq!(ok(read_split(bytes, at)), whole, "split at {at}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_and_mixed_endings() {
+        let crlf = TRANSCRIPT.as_bytes();
+        let lf = TRANSCRIPT.replace("\r\n", "\n");
+        let (a, _) = read_chunked(crlf, usize::MAX);
+        let (b, r) = read_chunked(lf.as_bytes(), 3);
+        assert_eq!(ok(a), ok(b));
+        assert_eq!(r.banner(), Some("Asterisk Call Manager/7.0.3"));
+
+        let mut r = AmiReader::new();
+        r.push(b"Event: Hangup\nUniqueid: 1.1\r\nCause: 16\n\r\n");
+        let m = ok(drain(&mut r));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].get("cause"), Some("16"));
+    }
+
+    #[test]
+    fn no_banner_is_fine_and_a_later_banner_like_line_is_just_skipped() {
+        let mut r = AmiReader::new();
+        r.push(b"Event: Hangup\r\nUniqueid: 1.1\r\n\r\nAsterisk Call Manager/9\r\nEvent: X\r\n\r\n");
+        let m = ok(drain(&mut r));
+        assert_eq!(r.banner(), None);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].fields().len(), 1);
+    }
+
+    #[test]
+    fn garbage_lines_are_skipped() {
+        let input = "Asterisk Call Manager/5.0.2\r\n\
+\r\n\
+\r\n\
+this line has no colon\r\n\
+: empty key\r\n\
+Event: Hangup\r\n\
+\u{1}\u{2}binary junk\r\n\
+Uniqueid: 1700000001.5\r\n\
+Weird:value:with:colons\r\n\
+Cause: notanumber\r\n\
+\r\n\
+junk only\r\n\
+\r\n";
+        let (msgs, r) = read_chunked(input.as_bytes(), 5);
+        let msgs = ok(msgs);
+        assert_eq!(r.banner_version(), Some("5.0.2"));
+        assert_eq!(msgs.len(), 1, "blank lines and all-garbage blocks yield nothing");
+        assert_eq!(msgs[0].get("weird"), Some("value:with:colons"));
+        assert_eq!(map_event(&msgs[0]), Some(AcdEvent::Hangup { call_ref: "1700000001.5".into(), cause: None }));
+        // Invalid UTF-8 does not stop the reader.
+        let mut r = AmiReader::new();
+        r.push(b"Event: Hangup\r\nCallerIDName: \xff\xfe\r\nUniqueid: 2.2\r\n\r\n");
+        let m = ok(drain(&mut r));
+        assert_eq!(m[0].get("uniqueid"), Some("2.2"));
+    }
+
+    fn oversized_then_good(line_len: usize, lines: usize) -> Vec<u8> {
+        let mut v = b"Asterisk Call Manager/7.0.3\r\nEvent: Big\r\n".to_vec();
+        for i in 0..lines {
+            v.extend_from_slice(format!("Variable{i}: ").as_bytes());
+            v.extend(std::iter::repeat_n(b'x', line_len));
+            v.extend_from_slice(b"\r\n");
+        }
+        v.extend_from_slice(b"Tail: still the big one\r\n\r\nEvent: Hangup\r\nUniqueid: 3.3\r\n\r\n");
+        v
+    }
+
+    fn assert_error_then_resync(bytes: &[u8], want: AmiError) {
+        for chunk in [1, 7, 4096, usize::MAX] {
+            let mut r = AmiReader::new();
+            let mut out = Vec::new();
+            let mut peak = 0;
+            for c in bytes.chunks(chunk.min(bytes.len())) {
+                r.push(c);
+                peak = peak.max(r.buffered());
+                out.extend(drain(&mut r));
+                peak = peak.max(r.buffered());
+                assert!(r.fields.len() * 2 <= MAX_MESSAGE, "fields bounded");
+            }
+            assert_eq!(out.len(), 2, "chunk {chunk}: {out:?}");
+            assert_eq!(out[0], Err(want.clone()), "chunk {chunk}");
+            match &out[1] {
+                Ok(m) => assert!(m.is_event("hangup"), "chunk {chunk}"),
+                Err(e) => panic!("chunk {chunk}: {e}"),
+            }
+            if chunk <= 4096 {
+                assert!(peak <= MAX_LINE + 1 + chunk, "chunk {chunk}: buffered {peak}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_one_error_then_resync() {
+        // 20 lines of 4 KiB: every line fits, the message does not.
+        assert_error_then_resync(&oversized_then_good(4096, 20), AmiError::MessageTooLarge);
+    }
+
+    #[test]
+    fn overlong_line_is_one_error_then_resync() {
+        // One 100 KiB line, more than a whole message too: reported once.
+        assert_error_then_resync(&oversized_then_good(100 * 1024, 1), AmiError::LineTooLong);
+        // Just over the line limit.
+        assert_error_then_resync(&oversized_then_good(MAX_LINE, 1), AmiError::LineTooLong);
+    }
+
+    #[test]
+    fn line_of_exactly_max_line_is_accepted_in_any_split() {
+        let value = "y".repeat(MAX_LINE - "K: ".len());
+        let input = format!("Event: Ok\r\nK: {value}\r\nUniqueid: 4.4\r\n\r\n");
+        for chunk in [1, 7, usize::MAX] {
+            let (msgs, _) = read_chunked(input.as_bytes(), chunk);
+            let msgs = ok(msgs);
+            assert_eq!(msgs.len(), 1, "chunk {chunk}");
+            assert_eq!(msgs[0].get("k").map(str::len), Some(value.len()));
+        }
+    }
+
+    #[test]
+    fn endless_line_without_lf_stays_bounded() {
+        let mut r = AmiReader::new();
+        let mut errors = 0;
+        for _ in 0..1000 {
+            r.push(&[b'z'; 1000]);
+            for m in drain(&mut r) {
+                assert_eq!(m, Err(AmiError::LineTooLong));
+                errors += 1;
+            }
+            assert!(r.buffered() <= MAX_LINE + 1000);
+        }
+        assert_eq!(errors, 1);
+        r.push(b"\r\n\r\nEvent: Hangup\r\nUniqueid: 5.5\r\n\r\n");
+        let m = ok(drain(&mut r));
+        assert_eq!(m.len(), 1);
+        assert!(m[0].is_event("Hangup"));
+    }
+
+    #[test]
+    fn login_action_text() {
+        assert_eq!(
+            login("dispatchd", "s3cret", "login-1"),
+            "Action: Login\r\nActionID: login-1\r\nUsername: dispatchd\r\n\
+Secret: s3cret\r\nEvents: call,agent,dtmf\r\n\r\n"
+        );
+        // No line injection through the values.
+        let text = login("a\r\nAction: Originate", "b\n", "c\r");
+        assert_eq!(text.matches("\r\n").count(), 6);
+        assert!(text.contains("Username: aAction: Originate\r\n"));
+        // The action reads back as one message with the expected fields.
+        let mut r = AmiReader::new();
+        r.push(login("u", "p", "id-9").as_bytes());
+        let m = ok(drain(&mut r));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].get("action"), Some("Login"));
+        assert_eq!(m[0].get("events"), Some(LOGIN_EVENTS));
+        assert_eq!(m[0].kind(), MessageKind::Other);
+    }
+
+    #[test]
+    fn login_failure_response() {
+        let input = "Asterisk Call Manager/7.0.3\r\n\
+Response: Error\r\n\
+ActionID: login-1\r\n\
+Message: Authentication failed\r\n\
+\r\n";
+        for chunk in [1, 7, usize::MAX] {
+            let (msgs, _) = read_chunked(input.as_bytes(), chunk);
+            let msgs = ok(msgs);
+            assert_eq!(msgs.len(), 1);
+            assert_eq!(
+                login_response(&msgs[0], "login-1"),
+                Some(LoginOutcome::Rejected { message: "Authentication failed".into() })
+            );
+        }
+        let other_id = AmiMessage::from_pairs(&[("Response", "Success"), ("ActionID", "x")]);
+        assert_eq!(login_response(&other_id, "login-1"), None);
+        let no_id = AmiMessage::from_pairs(&[("Response", "Error")]);
+        assert_eq!(login_response(&no_id, "login-1"), Some(LoginOutcome::Rejected { message: String::new() }));
+        let event = AmiMessage::from_pairs(&[("Event", "FullyBooted")]);
+        assert_eq!(login_response(&event, "login-1"), None);
+    }
+
+    fn ev(pairs: &[(&str, &str)]) -> Option<AcdEvent> {
+        map_event(&AmiMessage::from_pairs(pairs))
+    }
+
+    #[test]
+    fn queue_join_mapping_and_missing_fields() {
+        assert_eq!(
+            ev(&[
+                ("Event", "QueueCallerJoin"),
+                ("Uniqueid", "9.1"),
+                ("Linkedid", "9.0"),
+                ("Queue", "triage"),
+                ("CallerIDNum", "07700900123"),
+                ("CallerIDName", "A Caller"),
+            ]),
+            Some(AcdEvent::QueueJoin {
+                call_ref: "9.0".into(),
+                queue: "triage".into(),
+                caller: "07700900123".into(),
+                caller_name: "A Caller".into(),
+            })
+        );
+        // Only Uniqueid; caller ID unknown; no queue.
+        assert_eq!(
+            ev(&[("event", "queuecallerjoin"), ("Linkedid", ""), ("Uniqueid", "9.1"), ("CallerIDNum", "<unknown>"),]),
+            Some(AcdEvent::QueueJoin {
+                call_ref: "9.1".into(),
+                queue: String::new(),
+                caller: String::new(),
+                caller_name: String::new(),
+            })
+        );
+        // Nothing to correlate by.
+        assert_eq!(ev(&[("Event", "QueueCallerJoin"), ("Queue", "triage")]), None);
+    }
+
+    #[test]
+    fn abandon_mapping_and_missing_fields() {
+        assert_eq!(
+            ev(&[
+                ("Event", "QueueCallerAbandon"),
+                ("Linkedid", "9.0"),
+                ("Queue", "triage"),
+                ("Position", "2"),
+                ("OriginalPosition", "3"),
+                ("HoldTime", "47"),
+            ]),
+            Some(AcdEvent::QueueAbandon { call_ref: "9.0".into(), queue: "triage".into(), wait_seconds: Some(47) })
+        );
+        for hold in [None, Some(""), Some("-3"), Some("soon")] {
+            let mut pairs = vec![("Event", "QueueCallerAbandon"), ("Uniqueid", "9.1")];
+            if let Some(h) = hold {
+                pairs.push(("HoldTime", h));
+            }
+            assert_eq!(
+                ev(&pairs),
+                Some(AcdEvent::QueueAbandon { call_ref: "9.1".into(), queue: String::new(), wait_seconds: None }),
+                "{hold:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_connect_mapping_and_missing_fields() {
+        assert_eq!(
+            ev(&[
+                ("Event", "AgentConnect"),
+                ("Linkedid", "9.0"),
+                ("Queue", "triage"),
+                ("MemberName", ""),
+                ("Interface", "PJSIP/agent7"),
+                ("HoldTime", "8"),
+                ("RingTime", "2"),
+            ]),
+            Some(AcdEvent::AgentConnect {
+                call_ref: "9.0".into(),
+                queue: "triage".into(),
+                agent: "PJSIP/agent7".into(),
+                hold_seconds: Some(8),
+            })
+        );
+        assert_eq!(
+            ev(&[("Event", "AgentConnect"), ("Uniqueid", "9.1")]),
+            Some(AcdEvent::AgentConnect {
+                call_ref: "9.1".into(),
+                queue: String::new(),
+                agent: String::new(),
+                hold_seconds: None,
+            })
+        );
+    }
+
+    #[test]
+    fn agent_complete_mapping_and_missing_fields() {
+        assert_eq!(
+            ev(&[
+                ("Event", "AgentComplete"),
+                ("Linkedid", "9.0"),
+                ("Queue", "triage"),
+                ("HoldTime", "8"),
+                ("TalkTime", "61"),
+                ("Reason", "agent"),
+            ]),
+            Some(AcdEvent::AgentComplete {
+                call_ref: "9.0".into(),
+                queue: "triage".into(),
+                talk_seconds: Some(61),
+                reason: "agent".into(),
+            })
+        );
+        assert_eq!(
+            ev(&[("Event", "AgentComplete"), ("Uniqueid", "9.1"), ("TalkTime", "")]),
+            Some(AcdEvent::AgentComplete {
+                call_ref: "9.1".into(),
+                queue: String::new(),
+                talk_seconds: None,
+                reason: String::new(),
+            })
+        );
+    }
+
+    #[test]
+    fn dtmf_mapping_only_received_with_a_digit() {
+        let base = [("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Digit", "#")];
+        let with = |dir: Option<&str>| {
+            let mut p = base.to_vec();
+            if let Some(d) = dir {
+                p.push(("Direction", d));
+            }
+            ev(&p)
+        };
+        assert_eq!(with(Some("Received")), Some(AcdEvent::Dtmf { call_ref: "9.0".into(), digit: "#".into() }));
+        assert_eq!(with(Some("Sent")), None);
+        assert_eq!(with(None), None);
+        assert_eq!(ev(&[("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Direction", "Received")]), None);
+        assert_eq!(ev(&[("Event", "DTMFBegin"), ("Linkedid", "9.0"), ("Digit", "1"), ("Direction", "Received")]), None);
+    }
+
+    #[test]
+    fn hangup_mapping_and_other_messages() {
+        assert_eq!(
+            ev(&[("Event", "Hangup"), ("Linkedid", "9.0"), ("Cause", "17"), ("Cause-txt", "User busy")]),
+            Some(AcdEvent::Hangup { call_ref: "9.0".into(), cause: Some(17) })
+        );
+        assert_eq!(
+            ev(&[("Event", "Hangup"), ("Uniqueid", "9.1")]),
+            Some(AcdEvent::Hangup { call_ref: "9.1".into(), cause: None })
+        );
+        assert_eq!(ev(&[("Event", "Hangup")]), None);
+        assert_eq!(ev(&[("Event", "Newchannel"), ("Uniqueid", "9.1")]), None);
+        assert_eq!(ev(&[("Response", "Success"), ("Uniqueid", "9.1")]), None);
+        assert_eq!(ev(&[]), None);
+        let e = ev(&[("Event", "Hangup"), ("Linkedid", "9.0")]);
+        assert_eq!(e.as_ref().map(AcdEvent::call_ref), Some("9.0"));
+    }
+}
