@@ -71,11 +71,6 @@ impl Classifier {
         }
     }
 
-    /// Whether a category is one this deployment knows.
-    pub fn knows(&self, category: &str) -> bool {
-        self.categories.contains_key(category)
-    }
-
     /// Classifies a call from its IVR selections and Request-URI user.
     pub fn classify(&self, ivr_path: &[String], ruri_user: Option<&str>) -> Classification {
         let best = self

@@ -104,10 +104,6 @@ impl Intake {
         self
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     fn classifier(&self) -> Arc<Classifier> {
         match self.classifier.read() {
             Ok(c) => c.clone(),

@@ -175,16 +175,7 @@ fn options(port: u16, call_id: &str) -> String {
 
 /// The CANCEL of an [`invite`] (same branch, no To tag).
 fn cancel(port: u16, call_id: &str) -> String {
-    format!(
-        "CANCEL sip:incident@127.0.0.1 SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
-         Max-Forwards: 70\r\n\
-         From: \"Test Caller\" <sip:+15550001234@127.0.0.1>;tag=t-{call_id}\r\n\
-         To: <sip:incident@127.0.0.1>\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: 1 CANCEL\r\n\
-         Content-Length: 0\r\n\r\n"
-    )
+    caller_request("CANCEL", port, call_id, "<sip:incident@127.0.0.1>", "")
 }
 
 /// A shadow-mode call left ringing: its peer and the incident id from the 180.

@@ -401,7 +401,7 @@ impl Uas {
                         local_tag: tx.to_tag.clone(),
                         remote_tag: tx.reply.from.as_deref().map(tag_of).unwrap_or_default(),
                     };
-                    let contact = format!("<{}>", contact_uri(&facts, transport, &tx.peer));
+                    let contact = format!("<{}>", contact_uri(&facts, transport));
                     let ringing = build(
                         &tx.reply,
                         180,
@@ -652,8 +652,7 @@ fn tag_of(name_addr: &str) -> String {
 }
 
 /// The Contact of our 180: where the PBX reached us, so in-dialog requests come back here.
-fn contact_uri(facts: &CallFacts, transport: &str, peer: &Peer) -> String {
-    let _ = peer;
+fn contact_uri(facts: &CallFacts, transport: &str) -> String {
     let user = facts.ruri_user.as_deref().unwrap_or("dispatchd");
     let host = facts.ruri_host.as_deref().unwrap_or("127.0.0.1");
     if transport == "tcp" { format!("sip:{user}@{host};transport=tcp") } else { format!("sip:{user}@{host}") }

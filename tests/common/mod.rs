@@ -571,18 +571,24 @@ impl UdpPeer {
     }
 }
 
-/// A well-formed INVITE from `port` with the given Call-ID and extra headers.
-pub fn invite(port: u16, call_id: &str, extra: &str) -> String {
+/// A request of the test caller's call `call_id` from `port` (one branch per
+/// call, as an INVITE and its ACK/CANCEL share it), with `to` and extra headers.
+pub fn caller_request(method: &str, port: u16, call_id: &str, to: &str, extra: &str) -> String {
     format!(
-        "INVITE sip:incident@127.0.0.1 SIP/2.0\r\n\
+        "{method} sip:incident@127.0.0.1 SIP/2.0\r\n\
          Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
          Max-Forwards: 70\r\n\
          From: \"Test Caller\" <sip:+15550001234@127.0.0.1>;tag=t-{call_id}\r\n\
-         To: <sip:incident@127.0.0.1>\r\n\
+         To: {to}\r\n\
          Call-ID: {call_id}\r\n\
-         CSeq: 1 INVITE\r\n\
+         CSeq: 1 {method}\r\n\
          {extra}Content-Length: 0\r\n\r\n"
     )
+}
+
+/// A well-formed INVITE from `port` with the given Call-ID and extra headers.
+pub fn invite(port: u16, call_id: &str, extra: &str) -> String {
+    caller_request("INVITE", port, call_id, "<sip:incident@127.0.0.1>", extra)
 }
 
 /// Status code of a response text.
@@ -610,19 +616,10 @@ pub fn assert_still_serving(d: &Daemon, call_id: &str) -> String {
     id
 }
 
-/// The ACK for a non-2xx final response to [`invite`].
+/// The ACK for a non-2xx final response to [`invite`] (its To, with the tag).
 pub fn ack_for(resp: &str, port: u16, call_id: &str) -> String {
     let to = header_of(resp, "To").unwrap_or("<sip:incident@127.0.0.1>");
-    format!(
-        "ACK sip:incident@127.0.0.1 SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
-         Max-Forwards: 70\r\n\
-         From: \"Test Caller\" <sip:+15550001234@127.0.0.1>;tag=t-{call_id}\r\n\
-         To: {to}\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: 1 ACK\r\n\
-         Content-Length: 0\r\n\r\n"
-    )
+    caller_request("ACK", port, call_id, to, "")
 }
 
 // ---- responders over websockets --------------------------------------------
