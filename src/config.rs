@@ -325,6 +325,136 @@ impl TargetsSettings {
     }
 }
 
+/// `[acd.asterisk]`: the Asterisk Manager Interface feed (issue 5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsteriskSettings {
+    /// `host:port` of the AMI listener (Asterisk's default is 5038).
+    pub address: String,
+    pub username: String,
+    pub secret: Secret,
+}
+
+/// `[acd.freeswitch]`: the FreeSWITCH event socket feed (inbound mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreeswitchSettings {
+    /// `host:port` of mod_event_socket (FreeSWITCH's default is 8021).
+    pub address: String,
+    pub password: Secret,
+}
+
+/// `[acd]`: PBX event feeds. Each feed is off unless its table is present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcdSettings {
+    pub asterisk: Option<AsteriskSettings>,
+    pub freeswitch: Option<FreeswitchSettings>,
+    /// A caller joining one of these queues opens an incident (as `X-Event:
+    /// incident` does); other queues' calls are only followed. `["*"]` = every queue.
+    pub incident_queues: Vec<String>,
+    /// Longest wait between two connection attempts (the backoff doubles from 250ms up to this).
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for AcdSettings {
+    fn default() -> Self {
+        AcdSettings {
+            asterisk: None,
+            freeswitch: None,
+            incident_queues: Vec::new(),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AcdSettings {
+    /// Whether a caller joining `queue` opens an incident.
+    pub fn opens_incident(&self, queue: &str) -> bool {
+        self.incident_queues.iter().any(|q| q == "*" || q == queue)
+    }
+}
+
+/// `[correlation.repeat]`: a caller calling again while their incident is open.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepeatRule {
+    pub enabled: bool,
+    /// A call within this long of the caller's previous call counts as a repeat.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Every `raise_after`-th repeat raises the severity one level (0 = never).
+    pub raise_after: u32,
+}
+
+impl Default for RepeatRule {
+    fn default() -> Self {
+        RepeatRule { enabled: true, window: Duration::from_secs(30 * 60), raise_after: 2 }
+    }
+}
+
+/// `[correlation.callback]`: a caller who gave up in a queue after waiting long.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackRule {
+    pub enabled: bool,
+    /// A caller who abandoned after waiting longer than this gets a `callback` incident.
+    #[serde(deserialize_with = "duration")]
+    pub abandon_after: Duration,
+    pub severity: Severity,
+}
+
+impl Default for CallbackRule {
+    fn default() -> Self {
+        CallbackRule { enabled: true, abandon_after: Duration::from_secs(60), severity: Severity::Low }
+    }
+}
+
+/// `[correlation.abandon_storm]` and `[correlation.surge]`: `count` within
+/// `window` declare a major incident of `severity`. Two types with one shape,
+/// so that each table's keys default on their own.
+macro_rules! burst_rule {
+    ($(#[$doc:meta])* $name:ident, $count:expr, $window_s:expr, $severity:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            pub enabled: bool,
+            pub count: u32,
+            #[serde(deserialize_with = "duration")]
+            pub window: Duration,
+            /// Severity of the major incident this rule declares.
+            pub severity: Severity,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { enabled: true, count: $count, window: Duration::from_secs($window_s), severity: $severity }
+            }
+        }
+    };
+}
+
+burst_rule!(
+    /// Abandons on one queue (default 10 within 5 minutes → one `high` major incident).
+    StormRule, 10, 300, Severity::High
+);
+burst_rule!(
+    /// New incidents of one category (default 5 within 10 minutes → one `critical` major incident).
+    SurgeRule, 5, 600, Severity::Critical
+);
+
+/// Extension of issue 5: `[correlation.*]`, every rule on by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorrelationSettings {
+    pub repeat: RepeatRule,
+    pub callback: CallbackRule,
+    pub abandon_storm: StormRule,
+    pub surge: SurgeRule,
+}
+
 /// Everything the daemon reads from its configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -347,6 +477,10 @@ pub struct Settings {
     pub escalation: EscalationSettings,
     /// Extension: service-level targets reported by `dispatchd report` and `/v1/report`.
     pub targets: TargetsSettings,
+    /// PBX event feeds (AMI, ESL).
+    pub acd: AcdSettings,
+    /// Correlation rules: repeat callers, callbacks, abandon storms, surges.
+    pub correlation: CorrelationSettings,
 }
 
 /// Reads and validates the configuration. `path` may be absent (defaults and environment only).
@@ -373,6 +507,7 @@ pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Sett
             .list_separator(",")
             .with_list_parse_key("sip.allow")
             .with_list_parse_key("skills")
+            .with_list_parse_key("acd.incident_queues")
             .try_parsing(true)
             .source(Some(env_map)),
     );
@@ -447,6 +582,17 @@ fn check_listen(key: &str, value: &str, may_be_empty: bool) -> Result<(), Config
         return Ok(());
     }
     value.parse::<SocketAddr>().map(|_| ()).map_err(|_| err(key, format!("{value:?} is not an address:port")))
+}
+
+/// `host:port` with a port: an address, or a name resolved when connecting.
+fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = match value.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !host.chars().any(|c| c.is_whitespace())
+        }
+        None => false,
+    };
+    if ok { Ok(()) } else { Err(err(key, format!("{value:?} is not host:port"))) }
 }
 
 /// Parses one `sip.allow` entry: a CIDR or a bare address.
@@ -575,6 +721,43 @@ impl Settings {
             }
             if p.max_rounds == 0 {
                 return Err(err(format!("escalation.{name}.max_rounds"), "must be at least 1"));
+            }
+        }
+        if let Some(a) = &self.acd.asterisk {
+            check_host_port("acd.asterisk.address", &a.address)?;
+            if a.username.is_empty() || a.username.chars().any(char::is_control) {
+                return Err(err("acd.asterisk.username", "must be set, without control characters"));
+            }
+            if a.secret.expose().chars().any(char::is_control) {
+                return Err(err("acd.asterisk.secret", "must not contain control characters"));
+            }
+        }
+        if let Some(f) = &self.acd.freeswitch {
+            check_host_port("acd.freeswitch.address", &f.address)?;
+            if f.password.expose().is_empty() || f.password.expose().chars().any(|c| c.is_control() || c == ' ') {
+                return Err(err("acd.freeswitch.password", "must be set, without spaces or control characters"));
+            }
+        }
+        if let Some(q) = self.acd.incident_queues.iter().find(|q| q.is_empty() || q.len() > 64) {
+            return Err(err("acd.incident_queues", format!("{q:?} is not a queue name (1 to 64 characters)")));
+        }
+        if self.acd.max_backoff < Duration::from_millis(250) {
+            return Err(err("acd.max_backoff", "must be at least 250ms"));
+        }
+        let c = &self.correlation;
+        if c.repeat.enabled && c.repeat.window.is_zero() {
+            return Err(err("correlation.repeat.window", "must be more than zero"));
+        }
+        let bursts = [
+            ("abandon_storm", c.abandon_storm.enabled, c.abandon_storm.count, c.abandon_storm.window),
+            ("surge", c.surge.enabled, c.surge.count, c.surge.window),
+        ];
+        for (name, enabled, count, window) in bursts {
+            if enabled && count < 2 {
+                return Err(err(format!("correlation.{name}.count"), "must be at least 2"));
+            }
+            if enabled && window.is_zero() {
+                return Err(err(format!("correlation.{name}.window"), "must be more than zero"));
             }
         }
         for s in Severity::ALL {

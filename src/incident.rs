@@ -160,6 +160,16 @@ pub struct Incident {
     pub assigned_to: Option<String>,
     pub attempts: u32,
     pub exhausted: bool,
+    /// Extension (issue 5): a major incident, declared by a surge or an abandon storm.
+    pub major: bool,
+    /// Extension: the major incident this one is a member of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub major_incident: Option<String>,
+    /// Extension: a major incident's members (only in `GET /v1/incidents/{id}`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub members: Vec<String>,
+    /// Extension: calls of the same caller attached to this incident (repeat rule).
+    pub repeat_calls: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Vec<TimelineEntry>>,
 }
@@ -173,7 +183,7 @@ const CHECK: &[u8; 37] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ*~$=U";
 
 /// `INC-` + the sequence number in Crockford base32 (at least 4 symbols) + a check symbol.
 /// The sequence comes from one Redis counter, so ids are unique across daemons.
-/// The same function is implemented in `store/scripts/open.lua`; a unit test pins both.
+/// The same function is implemented in `store/scripts/intake.lua`; a unit test pins both.
 pub fn incident_id(seq: u64) -> String {
     let mut digits = Vec::new();
     let mut n = seq;

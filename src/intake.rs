@@ -1,19 +1,37 @@
 //! Intake: call facts from an adapter → a classified incident in the store,
-//! and later call events (IVR digits, hang-ups) onto its timeline.
+//! and call events (IVR choices, queue joins and abandons, agents answering,
+//! hang-ups) onto its timeline, with the correlation rules.
 //!
-//! Adapters (SIP today) call this; it is the one place that logs "incident
-//! opened" and counts it, and it never logs a caller number in clear.
+//! Adapters (SIP INVITE/INFO/CANCEL/BYE, SIP MESSAGE, AMI, ESL) call this; it
+//! is the one place that logs "incident opened" and counts it, and it never
+//! logs a caller number in clear.
+//!
+//! The correlation rules (`[correlation.*]`) run inside Redis
+//! (`store/scripts/intake.lua`), so several daemons agree on them:
+//! - repeat: a caller with an open incident who calls again within
+//!   `repeat.window` is attached to it (`repeat_call`), and every
+//!   `raise_after`-th repeat raises its severity one level;
+//! - callback: a caller without an incident who abandoned a queue after waiting
+//!   longer than `callback.abandon_after` gets a `callback` incident;
+//! - abandon storm: `count` abandons on one queue within `window` open one
+//!   major incident for that queue (later abandons go onto its timeline);
+//! - surge: `count` new incidents of one category within `window` declare a
+//!   major incident linked to them (and to later ones while it is open),
+//!   offered to the highest tier first.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::classify::{Classification, Classifier};
-use crate::config::Settings;
-use crate::incident::{Source, TimelineEntry, pseudonym};
+use crate::acd::{CallEvent, EventKind};
+use crate::classify::{Classification, Classifier, split_path};
+use crate::config::{AcdSettings, CorrelationSettings, Settings};
+use crate::incident::{Severity, Source, TimelineEntry, pseudonym};
 use crate::sip::call::{CallFacts, MAX_IVR_SELECTIONS};
+use crate::store::intake::{self as writes, EventWrite, Rules, Storm};
 use crate::store::{Changes, NewIncident, Store, StoreError};
 use crate::telemetry::metric;
 
@@ -49,12 +67,43 @@ impl CallEnd {
     }
 }
 
+/// What applying a call event did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The call's incident, when it has one (after this event).
+    pub incident: Option<String>,
+    /// True when this event opened it.
+    pub created: bool,
+    /// The event was applied before (a re-sent MESSAGE): nothing changed.
+    pub duplicate: bool,
+}
+
+/// The settings intake works with; replaced as a whole on SIGHUP.
+struct Live {
+    classifier: Classifier,
+    correlation: CorrelationSettings,
+    acd: AcdSettings,
+}
+
 pub struct Intake {
     store: Store,
     /// Called when an incident is opened (the dispatcher's wake-up).
     on_open: Option<Box<dyn Fn() + Send + Sync>>,
-    classifier: RwLock<Arc<Classifier>>,
+    live: RwLock<Arc<Live>>,
     caller_key: String,
+}
+
+/// Logs and counts what the surge rule did when an incident was opened.
+pub fn log_major(o: &writes::Opened, source: Source) {
+    if o.major_created
+        && let Some(major) = &o.major
+    {
+        metrics::counter!(metric::CORRELATIONS, "rule" => "surge").increment(1);
+        let severity = o.major_severity.map(Severity::as_str).unwrap_or("");
+        tracing::warn!(incident_id = %major, members = o.members, severity, source = source.as_str(), "surge: major incident declared");
+    } else if let Some(major) = &o.major {
+        tracing::info!(incident_id = %o.id, major_incident = %major, "incident linked to the open major incident");
+    }
 }
 
 /// A one-line description for lists and responders; no caller number in it.
@@ -90,10 +139,15 @@ impl Intake {
             metrics::counter!(metric::INCIDENTS_OPENED, "severity" => severity.as_str(), "category" => category.clone())
                 .absolute(0);
         }
+        for source in [Source::Sip, Source::Ami, Source::Esl] {
+            for kind in EventKind::ALL {
+                metrics::counter!(metric::CALL_EVENTS, "source" => source.as_str(), "event" => kind.as_str()).absolute(0);
+            }
+        }
         Intake {
             store,
             on_open: None,
-            classifier: RwLock::new(Arc::new(Classifier::new(settings))),
+            live: RwLock::new(Arc::new(Live::new(settings))),
             caller_key: settings.privacy.caller_key.expose().to_string(),
         }
     }
@@ -104,19 +158,24 @@ impl Intake {
         self
     }
 
-    fn classifier(&self) -> Arc<Classifier> {
-        match self.classifier.read() {
+    fn live(&self) -> Arc<Live> {
+        match self.live.read() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    /// Replaces the IVR map (SIGHUP reload).
-    pub fn set_classifier(&self, c: Classifier) {
-        match self.classifier.write() {
-            Ok(mut g) => *g = Arc::new(c),
-            Err(p) => *p.into_inner() = Arc::new(c),
+    /// Replaces the IVR map and the correlation rules (SIGHUP reload).
+    pub fn reconfigure(&self, settings: &Settings) {
+        let live = Arc::new(Live::new(settings));
+        match self.live.write() {
+            Ok(mut g) => *g = live,
+            Err(p) => *p.into_inner() = live,
         }
+    }
+
+    fn pseudonym_of(&self, caller: &str) -> String {
+        if caller.is_empty() { String::new() } else { pseudonym(&self.caller_key, caller) }
     }
 
     /// Opens (or finds) the incident of a call. On `Ok` it is durably in Redis.
@@ -126,8 +185,9 @@ impl Intake {
         received_at: DateTime<Utc>,
         transport: &str,
     ) -> Result<Opened, StoreError> {
-        let c = self.classifier().classify(&facts.ivr_path, facts.ruri_user.as_deref());
-        let initial = json!({
+        let live = self.live();
+        let c = live.classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
+        let detail = json!({
             "source": "sip",
             "transport": transport,
             "queue": facts.queue,
@@ -135,50 +195,80 @@ impl Intake {
             "ivr_path": facts.ivr_path,
             "caller_known": !facts.caller.is_empty(),
         });
-        let new = NewIncident {
+        let new = self.new_incident(facts, Source::Sip, received_at, &c, detail);
+        self.open(&new, &c, &Rules::new(&live.correlation)).await
+    }
+
+    /// The incident a call's facts describe, classified as `c`.
+    fn new_incident(
+        &self,
+        facts: &CallFacts,
+        source: Source,
+        at: DateTime<Utc>,
+        c: &Classification,
+        opened_detail: serde_json::Value,
+    ) -> NewIncident {
+        let actor = source.as_str();
+        NewIncident {
             call_key: facts.call_key.clone(),
             call_id: facts.call_id.clone(),
-            source: Source::Sip,
+            source,
             caller: facts.caller.clone(),
             caller_name: facts.caller_name.clone(),
-            caller_pseudonym: if facts.caller.is_empty() {
-                String::new()
-            } else {
-                pseudonym(&self.caller_key, &facts.caller)
-            },
+            caller_pseudonym: self.pseudonym_of(&facts.caller),
             ivr_path: facts.ivr_path.clone(),
             queue: facts.queue.clone(),
             wait_seconds: facts.wait_seconds,
             category: c.category.clone(),
             severity: c.severity,
-            summary: summary(&c, facts),
+            summary: summary(c, facts),
             instructions: c.instructions.clone(),
-            opened_at: received_at,
+            opened_at: at,
             timeline: vec![
-                TimelineEntry::new(received_at, "opened", "sip", initial),
-                classified_entry(received_at, "sip", &c, &facts.ivr_path),
-                TimelineEntry::new(received_at, "queued", "dispatchd", json!({"severity": c.severity})),
+                TimelineEntry::new(at, "opened", actor, opened_detail),
+                classified_entry(at, actor, c, &facts.ivr_path),
+                TimelineEntry::new(at, "queued", "dispatchd", json!({"severity": c.severity})),
             ],
-        };
-        let (id, created) = self.store.open(&new).await?;
-        if created {
-            if let Some(f) = &self.on_open {
-                f();
-            }
+        }
+    }
+
+    /// Writes a new incident (or finds the call's, or attaches it to the
+    /// caller's open one), then logs and counts what happened.
+    async fn open(&self, new: &NewIncident, c: &Classification, rules: &Rules) -> Result<Opened, StoreError> {
+        let o = self.store.open(new, rules).await?;
+        self.opened(&o, new, c);
+        Ok(Opened { id: o.id, created: o.created == 1 })
+    }
+
+    /// The log lines, metrics and wake-ups of one `open`.
+    fn opened(&self, o: &writes::Opened, new: &NewIncident, c: &Classification) {
+        let wake = o.created == 1 || o.raised.is_some() || o.major_created;
+        if o.created == 1 {
             metrics::counter!(metric::INCIDENTS_OPENED, "severity" => c.severity.as_str(), "category" => c.category.clone())
                 .increment(1);
             tracing::info!(
-                incident_id = %id,
+                incident_id = %o.id,
                 severity = %c.severity,
                 category = %c.category,
                 rule = %c.rule,
-                caller = %pseudonym(&self.caller_key, &facts.caller),
+                source = new.source.as_str(),
+                caller = %new.caller_pseudonym,
                 "incident opened"
             );
+        } else if let Some(n) = o.repeat_calls {
+            metrics::counter!(metric::CORRELATIONS, "rule" => "repeat_call").increment(1);
+            tracing::info!(incident_id = %o.id, repeat_calls = n, caller = %new.caller_pseudonym, "repeat call attached to the caller's open incident");
+            if let Some(to) = o.raised {
+                metrics::counter!(metric::CORRELATIONS, "rule" => "severity_raised").increment(1);
+                tracing::warn!(incident_id = %o.id, severity = %to, repeat_calls = n, "severity raised: the caller keeps calling");
+            }
         } else {
-            tracing::debug!(incident_id = %id, "call already has an incident");
+            tracing::debug!(incident_id = %o.id, "call already has an incident");
         }
-        Ok(Opened { id, created })
+        log_major(o, new.source);
+        if wake && let Some(f) = &self.on_open {
+            f();
+        }
     }
 
     /// A DTMF key pressed in the early dialog: appended to the call's path,
@@ -190,7 +280,7 @@ impl Intake {
             facts.ivr_path.push(digit.to_string());
         }
         let now = Utc::now();
-        let c = self.classifier().classify(&facts.ivr_path, facts.ruri_user.as_deref());
+        let c = self.live().classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
         let changes = Changes {
             severity: Some(c.severity),
             category: Some(c.category.clone()),
@@ -223,5 +313,240 @@ impl Intake {
         self.store.update(id, &Changes::default(), &[entry]).await?;
         tracing::info!(incident_id = %id, event = how.event(), rung_s, "call ended");
         Ok(())
+    }
+}
+
+impl Live {
+    fn new(settings: &Settings) -> Live {
+        Live {
+            classifier: Classifier::new(settings),
+            correlation: settings.correlation.clone(),
+            acd: settings.acd.clone(),
+        }
+    }
+}
+
+/// The call's facts from an event and what was remembered of the call before.
+fn facts_of(ev: &CallEvent, state: &HashMap<String, String>) -> CallFacts {
+    let pick = |own: &str, key: &str| {
+        if own.is_empty() { state.get(key).cloned().unwrap_or_default() } else { own.to_string() }
+    };
+    let ivr_path = match ev.kind {
+        EventKind::Ivr if !ev.ivr_path.is_empty() => ev.ivr_path.clone(),
+        EventKind::Dtmf => {
+            let mut p = state.get("ivr_path").map(|p| split_path(p)).unwrap_or_default();
+            if p.len() < MAX_IVR_SELECTIONS {
+                p.extend(ev.ivr_path.iter().take(1).cloned());
+            }
+            p
+        }
+        _ if !ev.ivr_path.is_empty() => ev.ivr_path.clone(),
+        _ => state.get("ivr_path").map(|p| split_path(p)).unwrap_or_default(),
+    };
+    CallFacts {
+        call_id: if ev.call_id.is_empty() { ev.call_ref.clone() } else { ev.call_id.clone() },
+        call_key: ev.call_ref.clone(),
+        caller: pick(&ev.caller, "caller"),
+        caller_name: pick(&ev.caller_name, "caller_name"),
+        ivr_path,
+        queue: pick(&ev.queue, "queue"),
+        wait_seconds: ev.wait_seconds.or_else(|| state.get("wait_seconds").and_then(|w| w.parse().ok())),
+        ruri_user: ev.ruri_user.clone().or_else(|| state.get("ruri_user").cloned()),
+        ruri_host: None,
+    }
+}
+
+/// Seconds waited in the queue: as the PBX said, else since the join we heard.
+fn waited(ev: &CallEvent, state: &HashMap<String, String>, now: DateTime<Utc>) -> Option<u32> {
+    ev.wait_seconds.or_else(|| {
+        let joined: i64 = state.get("joined_ms")?.parse().ok()?;
+        u32::try_from((now.timestamp_millis() - joined).max(0) / 1000).ok()
+    })
+}
+
+impl Intake {
+    /// Applies one call event from any source. On `Ok` it is durably in Redis
+    /// (for SIP MESSAGE: the 202 may be sent).
+    pub async fn apply(&self, ev: CallEvent) -> Result<Outcome, StoreError> {
+        let ev = ev.clean();
+        let live = self.live();
+        let now = Utc::now();
+        let (state, existing) = self.store.call_state(&ev.call_ref).await?;
+        let facts = facts_of(&ev, &state);
+        let actor = ev.source.as_str();
+        metrics::counter!(metric::CALL_EVENTS, "source" => actor, "event" => ev.kind.as_str()).increment(1);
+        let opens = match ev.kind {
+            EventKind::Incident => true,
+            EventKind::QueueJoin => live.acd.opens_incident(&facts.queue),
+            _ => false,
+        };
+        if opens {
+            let c = live.classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
+            let detail = json!({
+                "source": actor,
+                "event": ev.kind.as_str(),
+                "queue": facts.queue,
+                "wait_seconds": facts.wait_seconds,
+                "ivr_path": facts.ivr_path,
+                "caller_known": !facts.caller.is_empty(),
+            });
+            let new = self.new_incident(&facts, ev.source, now, &c, detail);
+            let o = self.open(&new, &c, &Rules::new(&live.correlation)).await?;
+            if ev.kind == EventKind::QueueJoin {
+                // Remember the join time for the wait of a later abandon.
+                let w = EventWrite {
+                    call_key: ev.call_ref.clone(),
+                    source: actor.into(),
+                    state: vec![("joined_ms", now.timestamp_millis().to_string()), ("source", actor.into())],
+                    ..EventWrite::default()
+                };
+                self.store.apply_event(&w).await?;
+            }
+            return Ok(Outcome { incident: Some(o.id), created: o.created, duplicate: false });
+        }
+
+        let mut w = EventWrite {
+            call_key: ev.call_ref.clone(),
+            source: actor.into(),
+            dedup: ev.dedup.clone(),
+            ..EventWrite::default()
+        };
+        let remember = |w: &mut EventWrite, k: &'static str, v: &str| {
+            if !v.is_empty() {
+                w.state.push((k, v.to_string()));
+            }
+        };
+        remember(&mut w, "caller", &ev.caller);
+        remember(&mut w, "caller_name", &ev.caller_name);
+        remember(&mut w, "queue", &ev.queue);
+        remember(&mut w, "source", actor);
+        let entry = |event: &str, detail: serde_json::Value| TimelineEntry::new(now, event, actor, detail);
+        match ev.kind {
+            EventKind::Incident => unreachable!("opened above"),
+            EventKind::Ivr | EventKind::Dtmf => {
+                w.state.push(("ivr_path", facts.ivr_path.join(",")));
+                if existing.is_some() {
+                    let c = live.classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
+                    let input = match ev.kind {
+                        EventKind::Dtmf => json!({"digit": ev.ivr_path.first(), "ivr_path": facts.ivr_path}),
+                        _ => json!({"ivr_path": facts.ivr_path}),
+                    };
+                    w.entries = vec![entry("ivr_input", input), classified_entry(now, actor, &c, &facts.ivr_path)];
+                    w.changes = vec![
+                        ("severity", c.severity.as_str().to_string()),
+                        ("category", c.category.clone()),
+                        ("ivr_path", facts.ivr_path.join(",")),
+                        ("instructions", c.instructions.clone()),
+                        ("summary", summary(&c, &facts)),
+                    ];
+                }
+            }
+            EventKind::QueueJoin => {
+                w.state.push(("joined_ms", now.timestamp_millis().to_string()));
+                w.entries = vec![entry("note", json!({"event": "queue_join", "queue": facts.queue}))];
+            }
+            EventKind::QueueAbandon => {
+                let wait = waited(&ev, &state, now);
+                w.state.push(("abandoned_ms", now.timestamp_millis().to_string()));
+                let mut detail = json!({"queue": facts.queue, "wait_seconds": wait});
+                if !ev.reason.is_empty() {
+                    detail["reason"] = json!(ev.reason);
+                }
+                w.entries = vec![entry("abandoned", detail)];
+                let cb = &live.correlation.callback;
+                let long_wait = wait.is_some_and(|s| Duration::from_secs(u64::from(s)) > cb.abandon_after);
+                if cb.enabled && long_wait && existing.is_none() && !facts.caller.is_empty() {
+                    w.callback = Some((self.callback_incident(&facts, ev.source, now, wait, cb.severity), Rules::new(&live.correlation)));
+                }
+                let st = &live.correlation.abandon_storm;
+                if st.enabled && !facts.queue.is_empty() {
+                    w.storm = Some(Storm {
+                        queue: facts.queue.clone(),
+                        count: st.count,
+                        window_ms: st.window.as_millis() as u64,
+                        severity: st.severity,
+                        wait_seconds: wait,
+                    });
+                }
+            }
+            EventKind::AgentConnect => {
+                w.state.push(("answered_ms", now.timestamp_millis().to_string()));
+                let mut detail = json!({"queue": facts.queue, "agent": ev.agent});
+                if let Some(wait) = waited(&ev, &state, now) {
+                    detail["wait_seconds"] = json!(wait);
+                }
+                w.entries = vec![entry("answered_elsewhere", detail)];
+            }
+            EventKind::AgentComplete => {
+                w.entries =
+                    vec![entry("note", json!({"event": "agent_complete", "queue": facts.queue, "reason": ev.reason}))];
+            }
+            EventKind::Hangup => {
+                w.state.push(("hangup_ms", now.timestamp_millis().to_string()));
+                let mut detail = json!({"source": actor});
+                if !ev.reason.is_empty() {
+                    detail["cause"] = json!(ev.reason);
+                }
+                w.entries = vec![entry("caller_hangup", detail)];
+            }
+        }
+        let applied = self.store.apply_event(&w).await?;
+        if applied.duplicate {
+            tracing::debug!(event = ev.kind.as_str(), "call event already applied");
+        }
+        let mut created = false;
+        if let (Some(cb), Some((new, _))) = (&applied.callback, &w.callback) {
+            let c = Classification {
+                category: new.category.clone(),
+                severity: new.severity,
+                instructions: new.instructions.clone(),
+                rule: "callback".into(),
+            };
+            if cb.created == 1 {
+                metrics::counter!(metric::CORRELATIONS, "rule" => "callback").increment(1);
+                created = true;
+            }
+            self.opened(cb, new, &c);
+        }
+        if applied.storm_created {
+            metrics::counter!(metric::CORRELATIONS, "rule" => "abandon_storm").increment(1);
+            let severity = applied.storm_severity.map(Severity::as_str).unwrap_or("");
+            tracing::warn!(incident_id = applied.storm.as_deref().unwrap_or(""), queue = %facts.queue, severity, "abandon storm: major incident declared");
+            if let Some(f) = &self.on_open {
+                f();
+            }
+        }
+        let incident = (!applied.id.is_empty()).then(|| applied.id.clone());
+        if let Some(id) = &incident {
+            tracing::info!(incident_id = %id, event = ev.kind.as_str(), source = actor, "call event applied");
+        }
+        Ok(Outcome { incident, created, duplicate: applied.duplicate })
+    }
+
+    /// A `callback` incident for a caller who gave up waiting.
+    fn callback_incident(
+        &self,
+        facts: &CallFacts,
+        source: Source,
+        now: DateTime<Utc>,
+        wait: Option<u32>,
+        severity: Severity,
+    ) -> NewIncident {
+        let c = Classification {
+            category: "callback".into(),
+            severity,
+            instructions: "Call the caller back: they abandoned the queue after a long wait.".into(),
+            rule: "callback".into(),
+        };
+        let mut facts = facts.clone();
+        facts.wait_seconds = wait;
+        let detail = json!({"source": source.as_str(), "rule": "callback", "queue": facts.queue, "wait_seconds": wait});
+        let mut new = self.new_incident(&facts, source, now, &c, detail);
+        new.summary = format!(
+            "callback: caller abandoned queue {} after {}s",
+            if facts.queue.is_empty() { "?" } else { &facts.queue },
+            wait.unwrap_or(0)
+        );
+        new
     }
 }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 
-use crate::classify::Classifier;
 use crate::config::{ResponderConfig, Settings};
 use crate::dispatcher::Dispatch;
 use crate::intake::Intake;
@@ -92,6 +91,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("responders", differs(&old.responders, &new.responders)),
         ("http", differs(&old.http, &new.http)),
         ("log", differs(&old.log, &new.log)),
+        // The feeds connect at start-up.
+        ("acd", differs(&old.acd, &new.acd)),
     ] {
         if changed && !keys.iter().any(|k| k.starts_with(section) && k.as_bytes().get(section.len()) == Some(&b'.')) {
             keys.push(section);
@@ -114,6 +115,7 @@ impl Plan {
         settings.http = old.http.clone();
         settings.privacy.caller_key = old.privacy.caller_key.clone();
         settings.log = old.log.clone();
+        settings.acd = old.acd.clone();
         settings.escalation = old.escalation.clone();
 
         let (before, after) = (roster_map(&old.roster), roster_map(&settings.roster));
@@ -255,7 +257,7 @@ impl Reloader {
 
         // The IVR map: calls classified from now on use the new one; calls
         // already being stored keep the map they started with.
-        self.intake.set_classifier(Classifier::new(&settings));
+        self.intake.reconfigure(&settings);
         // Tokens: checked when a responder connects; open connections stay.
         let roster = Roster::new(&settings.roster);
         match self.roster.write() {

@@ -26,6 +26,14 @@ pub mod metric {
     pub const INTAKE_SECONDS: &str = "dispatchd_intake_seconds";
     /// Extension: 1 while Redis answers.
     pub const REDIS_UP: &str = "dispatchd_redis_up";
+    /// Extension (issue 5): call events applied, by source and event.
+    pub const CALL_EVENTS: &str = "dispatchd_call_events_total";
+    /// Extension: correlation rules that fired, by rule.
+    pub const CORRELATIONS: &str = "dispatchd_correlations_total";
+    /// Extension: 1 while logged in to the PBX feed, by source (ami, esl).
+    pub const ACD_CONNECTED: &str = "dispatchd_acd_connected";
+    /// Extension: PBX feed messages that could not be used, by source and reason.
+    pub const ACD_ERRORS: &str = "dispatchd_acd_errors_total";
 }
 
 /// Installs the tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
@@ -74,6 +82,13 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_histogram!(metric::OFFER_TO_ACK, Unit::Seconds, "Offer to acknowledgement");
     describe_counter!(metric::ESCALATIONS, "Offers moved to a higher tier, by severity");
     describe_gauge!(metric::RESPONDERS_CONNECTED, "Responders connected to this daemon");
+    describe_counter!(metric::CALL_EVENTS, "Call events applied (SIP MESSAGE, AMI, ESL), by source and event");
+    describe_counter!(
+        metric::CORRELATIONS,
+        "Correlation rules that fired (repeat_call, severity_raised, callback, abandon_storm, surge)"
+    );
+    describe_gauge!(metric::ACD_CONNECTED, "1 while logged in to the PBX event feed, by source");
+    describe_counter!(metric::ACD_ERRORS, "PBX feed problems (login, disconnect, framing), by source and reason");
 
     // Present from the start (contract §6: these metrics exist), so dashboards
     // and alerts see zeros rather than nothing.
@@ -93,6 +108,9 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     for s in Severity::ALL {
         metrics::counter!(metric::ESCALATIONS, "severity" => s.as_str()).absolute(0);
         metrics::gauge!(metric::QUEUE_DEPTH, "severity" => s.as_str()).set(0.0);
+    }
+    for r in ["repeat_call", "severity_raised", "callback", "abandon_storm", "surge"] {
+        metrics::counter!(metric::CORRELATIONS, "rule" => r).absolute(0);
     }
     for h in [metric::CALL_TO_OFFER, metric::OFFER_TO_ACK, metric::INTAKE_SECONDS] {
         // A histogram appears in the text format once it has a handle.

@@ -28,6 +28,7 @@ use crate::config::{Settings, is_category_name};
 use crate::incident::{Severity, Source, State as IncidentState, TimelineEntry, normalize_id, pseudonym};
 use crate::responders::wire;
 use crate::store::admin::Closed;
+use crate::store::intake::Rules;
 use crate::store::{NewIncident, StoreError};
 use crate::telemetry::metric;
 
@@ -132,10 +133,14 @@ async fn open_incident(State(st): State<ApiState>, body: Result<Bytes, BytesReje
             TimelineEntry::new(now, "queued", "dispatchd", json!({"severity": severity})),
         ],
     };
-    let id = match st.store.open(&new).await {
-        Ok((id, _)) => id,
+    // Incidents opened by hand count towards a surge of their category too.
+    let rules = st.settings.read().map(|s| Rules::new(&s.correlation)).unwrap_or_else(|_| Rules::none());
+    let opened = match st.store.open(&new, &rules).await {
+        Ok(o) => o,
         Err(e) => return unavailable(e),
     };
+    let id = opened.id.clone();
+    crate::intake::log_major(&opened, Source::Api);
     st.dispatch.wake();
     metrics::counter!(metric::INCIDENTS_OPENED, "severity" => severity.as_str(), "category" => b.category.clone())
         .increment(1);

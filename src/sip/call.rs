@@ -7,6 +7,7 @@
 use rsipstack::sip::typed::From as NameAddr;
 
 use super::wire::Message;
+use crate::acd::{call_key, clean};
 
 /// Longest caller number or queue name kept.
 const MAX_SHORT: usize = 64;
@@ -14,8 +15,6 @@ const MAX_SHORT: usize = 64;
 const MAX_NAME: usize = 128;
 /// Most IVR selections kept.
 pub const MAX_IVR_SELECTIONS: usize = 32;
-/// Call keys longer than this are stored as their SHA-256.
-const MAX_CALL_KEY: usize = 128;
 
 /// The facts of one call, as the SIP adapter hands them to intake.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -34,10 +33,6 @@ pub struct CallFacts {
     pub ruri_host: Option<String>,
 }
 
-/// Keeps printable characters only, at most `max` of them.
-fn clean(s: &str, max: usize) -> String {
-    s.chars().filter(|c| !c.is_control()).take(max).collect::<String>().trim().to_string()
-}
 
 /// User and display name of a name-addr header (`P-Asserted-Identity`, `From`).
 fn identity(value: &str) -> Option<(String, String)> {
@@ -85,14 +80,6 @@ fn is_dtmf_key(b: u8) -> bool {
     b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'A'..=b'D')
 }
 
-fn call_key(raw: &str) -> String {
-    if raw.len() <= MAX_CALL_KEY && raw.bytes().all(|b| b.is_ascii_graphic()) {
-        raw.to_string()
-    } else {
-        use sha2::Digest;
-        format!("h:{}", hex::encode(sha2::Sha256::digest(raw.as_bytes())))
-    }
-}
 
 impl CallFacts {
     /// Reads the facts of an INVITE.

@@ -9,6 +9,9 @@
 //! - `p:queue` — waiting incidents, severity first then oldest (zset, see [`queue_score`]);
 //! - `p:deadlines`, `p:idle`, `p:roster`, `p:resp:<rid>`, `p:inc:<id>:tried` — dispatch
 //!   state, described in `scripts/dispatch.lua` and used through [`dispatch`];
+//! - `p:acall:<call key>`, `p:dedup:*`, `p:repeat:*`, `p:surge:*`, `p:major:*`,
+//!   `p:abandons:*`, `p:storm:*`, `p:inc:<id>:members` — call events and the
+//!   correlation rules, described in `scripts/intake.lua` and used through [`intake`];
 //! - `p:closed` (+ `p:closed:cursor`) — resolved/cancelled incidents awaiting expiry, and
 //!   `p:caller:<pseudonym>` — a caller's incidents, for erasure (see [`admin`]).
 //!
@@ -27,10 +30,15 @@ use crate::telemetry::metric;
 
 pub mod admin;
 pub mod dispatch;
+pub mod intake;
 pub mod report;
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
+/// How long what intake remembers of a call (caller, queue, IVR path) is kept.
+const CALL_STATE_TTL_S: u64 = 6 * 3600;
+/// How long an applied SIP MESSAGE is remembered, so a re-sent one is not applied twice.
+const DEDUP_TTL_S: u64 = 3600;
 /// How many records a filtered list reads at most to fill one page.
 const LIST_SCAN_MAX: isize = 5_000;
 
@@ -96,7 +104,7 @@ pub struct Store {
     conn: ConnectionManager,
     url: String,
     prefix: String,
-    open: Script,
+    intake: Script,
     update: Script,
     dispatch: Script,
 }
@@ -115,7 +123,7 @@ impl Store {
             conn,
             url: url.to_string(),
             prefix: prefix.to_string(),
-            open: Script::new(include_str!("scripts/open.lua")),
+            intake: Script::new(include_str!("scripts/intake.lua")),
             update: Script::new(include_str!("scripts/update.lua")),
             dispatch: Script::new(include_str!("scripts/dispatch.lua")),
         })
@@ -141,48 +149,6 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
         Self::counted(redis::cmd("PING").query_async::<String>(&mut c).await).map(|_| ())
-    }
-
-    /// Opens the incident for a call, or finds the one already opened for the
-    /// same call key. Returns `(id, created)`. When this returns `Ok`, the record
-    /// and its first timeline entries are in Redis.
-    pub async fn open(&self, n: &NewIncident) -> Result<(String, bool)> {
-        let opened_ms = n.opened_at.timestamp_millis();
-        let fields: Vec<(&str, String)> = vec![
-            ("state", State::Queued.as_str().into()),
-            ("severity", n.severity.as_str().into()),
-            ("category", n.category.clone()),
-            ("summary", n.summary.clone()),
-            ("instructions", n.instructions.clone()),
-            ("source", n.source.as_str().into()),
-            ("call_id", n.call_id.clone()),
-            ("call_key", n.call_key.clone()),
-            ("caller", n.caller.clone()),
-            ("caller_name", n.caller_name.clone()),
-            ("caller_pseudonym", n.caller_pseudonym.clone()),
-            ("ivr_path", n.ivr_path.join(",")),
-            ("queue", n.queue.clone()),
-            ("wait_seconds", n.wait_seconds.map(|w| w.to_string()).unwrap_or_default()),
-            ("opened_ms", opened_ms.to_string()),
-            ("attempts", "0".into()),
-            ("exhausted", "0".into()),
-        ];
-        let mut inv = self.open.prepare_invoke();
-        inv.arg(&self.prefix)
-            .arg(&n.call_key)
-            .arg(CALL_KEY_TTL_S)
-            .arg(opened_ms)
-            .arg(queue_score(n.severity, opened_ms))
-            .arg(fields.len());
-        for (k, v) in &fields {
-            inv.arg(*k).arg(v);
-        }
-        for e in &n.timeline {
-            inv.arg(e.to_json());
-        }
-        let mut c = self.conn.clone();
-        let (created, id): (i64, String) = Self::counted(inv.invoke_async(&mut c).await)?;
-        Ok((id, created == 1))
     }
 
     /// Sets fields and appends timeline entries in one step. `false` when there is no such incident.
@@ -237,12 +203,20 @@ impl Store {
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
         let rec = self.key(&["inc", id]);
         let mut c = self.conn.clone();
-        let (fields, tl): (Vec<(String, String)>, Vec<String>) =
-            Self::counted(redis::pipe().hgetall(&rec).lrange(format!("{rec}:tl"), 0, -1).query_async(&mut c).await)?;
+        let (fields, tl, mut members): (Vec<(String, String)>, Vec<String>, Vec<String>) = Self::counted(
+            redis::pipe()
+                .hgetall(&rec)
+                .lrange(format!("{rec}:tl"), 0, -1)
+                .smembers(format!("{rec}:members"))
+                .query_async(&mut c)
+                .await,
+        )?;
         if fields.is_empty() {
             return Ok(None);
         }
         let mut inc = record(id, fields)?;
+        members.sort();
+        inc.members = members;
         let timeline = tl
             .iter()
             .map(|t| serde_json::from_str(t).map_err(|_| StoreError::Corrupt(id.to_string(), "timeline entry")))
@@ -322,6 +296,10 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
         assigned_to: None,
         attempts: 0,
         exhausted: false,
+        major: false,
+        major_incident: None,
+        members: Vec::new(),
+        repeat_calls: 0,
         timeline: None,
     };
     for (k, v) in fields {
@@ -349,6 +327,9 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
             "assigned_to" if !v.is_empty() => inc.assigned_to = Some(v),
             "attempts" => inc.attempts = v.parse().unwrap_or(0),
             "exhausted" => inc.exhausted = v == "1",
+            "major" => inc.major = v == "1",
+            "major_incident" if !v.is_empty() => inc.major_incident = Some(v),
+            "repeat_calls" => inc.repeat_calls = v.parse().unwrap_or(0),
             _ => {}
         }
     }

@@ -110,8 +110,22 @@ pub struct Options {
     pub heartbeat: &'static str,
     /// More TOML: `[[responder]]` tables (see [`roster`]), `[escalation.*]`…
     pub extra: String,
+    /// `[correlation.*]` tables. By default the repeat and surge rules are off
+    /// ([`CORRELATION_OFF`]): most tests call from one number and open many
+    /// incidents of one category. Tests of the rules set their own ("" = the
+    /// daemon's defaults).
+    pub correlation: String,
     pub env: Vec<(String, String)>,
 }
+
+/// The repeat and surge rules off (the other rules need ACD events to fire).
+pub const CORRELATION_OFF: &str = "
+[correlation.repeat]
+enabled = false
+
+[correlation.surge]
+enabled = false
+";
 
 impl Default for Options {
     fn default() -> Self {
@@ -122,6 +136,7 @@ impl Default for Options {
             tcp_idle_timeout: "5s",
             heartbeat: "2s",
             extra: String::new(),
+            correlation: CORRELATION_OFF.to_string(),
             env: Vec::new(),
         }
     }
@@ -273,6 +288,7 @@ level = "info"
 [shutdown]
 drain = "5s"
 {ivr}
+{correlation}
 {extra}
 "#,
             sip = self.sip_port,
@@ -287,6 +303,7 @@ drain = "5s"
             key = CALLER_KEY,
             ivr = IVR_TABLE,
             extra = o.extra,
+            correlation = o.correlation,
             heartbeat = o.heartbeat,
         );
         std::fs::write(&self.config, text).unwrap();

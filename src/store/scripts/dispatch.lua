@@ -200,7 +200,7 @@ local function closed_state(s) return s == 'resolved' or s == 'cancelled' end
 -- that caller's incidents is open (index entries of vanished records are dropped).
 local function expire_closed(id, ttl)
   local k = inc_key(id)
-  for _, key in ipairs({k, k .. ':tl', k .. ':tried'}) do
+  for _, key in ipairs({k, k .. ':tl', k .. ':tried', k .. ':members'}) do
     redis.call('PEXPIRE', key, ttl)
   end
   local ps = redis.call('HGET', k, 'caller_pseudonym')
@@ -388,14 +388,17 @@ elseif op == 'erase' then
     if not seen[id] then
       seen[id] = true
       local k = inc_key(id)
-      if redis.call('HGET', k, 'caller') == number then
+      local f = redis.call('HMGET', k, 'caller', 'call_key')
+      if f[1] == number then
         redis.call('HSET', k, 'caller', '', 'caller_name', '', 'caller_pseudonym', '')
+        -- What intake remembers of the call holds the number too (intake.lua).
+        if not empty(f[2]) then redis.call('DEL', p .. ':acall:' .. f[2]) end
         tl(id, 'note', 'api', {caller = 'erased'})
         n = n + 1
       end
     end
   end
-  redis.call('DEL', idx)
+  redis.call('DEL', idx, p .. ':repeat:' .. ARGV[6])
   return n
 
 elseif op == 'sweep' then
@@ -411,7 +414,7 @@ elseif op == 'sweep' then
     local k = inc_key(id)
     local ps = redis.call('HGET', k, 'caller_pseudonym')
     if not empty(ps) then redis.call('SREM', p .. ':caller:' .. ps, id) end
-    redis.call('DEL', k, k .. ':tl', k .. ':tried')
+    redis.call('DEL', k, k .. ':tl', k .. ':tried', k .. ':members')
     redis.call('ZREM', p .. ':incidents', id)
     redis.call('ZREM', p .. ':closed', id)
     removed = removed + 1

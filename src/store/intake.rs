@@ -1,0 +1,266 @@
+//! Opening incidents and applying call events: `scripts/intake.lua`.
+//!
+//! The script takes its arguments as one JSON object (built here from plain
+//! values) and answers one JSON object, decoded into [`Opened`] / [`Applied`].
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::{CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, NewIncident, Result, StoreError, Store};
+use crate::config::CorrelationSettings;
+use crate::incident::{Severity, State, TimelineEntry, timestamp};
+
+/// The correlation rules as the script takes them (absent = off).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rules {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rep: Option<RepeatArgs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    surge: Option<BurstArgs>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RepeatArgs {
+    window_ms: u64,
+    raise_after: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct BurstArgs {
+    count: u32,
+    window_ms: u64,
+    severity: Severity,
+}
+
+impl Rules {
+    pub fn new(c: &CorrelationSettings) -> Rules {
+        Rules {
+            rep: c.repeat.enabled.then(|| RepeatArgs {
+                window_ms: c.repeat.window.as_millis() as u64,
+                raise_after: c.repeat.raise_after,
+            }),
+            surge: c.surge.enabled.then(|| BurstArgs {
+                count: c.surge.count,
+                window_ms: c.surge.window.as_millis() as u64,
+                severity: c.surge.severity,
+            }),
+        }
+    }
+
+    /// No rule at all (incidents opened by hand through the API).
+    pub fn none() -> Rules {
+        Rules::default()
+    }
+}
+
+/// What `open` did.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Opened {
+    pub id: String,
+    /// 1 when a new incident was written; 0 when the call (or, by the repeat
+    /// rule, its caller) already had one.
+    pub created: u8,
+    /// Set when the call was attached to the caller's open incident: how many repeats it has now.
+    #[serde(default)]
+    pub repeat_calls: Option<u32>,
+    /// The severity the incident was raised to by this repeat.
+    #[serde(default)]
+    pub raised: Option<Severity>,
+    /// The major incident the new incident belongs to (surge rule).
+    #[serde(default)]
+    pub major: Option<String>,
+    /// True when this incident's arrival declared that major incident.
+    #[serde(default)]
+    pub major_created: bool,
+    #[serde(default)]
+    pub major_severity: Option<Severity>,
+    #[serde(default)]
+    pub members: u32,
+}
+
+/// What `event` did.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Applied {
+    /// The call's incident ("" when it has none).
+    pub id: String,
+    /// The event was applied before (same dedup key): nothing was written.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// The callback incident opened for this abandon (or the caller's open incident it went to).
+    #[serde(default)]
+    pub callback: Option<Opened>,
+    /// The queue's abandon-storm incident, when there is one.
+    #[serde(default)]
+    pub storm: Option<String>,
+    #[serde(default)]
+    pub storm_created: bool,
+    #[serde(default)]
+    pub storm_severity: Option<Severity>,
+}
+
+/// One call event for the script.
+#[derive(Debug, Clone, Default)]
+pub struct EventWrite {
+    pub call_key: String,
+    pub source: String,
+    /// What to remember of the call (field → value).
+    pub state: Vec<(&'static str, String)>,
+    pub dedup: Option<String>,
+    /// Timeline entries for the call's incident, if it has one.
+    pub entries: Vec<TimelineEntry>,
+    /// Record fields to set on the call's incident (reclassification).
+    pub changes: Vec<(&'static str, String)>,
+    /// The incident to open when the call has none (callback rule).
+    pub callback: Option<(NewIncident, Rules)>,
+    /// The abandon-storm rule: queue, count, window, severity, wait.
+    pub storm: Option<Storm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Storm {
+    pub queue: String,
+    pub count: u32,
+    pub window_ms: u64,
+    pub severity: Severity,
+    pub wait_seconds: Option<u32>,
+}
+
+/// The `open` argument of the script for one new incident.
+fn open_args(n: &NewIncident, rules: &Rules) -> Value {
+    let opened_ms = n.opened_at.timestamp_millis();
+    let fields = json!({
+        "state": State::Queued.as_str(),
+        "severity": n.severity.as_str(),
+        "category": n.category,
+        "summary": n.summary,
+        "instructions": n.instructions,
+        "source": n.source.as_str(),
+        "call_id": n.call_id,
+        "call_key": n.call_key,
+        "caller": n.caller,
+        "caller_name": n.caller_name,
+        "caller_pseudonym": n.caller_pseudonym,
+        "ivr_path": n.ivr_path.join(","),
+        "queue": n.queue,
+        "wait_seconds": n.wait_seconds.map(|w| w.to_string()).unwrap_or_default(),
+        "opened_ms": opened_ms.to_string(),
+        "attempts": "0",
+        "exhausted": "0",
+    });
+    let mut state = Map::new();
+    for (k, v) in [("caller", &n.caller), ("caller_name", &n.caller_name), ("queue", &n.queue)] {
+        if !v.is_empty() {
+            state.insert(k.into(), Value::String(v.clone()));
+        }
+    }
+    if !n.ivr_path.is_empty() {
+        state.insert("ivr_path".into(), Value::String(n.ivr_path.join(",")));
+    }
+    json!({
+        "call_key": n.call_key,
+        "call_ttl": CALL_KEY_TTL_S,
+        "pseudonym": n.caller_pseudonym,
+        "fields": fields,
+        "timeline": n.timeline.iter().map(TimelineEntry::to_json).collect::<Vec<_>>(),
+        "state": state,
+        "rules": rules,
+    })
+}
+
+impl Store {
+    async fn run_intake(&self, op: &str, args: &Value) -> Result<String> {
+        let now = Utc::now();
+        let mut inv = self.intake.prepare_invoke();
+        inv.arg(op).arg(&self.prefix).arg(now.timestamp_millis()).arg(timestamp(now)).arg(args.to_string());
+        let mut c = self.conn.clone();
+        Self::counted(inv.invoke_async(&mut c).await)
+    }
+
+    /// Opens the incident for a call, or finds the one already opened for the
+    /// same call key, or (repeat rule) attaches the call to its caller's open
+    /// incident. When this returns `Ok`, everything is in Redis.
+    pub async fn open(&self, n: &NewIncident, rules: &Rules) -> Result<Opened> {
+        let out = self.run_intake("open", &open_args(n, rules)).await?;
+        serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(n.call_key.clone(), "intake answer"))
+    }
+
+    /// What is known of a call (`p:acall:<key>`) and its incident id, if any.
+    pub async fn call_state(&self, call_key: &str) -> Result<(HashMap<String, String>, Option<String>)> {
+        let mut c = self.conn.clone();
+        let (state, id): (HashMap<String, String>, Option<String>) = Self::counted(
+            redis::pipe()
+                .hgetall(self.key(&["acall", call_key]))
+                .get(self.key(&["call", call_key]))
+                .query_async(&mut c)
+                .await,
+        )?;
+        Ok((state, id))
+    }
+
+    /// Applies one call event atomically: the call's state, its incident's
+    /// timeline and fields, the callback and abandon-storm rules.
+    pub async fn apply_event(&self, w: &EventWrite) -> Result<Applied> {
+        let mut args = Map::new();
+        args.insert("call_key".into(), json!(w.call_key));
+        args.insert("call_ttl".into(), json!(CALL_STATE_TTL_S));
+        args.insert("source".into(), json!(w.source));
+        let state: Map<String, Value> = w.state.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
+        args.insert("state".into(), Value::Object(state));
+        if let Some(d) = &w.dedup {
+            args.insert("dedup".into(), json!(d));
+            args.insert("dedup_ttl".into(), json!(DEDUP_TTL_S));
+        }
+        if !w.entries.is_empty() {
+            args.insert("entries".into(), json!(w.entries.iter().map(TimelineEntry::to_json).collect::<Vec<_>>()));
+        }
+        if !w.changes.is_empty() {
+            let ch: Map<String, Value> = w.changes.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
+            args.insert("changes".into(), Value::Object(ch));
+        }
+        if let Some((n, rules)) = &w.callback {
+            args.insert("callback".into(), open_args(n, rules));
+            // The rules of the callback's own opening are the script's rules too.
+            args.insert("rules".into(), json!(rules));
+        }
+        if let Some(s) = &w.storm {
+            let mut storm = json!({"queue": s.queue, "count": s.count, "window_ms": s.window_ms, "severity": s.severity});
+            if let Some(wait) = s.wait_seconds {
+                storm["wait_seconds"] = json!(wait);
+            }
+            args.insert("storm".into(), storm);
+        }
+        let out = self.run_intake("event", &Value::Object(args)).await?;
+        serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(w.call_key.clone(), "intake answer"))
+    }
+
+    /// The newest open incident of a caller (by pseudonym), with what an IVR
+    /// needs to tell them: `(id, state, eta_ms)`.
+    pub async fn caller_open_incident(&self, pseudonym: &str) -> Result<Option<(String, State, Option<i64>)>> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = Self::counted(c.smembers(self.key(&["caller", pseudonym])).await)?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(self.key(&["inc", id])).arg("state").arg("opened_ms").arg("eta_ms");
+        }
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> = Self::counted(pipe.query_async(&mut c).await)?;
+        let mut best: Option<(i64, String, State, Option<i64>)> = None;
+        for (id, (state, opened, eta)) in ids.into_iter().zip(rows) {
+            let Some(state) = state.as_deref().and_then(State::parse) else { continue };
+            if matches!(state, State::Resolved | State::Cancelled) {
+                continue;
+            }
+            let opened: i64 = opened.and_then(|o| o.parse().ok()).unwrap_or(0);
+            if best.as_ref().is_none_or(|b| opened > b.0) {
+                best = Some((opened, id, state, eta.and_then(|e| e.parse().ok())));
+            }
+        }
+        Ok(best.map(|(_, id, state, eta)| (id, state, eta)))
+    }
+}

@@ -1,0 +1,284 @@
+-- Intake: opening incidents and applying call events, with the correlation
+-- rules (repeat caller, callback, abandon storm, surge), atomically. One
+-- script, one operation per call, so several daemons on one Redis never open
+-- two incidents for one call, two storm incidents for one queue, or two major
+-- incidents for one surge.
+--
+-- ARGV[1] op ('open' | 'event')   ARGV[2] prefix   ARGV[3] now (ms)
+-- ARGV[4] now (RFC 3339)          ARGV[5] the operation's arguments, JSON
+-- Returns a JSON object (see each op).
+--
+-- Keys (p = prefix), besides the record keys described in dispatch.lua:
+--   p:call:<call key>      string  call key (X-Call-Ref, Linkedid, Call-ID) → incident id
+--   p:acall:<call key>     hash    what is known of a call: caller, caller_name, queue,
+--                                  ivr_path, joined_ms, source (expires with the call key)
+--   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
+--   p:repeat:<pseudonym>   string  the caller's open incident; expires `repeat.window`
+--                                  after the caller's last call
+--   p:surge:<category>     zset    recent incidents of a category (score: opened ms)
+--   p:major:<category>     string  the open major incident declared for a surge
+--   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
+--   p:storm:<queue>        string  the open abandon-storm incident of a queue
+--   p:inc:<id>:members     set     a major incident's members
+local op, p, now, now_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local a = cjson.decode(ARGV[5])
+
+local function inc_key(id) return p .. ':inc:' .. id end
+local function empty(v) return v == false or v == nil or v == '' end
+local function pad13(ms)
+  local s = tostring(math.floor(ms))
+  return string.rep('0', 13 - string.len(s)) .. s
+end
+local function tl(id, event, actor, detail)
+  redis.call('RPUSH', inc_key(id) .. ':tl',
+    cjson.encode({at = now_s, event = event, actor = actor, detail = detail}))
+end
+local ranks = {critical = 0, high = 1, medium = 2, low = 3}
+local names = {[0] = 'critical', [1] = 'high', [2] = 'medium', [3] = 'low'}
+
+local function is_open(id)
+  local s = redis.call('HGET', inc_key(id), 'state')
+  return s and s ~= 'resolved' and s ~= 'cancelled'
+end
+
+-- Crockford base32, at least 4 symbols, plus a mod-37 check symbol.
+-- Same algorithm as incident::incident_id in Rust (a unit test pins them).
+local function new_id()
+  local alphabet = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+  local check = '0123456789ABCDEFGHJKMNPQRSTVWXYZ*~$=U'
+  local seq = redis.call('INCR', p .. ':seq')
+  local n = seq
+  local digits = ''
+  repeat
+    local d = n % 32
+    digits = string.sub(alphabet, d + 1, d + 1) .. digits
+    n = math.floor(n / 32)
+  until n == 0
+  while string.len(digits) < 4 do digits = '0' .. digits end
+  local c = seq % 37
+  return 'INC-' .. digits .. string.sub(check, c + 1, c + 1)
+end
+
+-- Writes a new record: fields (a table), first timeline entries (JSON text),
+-- its place in the queue and in the list, the call key, the caller's index.
+local function create(fields, timeline, call_key, call_ttl, pseudonym)
+  local id = new_id()
+  local rec = inc_key(id)
+  local hset = {rec, 'id', id}
+  for k, v in pairs(fields) do
+    hset[#hset + 1] = k
+    hset[#hset + 1] = tostring(v)
+  end
+  redis.call('HSET', unpack(hset))
+  if not empty(pseudonym) then
+    -- The caller's index (by pseudonym, never the number) for erasure; kept while an incident is open.
+    local idx = p .. ':caller:' .. pseudonym
+    redis.call('SADD', idx, id)
+    redis.call('PERSIST', idx)
+  end
+  if #timeline > 0 then redis.call('RPUSH', rec .. ':tl', unpack(timeline)) end
+  local opened = tonumber(fields.opened_ms)
+  redis.call('ZADD', p .. ':incidents', opened, id)
+  redis.call('ZADD', p .. ':queue', (ranks[fields.severity] or 2) .. pad13(opened), id)
+  if not empty(call_key) then redis.call('SET', p .. ':call:' .. call_key, id, 'EX', call_ttl) end
+  return id
+end
+
+-- One level more severe (critical stays critical); the queue follows.
+local function raise(id, rule)
+  local k = inc_key(id)
+  local f = redis.call('HMGET', k, 'severity', 'opened_ms', 'category')
+  local r = ranks[f[1]] or 2
+  if r == 0 then return nil end
+  local to = names[r - 1]
+  redis.call('HSET', k, 'severity', to)
+  if redis.call('ZSCORE', p .. ':queue', id) then
+    redis.call('ZADD', p .. ':queue', 'XX', (r - 1) .. pad13(tonumber(f[2]) or 0), id)
+  end
+  tl(id, 'classified', 'dispatchd', {category = f[3] or '', severity = to, from = f[1], rule = rule})
+  return to
+end
+
+-- A major incident of `count` members within a window (surge or abandon storm).
+local function declare_major(m, count, source)
+  local fields = {
+    state = 'queued', severity = m.severity, category = m.category, summary = m.summary,
+    instructions = m.instructions or '', source = source, call_id = '', call_key = '',
+    caller = '', caller_name = '', caller_pseudonym = '', ivr_path = '', queue = m.queue or '',
+    wait_seconds = '', opened_ms = now, attempts = 0, exhausted = 0, major = 1, rule = m.rule,
+  }
+  local timeline = {
+    cjson.encode({at = now_s, event = 'opened', actor = 'dispatchd',
+      detail = {rule = m.rule, major = true, count = count, window_s = m.window_ms / 1000, queue = m.queue}}),
+    cjson.encode({at = now_s, event = 'classified', actor = 'dispatchd',
+      detail = {category = m.category, severity = m.severity, rule = m.rule}}),
+    cjson.encode({at = now_s, event = 'queued', actor = 'dispatchd', detail = {severity = m.severity}}),
+  }
+  local id = create(fields, timeline, '', 0, '')
+  return id
+end
+
+-- Links an incident to its major incident, on both timelines.
+local function link(major, member)
+  if redis.call('SADD', inc_key(major) .. ':members', member) == 1 then
+    redis.call('HSET', inc_key(member), 'major_incident', major)
+    tl(member, 'note', 'dispatchd', {major_incident = major})
+    tl(major, 'note', 'dispatchd', {member = member})
+  end
+end
+
+-- The surge rule after a new incident: count it, link it to an open major
+-- incident of its category, or declare one at the threshold.
+local function surge(id, category, opened, source, r, out)
+  if not r or empty(category) then return end
+  local zk = p .. ':surge:' .. category
+  redis.call('ZADD', zk, opened, id)
+  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (opened - r.window_ms))
+  redis.call('PEXPIRE', zk, r.window_ms)
+  local mk = p .. ':major:' .. category
+  local major = redis.call('GET', mk)
+  if major and is_open(major) then
+    link(major, id)
+    out.major = major
+    return
+  end
+  local members = redis.call('ZRANGE', zk, 0, -1)
+  if #members < r.count then return end
+  local m = {severity = r.severity, category = category, rule = 'surge', window_ms = r.window_ms,
+    summary = 'Major incident: ' .. #members .. ' ' .. category .. ' incidents within ' .. math.floor(r.window_ms / 1000) .. 's',
+    instructions = redis.call('HGET', inc_key(id), 'instructions') or ''}
+  major = declare_major(m, #members, source)
+  redis.call('SET', mk, major)
+  redis.call('DEL', zk)
+  for _, member in ipairs(members) do link(major, member) end
+  out.major = major
+  out.major_created = true
+  out.major_severity = r.severity
+  out.members = #members
+end
+
+-- Opens the incident of a call, or finds it (same call key), or attaches the
+-- call to the caller's open incident (repeat rule). Then the surge rule.
+-- o: call_key, call_ttl, pseudonym, fields {…}, timeline [JSON text], state {…}
+-- r: the rules in force {repeat = {window_ms, raise_after}, surge = {count, window_ms, severity}}
+-- Returns {id, created (0|1), repeat_calls?, raised?, major?, major_created?, members?}
+local function open(o, r)
+  local callkey = p .. ':call:' .. o.call_key
+  local existing = redis.call('GET', callkey)
+  if existing then return {id = existing, created = 0} end
+  local rk = (r.rep and not empty(o.pseudonym)) and (p .. ':repeat:' .. o.pseudonym) or nil
+  if rk then
+    local prev = redis.call('GET', rk)
+    if prev and is_open(prev) then
+      redis.call('SET', callkey, prev, 'EX', o.call_ttl)
+      redis.call('PEXPIRE', rk, r.rep.window_ms)
+      local n = redis.call('HINCRBY', inc_key(prev), 'repeat_calls', 1)
+      tl(prev, 'repeat_call', o.fields.source, {repeat_calls = n, call_id = o.fields.call_id, source = o.fields.source,
+        ivr_path = o.fields.ivr_path, queue = o.fields.queue})
+      local out = {id = prev, created = 0, repeat_calls = n}
+      if r.rep.raise_after > 0 and n % r.rep.raise_after == 0 then out.raised = raise(prev, 'repeat_call') end
+      return out
+    end
+  end
+  local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym)
+  if rk then redis.call('SET', rk, id, 'PX', r.rep.window_ms) end
+  local out = {id = id, created = 1}
+  surge(id, o.fields.category, tonumber(o.fields.opened_ms), o.fields.source, r.surge, out)
+  return out
+end
+
+-- What is known of the call, for later events of it.
+local function remember(call_key, state, ttl)
+  if not state then return end
+  local ak = p .. ':acall:' .. call_key
+  local hset = {ak}
+  for k, v in pairs(state) do
+    hset[#hset + 1] = k
+    hset[#hset + 1] = tostring(v)
+  end
+  if #hset > 1 then
+    redis.call('HSET', unpack(hset))
+    redis.call('EXPIRE', ak, ttl)
+  end
+end
+
+local rules = a.rules or {}
+
+if op == 'open' then
+  local out = open(a, rules)
+  remember(a.call_key, a.state, a.call_ttl)
+  return cjson.encode(out)
+
+elseif op == 'event' then
+  -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entry (JSON text, for the
+  --    call's incident), changes {field = value} and rank (reclassification),
+  --    callback (an `open` argument: the incident to open when the call has none),
+  --    storm {queue, count, window_ms, severity, instructions}
+  -- Returns {id ('' when the call has no incident), duplicate?, callback?, storm?, storm_created?, …}
+  if not empty(a.dedup) then
+    local dk = p .. ':dedup:' .. a.dedup
+    if redis.call('EXISTS', dk) == 1 then
+      return cjson.encode({id = redis.call('GET', p .. ':call:' .. a.call_key) or '', duplicate = true})
+    end
+    redis.call('SET', dk, '1', 'EX', a.dedup_ttl)
+  end
+  remember(a.call_key, a.state, a.call_ttl)
+  local id = redis.call('GET', p .. ':call:' .. a.call_key)
+  local out = {id = id or ''}
+  if id and redis.call('EXISTS', inc_key(id)) == 1 then
+    if a.changes then
+      local hset = {inc_key(id)}
+      for k, v in pairs(a.changes) do
+        hset[#hset + 1] = k
+        hset[#hset + 1] = tostring(v)
+      end
+      if #hset > 1 then redis.call('HSET', unpack(hset)) end
+      if a.changes.severity and redis.call('ZSCORE', p .. ':queue', id) then
+        local opened = tonumber(redis.call('HGET', inc_key(id), 'opened_ms')) or 0
+        redis.call('ZADD', p .. ':queue', 'XX', (ranks[a.changes.severity] or 2) .. pad13(opened), id)
+      end
+    end
+    if a.entries then
+      for _, e in ipairs(a.entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
+    end
+  elseif a.callback then
+    local cb = open(a.callback, rules)
+    out.id = cb.id
+    out.callback = cb
+    if cb.created == 0 and a.entries then
+      -- Attached to the caller's open incident (repeat rule): the abandon is on its timeline too.
+      for _, e in ipairs(a.entries) do redis.call('RPUSH', inc_key(cb.id) .. ':tl', e) end
+    end
+  end
+  if a.storm then
+    local s = a.storm
+    local zk = p .. ':abandons:' .. s.queue
+    redis.call('ZADD', zk, now, a.call_key)
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - s.window_ms))
+    redis.call('PEXPIRE', zk, s.window_ms)
+    local sk = p .. ':storm:' .. s.queue
+    local storm = redis.call('GET', sk)
+    if storm and is_open(storm) then
+      tl(storm, 'abandoned', a.source or 'dispatchd', {queue = s.queue, call_ref = a.call_key,
+        wait_seconds = s.wait_seconds, abandons = redis.call('ZCARD', zk)})
+      out.storm = storm
+    else
+      local n = redis.call('ZCARD', zk)
+      if n >= s.count then
+        local m = {severity = s.severity, category = 'abandon_storm', rule = 'abandon_storm', queue = s.queue,
+          window_ms = s.window_ms, instructions = s.instructions or '',
+          summary = 'Abandon storm: ' .. n .. ' callers abandoned queue ' .. s.queue .. ' within ' ..
+            math.floor(s.window_ms / 1000) .. 's'}
+        storm = declare_major(m, n, a.source or 'dispatchd')
+        redis.call('HSET', inc_key(storm), 'abandons', n)
+        redis.call('SET', sk, storm)
+        redis.call('DEL', zk)
+        out.storm = storm
+        out.storm_created = true
+        out.storm_severity = s.severity
+      end
+    end
+  end
+  return cjson.encode(out)
+end
+return redis.error_reply('unknown op ' .. tostring(op))
