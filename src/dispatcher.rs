@@ -137,6 +137,8 @@ impl Dispatch {
             "queue": d.queue,
             "opened_at": timestamp_ms(d.opened_ms),
             "ack_by": timestamp_ms(d.ack_by_ms),
+            // Extension: a major incident (surge or abandon storm).
+            "major": d.major,
         });
         if self.sessions.send_dispatch(rid, &d.dispatch_id, frame.to_string()) {
             let secs = (Utc::now().timestamp_millis() - d.opened_ms).max(0) as f64 / 1000.0;

@@ -43,6 +43,7 @@ pub fn router() -> Router<ApiState> {
         .route("/v1/incidents/{id}/cancel", post(cancel))
         .route("/v1/responders", get(responders))
         .route("/v1/callers/{number}", delete(erase_caller))
+        .route("/v1/callers/{number}/status", get(caller_status))
 }
 
 fn settings(st: &ApiState) -> Arc<Settings> {
@@ -239,13 +240,23 @@ async fn responders(State(st): State<ApiState>) -> Response {
     Json(json!({"responders": list})).into_response()
 }
 
-async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
-    // The path is percent-decoded already (`%2B44…` → `+44…`).
-    let Ok(Path(number)) = number else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
+/// The caller number of a `/v1/callers/{number}` path, checked. The path is
+/// percent-decoded already (`%2B44…` → `+44…`).
+fn caller_number(number: Result<Path<String>, PathRejection>) -> Result<String, Response> {
+    let Ok(Path(number)) = number else { return Err(error(StatusCode::BAD_REQUEST, "bad caller number")) };
     let number = number.trim();
     if number.is_empty() || number.len() > MAX_NUMBER || number.chars().any(char::is_control) {
-        return error(StatusCode::BAD_REQUEST, "bad caller number");
+        return Err(error(StatusCode::BAD_REQUEST, "bad caller number"));
     }
+    Ok(number.to_string())
+}
+
+async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
+    let number = match caller_number(number) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let number = number.as_str();
     let ps = pseudonym(settings(&st).privacy.caller_key.expose(), number);
     match st.store.erase_caller(number, &ps).await {
         Ok(n) => {
@@ -253,5 +264,50 @@ async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, P
             Json(json!({"erased": n})).into_response()
         }
         Err(e) => unavailable(e),
+    }
+}
+
+/// Keeping callers informed (issue 5): the state of the caller's newest open
+/// incident, in a form an IVR can speak. `eta_s` is there while a responder is
+/// en route and gave one. No open incident: `{"state":"none"}`.
+async fn caller_status(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
+    let number = match caller_number(number) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let ps = pseudonym(settings(&st).privacy.caller_key.expose(), &number);
+    match st.store.caller_open_incident(&ps).await {
+        Ok(Some((id, state, eta_ms))) => {
+            let eta_s = eta_ms
+                .filter(|_| state == IncidentState::EnRoute)
+                .map(|ms| ((ms - Utc::now().timestamp_millis()).max(0) + 999) / 1000);
+            let mut body = json!({"state": state.as_str(), "incident_id": id, "message": spoken(state, eta_s)});
+            if let Some(eta) = eta_s {
+                body["eta_s"] = json!(eta);
+            }
+            Json(body).into_response()
+        }
+        Ok(None) => Json(json!({"state": "none", "message": "There is no open incident for this number."}))
+            .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// One sentence for text-to-speech.
+fn spoken(state: IncidentState, eta_s: Option<i64>) -> String {
+    match state {
+        IncidentState::Queued => "Your incident is logged and waiting for a responder.".into(),
+        IncidentState::Offered => "Your incident is logged and a responder is being assigned.".into(),
+        IncidentState::Acknowledged => "A responder has been assigned to your incident.".into(),
+        IncidentState::EnRoute => match eta_s {
+            Some(s) => {
+                let min = ((s + 59) / 60).max(1);
+                let unit = if min == 1 { "minute" } else { "minutes" };
+                format!("A responder is on the way and should be with you in about {min} {unit}.")
+            }
+            None => "A responder is on the way.".into(),
+        },
+        IncidentState::OnScene => "A responder is on scene.".into(),
+        IncidentState::Resolved | IncidentState::Cancelled => "Your incident is closed.".into(),
     }
 }

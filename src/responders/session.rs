@@ -225,9 +225,9 @@ async fn handle(ctx: &Dispatch, rid: &str, text: &str) -> String {
             Ok(Answer::Acknowledged { .. }) => wire::error(r, "stale_dispatch", "already acknowledged"),
             Err(e) => unavailable(e),
         },
-        Inbound::Status { incident_id, status, note } => {
+        Inbound::Status { incident_id, status, note, eta_s } => {
             let id = crate::incident::normalize_id(&incident_id).unwrap_or(incident_id);
-            match ctx.store.status(rid, &id, &status, &note).await {
+            match ctx.store.status(rid, &id, &status, &note, eta_s).await {
                 Ok(Ok(())) => {
                     if status == "resolved" {
                         ctx.wake();

@@ -7,13 +7,16 @@ use serde_json::{Map, Value, json};
 pub const MAX_FRAME: usize = 16 * 1024;
 /// Longest `note` or `reason` kept.
 const MAX_TEXT: usize = 1000;
+/// Largest `eta_s` accepted: one day.
+const MAX_ETA_S: u64 = 86_400;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     Hello { token: String },
     Ack { dispatch_id: String },
     Decline { dispatch_id: String, reason: String },
-    Status { incident_id: String, status: String, note: String },
+    /// `eta_s` (extension): seconds until the responder expects to be on scene, with `en_route`.
+    Status { incident_id: String, status: String, note: String, eta_s: Option<u32> },
     Availability { status: String },
 }
 
@@ -70,10 +73,18 @@ pub fn parse(text: &str) -> Result<(Option<Value>, Inbound), Refused> {
             if !matches!(status.as_str(), "en_route" | "on_scene" | "resolved") {
                 return Err(refuse("status must be en_route, on_scene or resolved".into()));
             }
+            let eta_s = match obj.get("eta_s") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_u64() {
+                    Some(n) if n <= MAX_ETA_S => Some(n as u32),
+                    _ => return Err(refuse(format!("eta_s must be whole seconds, 0 to {MAX_ETA_S}"))),
+                },
+            };
             Inbound::Status {
                 incident_id: field(&obj, "incident_id", 64).map_err(refuse)?,
                 status,
                 note: optional(&obj, "note").map_err(refuse)?,
+                eta_s,
             }
         }
         "availability" => {
@@ -123,6 +134,12 @@ mod tests {
         );
         assert!(matches!(parse(r#"{"type":"status","incident_id":"I","status":"on_scene"}"#).unwrap().1,
             Inbound::Status { ref note, .. } if note.is_empty()));
+        assert!(matches!(parse(r#"{"type":"status","incident_id":"I","status":"en_route","eta_s":600}"#).unwrap().1,
+            Inbound::Status { eta_s: Some(600), .. }));
+        for bad in [r#""10""#, "-1", "1.5", "86401"] {
+            let frame = format!(r#"{{"type":"status","incident_id":"I","status":"en_route","eta_s":{bad}}}"#);
+            assert!(parse(&frame).unwrap_err().message.contains("eta_s"), "{bad}");
+        }
         assert!(matches!(parse(r#"{"type":"availability","status":"busy"}"#).unwrap().1, Inbound::Availability { .. }));
         assert!(matches!(parse(r#"{"type":"decline","dispatch_id":"d","reason":"too far"}"#).unwrap().1,
             Inbound::Decline { ref reason, .. } if reason == "too far"));

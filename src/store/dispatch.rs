@@ -78,6 +78,8 @@ pub struct OfferDetails {
     pub queue: String,
     pub opened_ms: i64,
     pub ack_by_ms: i64,
+    /// A major incident (surge or abandon storm): offered to the highest tier first.
+    pub major: bool,
 }
 
 fn cancel_row(row: &[String]) -> Option<Cancel> {
@@ -187,6 +189,7 @@ impl Store {
                     queue,
                     opened,
                     ack_by,
+                    major,
                 ] if k == "offer" => {
                     let offer = Offer {
                         incident_id: id.clone(),
@@ -210,6 +213,7 @@ impl Store {
                         queue: queue.clone(),
                         opened_ms: opened.parse().unwrap_or(0),
                         ack_by_ms: ack_by.parse().unwrap_or(0),
+                        major: major == "1",
                     };
                     step.offers.push((offer, details));
                 }
@@ -247,9 +251,10 @@ impl Store {
         incident_id: &str,
         status: &str,
         note: &str,
+        eta_s: Option<u32>,
     ) -> Result<std::result::Result<(), String>> {
         let mut inv = self.dispatch_op("status", Utc::now());
-        inv.arg(rid).arg(incident_id).arg(status).arg(note);
+        inv.arg(rid).arg(incident_id).arg(status).arg(note).arg(eta_s.map(|e| e.to_string()).unwrap_or_default());
         let row: Vec<String> = self.run(&inv).await?;
         Ok(match row.as_slice() {
             [k, _] if k == "ok" => Ok(()),
@@ -302,6 +307,7 @@ impl Store {
                     queue: take("queue"),
                     opened_ms: take("opened_ms").parse().unwrap_or(0),
                     ack_by_ms: take("ack_by_ms").parse().unwrap_or(0),
+                    major: take("major") == "1",
                     dispatch_id,
                 })
             })

@@ -119,7 +119,7 @@ local function match(out)
     if #out >= max_offers or (loaded == #idle and used == #cands) then break end
     local k = inc_key(id)
     local f = redis.call('HMGET', k, 'state', 'category', 'severity', 'exhausted', 'exhausted_ms', 'round', 'tier', 'attempts',
-      'summary', 'instructions', 'caller', 'queue', 'opened_ms')
+      'summary', 'instructions', 'caller', 'queue', 'opened_ms', 'major')
     if f[1] ~= 'queued' then
       redis.call('ZREM', p .. ':queue', id)
     else
@@ -134,6 +134,11 @@ local function match(out)
         return c.skills == '*' or string.find(c.skills, ',' .. cat .. ',', 1, true) ~= nil
           or string.find(c.skills, ',*,', 1, true) ~= nil
       end
+      -- A major incident goes to the highest tier first: every candidate is
+      -- looked at and the highest tier wins (the least recently dispatched
+      -- of it, by idle order); others take the first usable one.
+      local major = f[14] == '1'
+      local function better(a, b) return not a or (major and b.tier > a.tier) end
       local pick, any = nil, false
       local i = 1
       while true do
@@ -141,7 +146,10 @@ local function match(out)
         if not c then break end
         if usable(c) then
           any = true
-          if not tried[c.id] then pick = c; break end
+          if not tried[c.id] and better(pick, c) then
+            pick = c
+            if not major then break end
+          end
         end
         i = i + 1
       end
@@ -157,7 +165,7 @@ local function match(out)
         else
           redis.call('HSET', k, 'round', round, 'tier', '')
           for _, c in ipairs(cands) do
-            if usable(c) then pick = c; break end
+            if usable(c) and better(pick, c) then pick = c end
           end
         end
       end
@@ -167,7 +175,7 @@ local function match(out)
         local ack_by = now + tonumber(ARGV[6 + s])
         local escalated = 0
         local prev_tier = tonumber(f[7])
-        if prev_tier and pick.tier > prev_tier then
+        if prev_tier and pick.tier > prev_tier and not major then
           escalated = 1
           tl(id, 'escalated', 'dispatchd', {from_tier = prev_tier, to_tier = pick.tier})
         end
@@ -187,7 +195,8 @@ local function match(out)
           tl(id, 'delivered', 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id})
         end
         out[#out + 1] = {'offer', id, pick.id, dispatch_id, pick.daemon, f[3], tostring(escalated),
-          tostring(attempts), cat, f[9] or '', f[10] or '', f[11] or '', f[12] or '', f[13] or '0', tostring(ack_by)}
+          tostring(attempts), cat, f[9] or '', f[10] or '', f[11] or '', f[12] or '', f[13] or '0', tostring(ack_by),
+          major and '1' or '0'}
       end
     end
   end
@@ -322,7 +331,8 @@ elseif op == 'answer' then
   return withdraw(id, rid, dispatch_id, 'declined', rid, {responder = rid, dispatch_id = dispatch_id, reason = ARGV[8]})
 
 elseif op == 'status' then
-  -- ARGV[5] rid, ARGV[6] incident id, ARGV[7] en_route|on_scene|resolved, ARGV[8] note
+  -- ARGV[5] rid, ARGV[6] incident id, ARGV[7] en_route|on_scene|resolved, ARGV[8] note,
+  -- ARGV[9] eta in seconds ('' = none given): kept as eta_ms for the caller status
   -- Returns {'ok', new state} | {'error', code}
   local rid, id, status = ARGV[5], ARGV[6], ARGV[7]
   local rank = {acknowledged = 1, en_route = 2, on_scene = 3, resolved = 4}
@@ -332,6 +342,13 @@ elseif op == 'status' then
   redis.call('HSET', inc_key(id), 'state', status, status .. '_ms', now)
   local detail = {responder = rid}
   if ARGV[8] ~= '' then detail.note = ARGV[8] end
+  if tonumber(ARGV[9]) then
+    detail.eta_s = tonumber(ARGV[9])
+    redis.call('HSET', inc_key(id), 'eta_ms', now + 1000 * tonumber(ARGV[9]))
+  elseif status ~= 'en_route' then
+    -- On scene or resolved: the journey is over.
+    redis.call('HDEL', inc_key(id), 'eta_ms')
+  end
   tl(id, status, rid, detail)
   if status == 'resolved' then
     redis.call('HSET', resp_key(rid), 'assignment', '')
