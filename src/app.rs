@@ -53,6 +53,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let wake = dispatch.clone();
     let intake = Arc::new(Intake::new(store.clone(), &settings).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
+    crate::acd::spawn(&settings, intake.clone(), token.clone());
     let allow = Arc::new(AllowList::new(settings.allow_nets()));
 
     // Bind everything before READY; a failure here is fatal and names the address.

@@ -1,5 +1,5 @@
 //! Asterisk Manager Interface (AMI): the pure part — framing, the login
-//! action, and mapping queue/channel events to [`AcdEvent`]s.
+//! action, and mapping queue/channel events to [`CallEvent`]s.
 //!
 //! Wire format (Asterisk 18/20 AMI): after connecting the server sends one
 //! banner line `Asterisk Call Manager/X.Y.Z` (no blank line after it); every
@@ -16,6 +16,9 @@
 //! `CallerIDNum`, `CallerIDName`, …) of the caller's channel.
 
 use std::fmt;
+
+use crate::acd::{CallEvent, EventKind};
+use crate::incident::Source;
 
 /// Largest message (all its lines, terminators included) the reader keeps.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -322,98 +325,113 @@ pub fn login_response(msg: &AmiMessage, action_id: &str) -> Option<LoginOutcome>
     }
 }
 
-/// A call event from the ACD, keyed by `call_ref` (the AMI `Linkedid`, or the
-/// `Uniqueid` when there is none). Durations are whole seconds; `None` when
-/// the field is missing or not a number.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AcdEvent {
-    /// `QueueCallerJoin`.
-    QueueJoin { call_ref: String, queue: String, caller: String, caller_name: String },
-    /// `QueueCallerAbandon`; `wait_seconds` from `HoldTime`.
-    QueueAbandon { call_ref: String, queue: String, wait_seconds: Option<u64> },
-    /// `AgentConnect`; `agent` is `MemberName`, else `Interface`.
-    AgentConnect { call_ref: String, queue: String, agent: String, hold_seconds: Option<u64> },
-    /// `AgentComplete`; `reason` is `caller`, `agent` or `transfer`.
-    AgentComplete { call_ref: String, queue: String, talk_seconds: Option<u64>, reason: String },
-    /// `DTMFEnd` with `Direction: Received`.
-    Dtmf { call_ref: String, digit: String },
-    /// `Hangup` of any channel of the call; `cause` is the numeric `Cause`
-    /// (Q.850). Agent legs share the caller's `Linkedid`, so one call may
-    /// yield several.
-    Hangup { call_ref: String, cause: Option<u16> },
+/// A `Ping` action (the dead-peer probe); Asterisk answers `Response: Success`
+/// with `Ping: Pong` and the same ActionID.
+pub fn ping(action_id: &str) -> String {
+    format!("Action: Ping\r\nActionID: {}\r\n\r\n", one_line(action_id))
 }
 
-impl AcdEvent {
-    pub fn call_ref(&self) -> &str {
-        match self {
-            AcdEvent::QueueJoin { call_ref, .. }
-            | AcdEvent::QueueAbandon { call_ref, .. }
-            | AcdEvent::AgentConnect { call_ref, .. }
-            | AcdEvent::AgentComplete { call_ref, .. }
-            | AcdEvent::Dtmf { call_ref, .. }
-            | AcdEvent::Hangup { call_ref, .. } => call_ref,
-        }
-    }
-}
-
-/// Map an AMI event to an [`AcdEvent`]; `None` for other messages and for
-/// events without a `Linkedid`/`Uniqueid` (nothing to correlate them by).
-/// Other missing fields become empty strings or `None`.
-pub fn map_event(msg: &AmiMessage) -> Option<AcdEvent> {
+/// Map an AMI event to a [`CallEvent`] (source `ami`); `None` for other
+/// messages, for events without a `Linkedid`/`Uniqueid` (nothing to correlate
+/// them by), and for `Hangup`/`DTMFEnd` of a channel other than the caller's.
+/// Other missing fields stay empty.
+///
+/// - `QueueCallerJoin` → `QueueJoin` (`Queue`, `CallerIDNum`, `CallerIDName`);
+/// - `QueueCallerAbandon` → `QueueAbandon` (wait from `HoldTime`);
+/// - `AgentConnect` → `AgentConnect` (agent = `MemberName`, else `Interface`);
+/// - `AgentComplete` → `AgentComplete` (`Reason`: caller, agent, transfer);
+/// - `DTMFEnd` with `Direction: Received` → `Dtmf` (the one `Digit`);
+/// - `Hangup` → `Hangup` (`reason` = the Q.850 `Cause`).
+///
+/// `call_ref` is the `Linkedid` (else the `Uniqueid`): every channel of one
+/// call shares it, agent legs included. That is why `Hangup` and `DTMFEnd`
+/// count only for the caller's own channel (`Uniqueid == Linkedid`, or no
+/// `Linkedid`): an agent leg hanging up is not the caller hanging up, and a
+/// digit relayed through Local channels would otherwise be counted twice.
+/// The queue and agent events carry the caller's channel snapshot unprefixed
+/// (the agent's is `Dest…`), so `CallerIDNum` there is the caller.
+pub fn map_event(msg: &AmiMessage) -> Option<CallEvent> {
     let MessageKind::Event(name) = msg.kind() else {
         return None;
     };
     let call_ref = call_ref(msg)?;
-    let text = |key: &str| msg.get(key).unwrap_or_default().to_owned();
-    let seconds = |key: &str| msg.get(key).and_then(|v| v.parse::<u64>().ok());
-    let event = if name.eq_ignore_ascii_case("QueueCallerJoin") {
-        AcdEvent::QueueJoin {
-            call_ref,
-            queue: text("Queue"),
-            caller: caller_id(msg.get("CallerIDNum")),
-            caller_name: caller_id(msg.get("CallerIDName")),
-        }
-    } else if name.eq_ignore_ascii_case("QueueCallerAbandon") {
-        AcdEvent::QueueAbandon { call_ref, queue: text("Queue"), wait_seconds: seconds("HoldTime") }
-    } else if name.eq_ignore_ascii_case("AgentConnect") {
-        let agent = [msg.get("MemberName"), msg.get("Interface")]
-            .into_iter()
-            .flatten()
-            .find(|v| !v.is_empty())
-            .unwrap_or_default()
-            .to_owned();
-        AcdEvent::AgentConnect { call_ref, queue: text("Queue"), agent, hold_seconds: seconds("HoldTime") }
-    } else if name.eq_ignore_ascii_case("AgentComplete") {
-        AcdEvent::AgentComplete {
-            call_ref,
-            queue: text("Queue"),
-            talk_seconds: seconds("TalkTime"),
-            reason: text("Reason"),
-        }
-    } else if name.eq_ignore_ascii_case("DTMFEnd") {
-        if !msg.get("Direction").is_some_and(|d| d.eq_ignore_ascii_case("Received")) {
-            return None;
-        }
-        let digit = text("Digit");
-        if digit.is_empty() {
-            return None;
-        }
-        AcdEvent::Dtmf { call_ref, digit }
-    } else if name.eq_ignore_ascii_case("Hangup") {
-        AcdEvent::Hangup { call_ref, cause: msg.get("Cause").and_then(|v| v.parse::<u16>().ok()) }
+    let text = |key: &str| msg.get(key).unwrap_or_default().trim().to_owned();
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    let kind = if is("QueueCallerJoin") {
+        EventKind::QueueJoin
+    } else if is("QueueCallerAbandon") {
+        EventKind::QueueAbandon
+    } else if is("AgentConnect") {
+        EventKind::AgentConnect
+    } else if is("AgentComplete") {
+        EventKind::AgentComplete
+    } else if is("DTMFEnd") {
+        EventKind::Dtmf
+    } else if is("Hangup") {
+        EventKind::Hangup
     } else {
         return None;
     };
-    Some(event)
+    let mut ev = CallEvent::new(Source::Ami, kind, &call_ref);
+    ev.caller = caller_id(msg.get("CallerIDNum"));
+    ev.caller_name = caller_id(msg.get("CallerIDName"));
+    ev.queue = text("Queue");
+    match kind {
+        EventKind::QueueAbandon => ev.wait_seconds = msg.get("HoldTime").and_then(|v| v.trim().parse::<u32>().ok()),
+        EventKind::AgentConnect => {
+            ev.agent = [msg.get("MemberName"), msg.get("Interface")]
+                .into_iter()
+                .flatten()
+                .map(str::trim)
+                .find(|v| !v.is_empty())
+                .unwrap_or_default()
+                .to_owned();
+        }
+        EventKind::AgentComplete => ev.reason = text("Reason"),
+        EventKind::Dtmf => {
+            if !own_channel(msg) || !msg.get("Direction").is_some_and(|d| d.trim().eq_ignore_ascii_case("Received")) {
+                return None;
+            }
+            let digit = text("Digit");
+            if digit.is_empty() {
+                return None;
+            }
+            ev.ivr_path = vec![digit];
+        }
+        EventKind::Hangup => {
+            if !own_channel(msg) {
+                return None;
+            }
+            // The Q.850 code; `Cause-txt` is its English name.
+            ev.reason =
+                msg.get("Cause").and_then(|v| v.trim().parse::<u16>().ok()).map(|c| c.to_string()).unwrap_or_default();
+        }
+        _ => {}
+    }
+    Some(ev)
+}
+
+fn nonempty<'a>(msg: &'a AmiMessage, key: &str) -> Option<&'a str> {
+    msg.get(key).map(str::trim).filter(|v| !v.is_empty())
 }
 
 fn call_ref(msg: &AmiMessage) -> Option<String> {
-    [msg.get("Linkedid"), msg.get("Uniqueid")].into_iter().flatten().find(|v| !v.is_empty()).map(str::to_owned)
+    nonempty(msg, "Linkedid").or_else(|| nonempty(msg, "Uniqueid")).map(str::to_owned)
+}
+
+/// The event is about the call's first channel (the caller's), not a leg
+/// linked to it later (agents, Local channels).
+fn own_channel(msg: &AmiMessage) -> bool {
+    match (nonempty(msg, "Uniqueid"), nonempty(msg, "Linkedid")) {
+        (_, None) => true,
+        (Some(u), Some(l)) => u == l,
+        (None, Some(_)) => false,
+    }
 }
 
 /// Asterisk writes `<unknown>` for an absent caller ID.
 fn caller_id(value: Option<&str>) -> String {
-    match value {
+    match value.map(str::trim) {
         Some(v) if !v.eq_ignore_ascii_case("<unknown>") => v.to_owned(),
         _ => String::new(),
     }
@@ -565,32 +583,26 @@ Cause-txt: Normal Clearing\r\n\
         assert_eq!(msgs[6].get("cause-TXT"), Some("Normal Clearing"));
 
         let events: Vec<_> = msgs.iter().filter_map(map_event).collect();
-        let id = "1700000000.18".to_owned();
+        let id = "1700000000.18";
+        let caller = |mut e: CallEvent| {
+            e.caller = "+441632960123".into();
+            e.queue = "triage".into();
+            e
+        };
         assert_eq!(
             events,
             vec![
-                AcdEvent::QueueJoin {
-                    call_ref: id.clone(),
-                    queue: "triage".into(),
-                    caller: "+441632960123".into(),
-                    caller_name: String::new(),
-                },
-                AcdEvent::Dtmf { call_ref: id.clone(), digit: "2".into() },
-                AcdEvent::AgentConnect {
-                    call_ref: id.clone(),
-                    queue: "triage".into(),
-                    agent: "Agent Seven".into(),
-                    hold_seconds: Some(14),
-                },
-                AcdEvent::AgentComplete {
-                    call_ref: id.clone(),
-                    queue: "triage".into(),
-                    talk_seconds: Some(95),
-                    reason: "caller".into(),
-                },
-                AcdEvent::Hangup { call_ref: id, cause: Some(16) },
+                caller(call(EventKind::QueueJoin, id, |_| {})),
+                call(EventKind::Dtmf, id, |e| e.ivr_path = vec!["2".into()]),
+                caller(call(EventKind::AgentConnect, id, |e| e.agent = "Agent Seven".into())),
+                call(EventKind::AgentComplete, id, |e| {
+                    e.queue = "triage".into();
+                    e.reason = "caller".into();
+                }),
+                call(EventKind::Hangup, id, |e| e.reason = "16".into()),
             ]
         );
+        assert!(events.iter().all(|e| e.source == Source::Ami));
     }
 
     #[test]
@@ -654,7 +666,7 @@ junk only\r\n\
         assert_eq!(r.banner_version(), Some("5.0.2"));
         assert_eq!(msgs.len(), 1, "blank lines and all-garbage blocks yield nothing");
         assert_eq!(msgs[0].get("weird"), Some("value:with:colons"));
-        assert_eq!(map_event(&msgs[0]), Some(AcdEvent::Hangup { call_ref: "1700000001.5".into(), cause: None }));
+        assert_eq!(map_event(&msgs[0]), Some(call(EventKind::Hangup, "1700000001.5", |_| {})));
         // Invalid UTF-8 does not stop the reader.
         let mut r = AmiReader::new();
         r.push(b"Event: Hangup\r\nCallerIDName: \xff\xfe\r\nUniqueid: 2.2\r\n\r\n");
@@ -787,7 +799,14 @@ Message: Authentication failed\r\n\
         assert_eq!(login_response(&event, "login-1"), None);
     }
 
-    fn ev(pairs: &[(&str, &str)]) -> Option<AcdEvent> {
+    /// An expected event: `kind` for `call_ref`, then `f` fills the rest.
+    fn call(kind: EventKind, call_ref: &str, f: impl FnOnce(&mut CallEvent)) -> CallEvent {
+        let mut e = CallEvent::new(Source::Ami, kind, call_ref);
+        f(&mut e);
+        e
+    }
+
+    fn ev(pairs: &[(&str, &str)]) -> Option<CallEvent> {
         map_event(&AmiMessage::from_pairs(pairs))
     }
 
@@ -802,25 +821,20 @@ Message: Authentication failed\r\n\
                 ("CallerIDNum", "07700900123"),
                 ("CallerIDName", "A Caller"),
             ]),
-            Some(AcdEvent::QueueJoin {
-                call_ref: "9.0".into(),
-                queue: "triage".into(),
-                caller: "07700900123".into(),
-                caller_name: "A Caller".into(),
-            })
+            Some(call(EventKind::QueueJoin, "9.0", |e| {
+                e.queue = "triage".into();
+                e.caller = "07700900123".into();
+                e.caller_name = "A Caller".into();
+            }))
         );
         // Only Uniqueid; caller ID unknown; no queue.
         assert_eq!(
             ev(&[("event", "queuecallerjoin"), ("Linkedid", ""), ("Uniqueid", "9.1"), ("CallerIDNum", "<unknown>"),]),
-            Some(AcdEvent::QueueJoin {
-                call_ref: "9.1".into(),
-                queue: String::new(),
-                caller: String::new(),
-                caller_name: String::new(),
-            })
+            Some(call(EventKind::QueueJoin, "9.1", |_| {}))
         );
         // Nothing to correlate by.
         assert_eq!(ev(&[("Event", "QueueCallerJoin"), ("Queue", "triage")]), None);
+        assert_eq!(ev(&[("Event", "QueueCallerJoin"), ("Linkedid", "  "), ("Uniqueid", "")]), None);
     }
 
     #[test]
@@ -828,24 +842,26 @@ Message: Authentication failed\r\n\
         assert_eq!(
             ev(&[
                 ("Event", "QueueCallerAbandon"),
+                ("Uniqueid", "9.0"),
                 ("Linkedid", "9.0"),
+                ("CallerIDNum", "07700900123"),
                 ("Queue", "triage"),
                 ("Position", "2"),
                 ("OriginalPosition", "3"),
                 ("HoldTime", "47"),
             ]),
-            Some(AcdEvent::QueueAbandon { call_ref: "9.0".into(), queue: "triage".into(), wait_seconds: Some(47) })
+            Some(call(EventKind::QueueAbandon, "9.0", |e| {
+                e.queue = "triage".into();
+                e.caller = "07700900123".into();
+                e.wait_seconds = Some(47);
+            }))
         );
-        for hold in [None, Some(""), Some("-3"), Some("soon")] {
+        for hold in [None, Some(""), Some("-3"), Some("soon"), Some("99999999999")] {
             let mut pairs = vec![("Event", "QueueCallerAbandon"), ("Uniqueid", "9.1")];
             if let Some(h) = hold {
                 pairs.push(("HoldTime", h));
             }
-            assert_eq!(
-                ev(&pairs),
-                Some(AcdEvent::QueueAbandon { call_ref: "9.1".into(), queue: String::new(), wait_seconds: None }),
-                "{hold:?}"
-            );
+            assert_eq!(ev(&pairs), Some(call(EventKind::QueueAbandon, "9.1", |_| {})), "{hold:?}");
         }
     }
 
@@ -861,21 +877,18 @@ Message: Authentication failed\r\n\
                 ("HoldTime", "8"),
                 ("RingTime", "2"),
             ]),
-            Some(AcdEvent::AgentConnect {
-                call_ref: "9.0".into(),
-                queue: "triage".into(),
-                agent: "PJSIP/agent7".into(),
-                hold_seconds: Some(8),
-            })
+            Some(call(EventKind::AgentConnect, "9.0", |e| {
+                e.queue = "triage".into();
+                e.agent = "PJSIP/agent7".into();
+            }))
+        );
+        assert_eq!(
+            ev(&[("Event", "AgentConnect"), ("Uniqueid", "9.1"), ("MemberName", "Agent Seven"), ("Interface", "x")]),
+            Some(call(EventKind::AgentConnect, "9.1", |e| e.agent = "Agent Seven".into()))
         );
         assert_eq!(
             ev(&[("Event", "AgentConnect"), ("Uniqueid", "9.1")]),
-            Some(AcdEvent::AgentConnect {
-                call_ref: "9.1".into(),
-                queue: String::new(),
-                agent: String::new(),
-                hold_seconds: None,
-            })
+            Some(call(EventKind::AgentConnect, "9.1", |_| {}))
         );
     }
 
@@ -890,27 +903,20 @@ Message: Authentication failed\r\n\
                 ("TalkTime", "61"),
                 ("Reason", "agent"),
             ]),
-            Some(AcdEvent::AgentComplete {
-                call_ref: "9.0".into(),
-                queue: "triage".into(),
-                talk_seconds: Some(61),
-                reason: "agent".into(),
-            })
+            Some(call(EventKind::AgentComplete, "9.0", |e| {
+                e.queue = "triage".into();
+                e.reason = "agent".into();
+            }))
         );
         assert_eq!(
             ev(&[("Event", "AgentComplete"), ("Uniqueid", "9.1"), ("TalkTime", "")]),
-            Some(AcdEvent::AgentComplete {
-                call_ref: "9.1".into(),
-                queue: String::new(),
-                talk_seconds: None,
-                reason: String::new(),
-            })
+            Some(call(EventKind::AgentComplete, "9.1", |_| {}))
         );
     }
 
     #[test]
-    fn dtmf_mapping_only_received_with_a_digit() {
-        let base = [("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Digit", "#")];
+    fn dtmf_mapping_only_received_on_the_callers_channel_with_a_digit() {
+        let base = [("Event", "DTMFEnd"), ("Uniqueid", "9.0"), ("Linkedid", "9.0"), ("Digit", "#")];
         let with = |dir: Option<&str>| {
             let mut p = base.to_vec();
             if let Some(d) = dir {
@@ -918,28 +924,52 @@ Message: Authentication failed\r\n\
             }
             ev(&p)
         };
-        assert_eq!(with(Some("Received")), Some(AcdEvent::Dtmf { call_ref: "9.0".into(), digit: "#".into() }));
+        assert_eq!(with(Some("Received")), Some(call(EventKind::Dtmf, "9.0", |e| e.ivr_path = vec!["#".into()])));
         assert_eq!(with(Some("Sent")), None);
         assert_eq!(with(None), None);
         assert_eq!(ev(&[("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Direction", "Received")]), None);
         assert_eq!(ev(&[("Event", "DTMFBegin"), ("Linkedid", "9.0"), ("Digit", "1"), ("Direction", "Received")]), None);
+        // The agent's (or a Local channel's) leg of the same call.
+        let leg =
+            [("Event", "DTMFEnd"), ("Uniqueid", "9.3"), ("Linkedid", "9.0"), ("Digit", "1"), ("Direction", "Received")];
+        assert_eq!(ev(&leg), None);
     }
 
     #[test]
-    fn hangup_mapping_and_other_messages() {
+    fn hangup_only_of_the_callers_channel() {
         assert_eq!(
-            ev(&[("Event", "Hangup"), ("Linkedid", "9.0"), ("Cause", "17"), ("Cause-txt", "User busy")]),
-            Some(AcdEvent::Hangup { call_ref: "9.0".into(), cause: Some(17) })
+            ev(&[
+                ("Event", "Hangup"),
+                ("Uniqueid", "9.0"),
+                ("Linkedid", "9.0"),
+                ("Cause", "17"),
+                ("Cause-txt", "User busy")
+            ]),
+            Some(call(EventKind::Hangup, "9.0", |e| e.reason = "17".into()))
         );
+        assert_eq!(ev(&[("Event", "Hangup"), ("Uniqueid", "9.1")]), Some(call(EventKind::Hangup, "9.1", |_| {})));
         assert_eq!(
-            ev(&[("Event", "Hangup"), ("Uniqueid", "9.1")]),
-            Some(AcdEvent::Hangup { call_ref: "9.1".into(), cause: None })
+            ev(&[("Event", "Hangup"), ("Uniqueid", "9.1"), ("Linkedid", "")]),
+            Some(call(EventKind::Hangup, "9.1", |_| {}))
         );
+        // The agent leg shares the caller's Linkedid: not the caller hanging up.
+        assert_eq!(ev(&[("Event", "Hangup"), ("Uniqueid", "9.4"), ("Linkedid", "9.0"), ("Cause", "16")]), None);
+        // Whose channel it is cannot be told.
+        assert_eq!(ev(&[("Event", "Hangup"), ("Linkedid", "9.0")]), None);
+    }
+
+    #[test]
+    fn other_messages_map_to_nothing() {
         assert_eq!(ev(&[("Event", "Hangup")]), None);
         assert_eq!(ev(&[("Event", "Newchannel"), ("Uniqueid", "9.1")]), None);
+        assert_eq!(ev(&[("Event", "QueueCallerLeave"), ("Uniqueid", "9.1"), ("Queue", "q")]), None);
         assert_eq!(ev(&[("Response", "Success"), ("Uniqueid", "9.1")]), None);
         assert_eq!(ev(&[]), None);
-        let e = ev(&[("Event", "Hangup"), ("Linkedid", "9.0")]);
-        assert_eq!(e.as_ref().map(AcdEvent::call_ref), Some("9.0"));
+    }
+
+    #[test]
+    fn ping_action_text() {
+        assert_eq!(ping("ping-3"), "Action: Ping\r\nActionID: ping-3\r\n\r\n");
+        assert_eq!(ping("a\r\nAction: Logoff"), "Action: Ping\r\nActionID: aAction: Logoff\r\n\r\n");
     }
 }

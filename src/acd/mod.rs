@@ -9,9 +9,213 @@
 //! so a rule behaves the same whichever PBX reported the call.
 
 pub mod ami;
+pub mod asterisk;
 pub mod esl;
+pub mod freeswitch;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
 use crate::incident::Source;
+use crate::intake::Intake;
+use crate::store::StoreError;
+use crate::telemetry::metric;
+
+/// Starts the PBX feeds configured under `[acd]` (`[acd.asterisk]`,
+/// `[acd.freeswitch]`); each runs until `token` is cancelled, reconnecting on
+/// its own. Addresses and credentials are read once: a SIGHUP does not move a
+/// running feed (restart the daemon for that).
+pub fn spawn(settings: &Settings, intake: Arc<Intake>, token: CancellationToken) {
+    let acd = &settings.acd;
+    if let Some(a) = &acd.asterisk {
+        feed::set_connected(Source::Ami, false);
+        tokio::spawn(asterisk::run(a.clone(), acd.max_backoff, intake.clone(), token.clone()));
+    }
+    if let Some(f) = &acd.freeswitch {
+        feed::set_connected(Source::Esl, false);
+        tokio::spawn(freeswitch::run(f.clone(), acd.max_backoff, intake, token));
+    }
+}
+
+/// What the two connection loops share: reconnect backoff, connecting with
+/// TCP keepalive, delivering an event to intake until it is stored, and the
+/// feed's metrics.
+pub(crate) mod feed {
+    use super::*;
+
+    /// First reconnect delay; doubles up to `acd.max_backoff`.
+    pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+    /// Giving up on a TCP connect (or the login's answer) after this long.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Silence after which the peer is probed (AMI `Ping`, ESL `api uptime`);
+    /// silence for as long again after the probe means the peer is gone.
+    pub const KEEPALIVE: Duration = Duration::from_secs(20);
+    /// Longest pause between two attempts to store one event while Redis is away.
+    const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
+
+    /// Why a connection ended (or never got going).
+    #[derive(Debug, thiserror::Error)]
+    pub enum FeedError {
+        #[error("connect failed: {0}")]
+        Connect(std::io::Error),
+        #[error("connect timed out")]
+        ConnectTimeout,
+        #[error("login refused: {0}")]
+        LoginRefused(String),
+        #[error("no answer to the login")]
+        LoginTimeout,
+        #[error("event subscription refused: {0}")]
+        Subscribe(String),
+        #[error("connection closed by the PBX")]
+        Closed,
+        #[error("connection failed: {0}")]
+        Io(std::io::Error),
+        #[error("no answer to the keepalive probe")]
+        Dead,
+        #[error("stream can no longer be framed ({0})")]
+        Framing(&'static str),
+    }
+
+    impl FeedError {
+        /// The `reason` label of `dispatchd_acd_errors_total`.
+        pub fn reason(&self) -> &'static str {
+            match self {
+                FeedError::Connect(_) | FeedError::ConnectTimeout => "connect",
+                FeedError::LoginRefused(_) | FeedError::LoginTimeout => "login",
+                FeedError::Subscribe(_) => "subscribe",
+                FeedError::Closed | FeedError::Io(_) => "disconnect",
+                FeedError::Dead => "keepalive",
+                FeedError::Framing(_) => "framing",
+            }
+        }
+    }
+
+    /// Reconnect delays: 250ms, 500ms, 1s, … up to `max`; back to 250ms after a login.
+    #[derive(Debug)]
+    pub struct Backoff {
+        next: Duration,
+        max: Duration,
+    }
+
+    impl Backoff {
+        pub fn new(max: Duration) -> Backoff {
+            Backoff { next: FIRST_BACKOFF, max: max.max(FIRST_BACKOFF) }
+        }
+
+        pub fn reset(&mut self) {
+            self.next = FIRST_BACKOFF;
+        }
+
+        /// The delay to wait now; the following one is twice as long (capped).
+        pub fn next_delay(&mut self) -> Duration {
+            let d = self.next;
+            self.next = (self.next * 2).min(self.max);
+            d
+        }
+    }
+
+    /// Sleeps `d`; true when shutdown came first.
+    pub async fn cancelled_during(d: Duration, token: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = token.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+
+    /// TCP connect with a timeout, and TCP keepalive on (a second line of
+    /// defence under the protocol probes: it also ends a connection whose
+    /// peer vanished while we were not reading, e.g. while Redis was away).
+    pub async fn connect(address: &str) -> Result<TcpStream, FeedError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+            .await
+            .map_err(|_| FeedError::ConnectTimeout)?
+            .map_err(FeedError::Connect)?;
+        let ka =
+            socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(Duration::from_secs(5)).with_retries(3);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "TCP keepalive not set");
+        }
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    pub fn set_connected(source: Source, up: bool) {
+        metrics::gauge!(metric::ACD_CONNECTED, "source" => source.as_str()).set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub fn count_error(source: Source, reason: &'static str) {
+        metrics::counter!(metric::ACD_ERRORS, "source" => source.as_str(), "reason" => reason).increment(1);
+    }
+
+    /// Hands `ev` to intake until it is stored, retrying while Redis does not
+    /// answer — without reading further from the PBX meanwhile, so the feed
+    /// is held back rather than events lost. False when shutdown came first.
+    /// The event is never logged: it may carry the caller's number.
+    pub async fn deliver(intake: &Intake, ev: CallEvent, token: &CancellationToken) -> bool {
+        let source = ev.source.as_str();
+        let event = ev.kind.as_str();
+        let mut delay = FIRST_BACKOFF;
+        let mut failures = 0u32;
+        loop {
+            match intake.apply(ev.clone()).await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::info!(source, event, failures, "call event applied; PBX feed resumed");
+                    }
+                    return true;
+                }
+                Err(e @ StoreError::Corrupt(..)) => {
+                    // Not Redis being away: trying again would block the feed for good.
+                    tracing::error!(source, event, error = %e, "call event dropped");
+                    count_error(ev.source, "store");
+                    return true;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        tracing::warn!(source, event, error = %e, "call event not stored, retrying; PBX feed paused");
+                    } else {
+                        tracing::debug!(source, event, failures, error = %e, "call event still not stored");
+                    }
+                }
+            }
+            if cancelled_during(delay, token).await {
+                return false;
+            }
+            delay = (delay * 2).min(STORE_RETRY_MAX);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn backoff_doubles_to_the_cap_and_resets() {
+            let mut b = Backoff::new(Duration::from_secs(2));
+            let seen: Vec<u64> = (0..6).map(|_| b.next_delay().as_millis() as u64).collect();
+            assert_eq!(seen, [250, 500, 1000, 2000, 2000, 2000]);
+            b.reset();
+            assert_eq!(b.next_delay(), FIRST_BACKOFF);
+            let mut tiny = Backoff::new(Duration::from_millis(1));
+            assert_eq!(tiny.next_delay(), FIRST_BACKOFF);
+            assert_eq!(tiny.next_delay(), FIRST_BACKOFF);
+        }
+
+        #[test]
+        fn error_reasons() {
+            assert_eq!(FeedError::LoginRefused("x".into()).reason(), "login");
+            assert_eq!(FeedError::Closed.reason(), "disconnect");
+            assert_eq!(FeedError::Dead.reason(), "keepalive");
+            assert_eq!(FeedError::Framing("x").reason(), "framing");
+        }
+    }
+}
 
 /// What happened to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

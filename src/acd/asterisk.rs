@@ -1,0 +1,170 @@
+//! The Asterisk Manager Interface connection: connect, log in, read events,
+//! hand them to intake; reconnect when anything goes wrong.
+//!
+//! One loop per configured `[acd.asterisk]`:
+//! 1. TCP connect (5 s timeout, TCP keepalive on), send `Action: Login` with an
+//!    `ActionID` and `Events: call,agent,dtmf`, wait up to 10 s for its answer
+//!    (`Response: Success`; `Response: Error` / `Message: Authentication
+//!    failed` is a login failure).
+//! 2. Read → [`AmiReader`] → [`ami::map_event`] → [`Intake::apply`], one event
+//!    at a time. When apply fails (Redis does not answer) the same event is
+//!    retried with backoff and nothing more is read meanwhile: the kernel's
+//!    socket buffers, then Asterisk, hold the rest (see the README on
+//!    `writetimeout`), and no event is lost or reordered.
+//! 3. A framing error (over-long line or message) drops that one message; the
+//!    reader resynchronises at the next blank line and the connection stays.
+//! 4. EOF, a socket error, a failed login or a dead peer: logged (never the
+//!    secret, never an event's fields), counted in
+//!    `dispatchd_acd_errors_total{source="ami",reason}`,
+//!    `dispatchd_acd_connected{source="ami"}` goes to 0, and the next attempt
+//!    waits 250 ms, doubling up to `acd.max_backoff`; a successful login
+//!    resets the delay.
+//!
+//! # Dead peers
+//!
+//! A quiet call centre sends no events for a long time, and a PBX that
+//! vanished (power, network partition) sends no FIN either. After 20 s
+//! without a byte the loop sends `Action: Ping`; Asterisk answers at once
+//! (`Response: Success`, `Ping: Pong`), and any byte counts as an answer.
+//! Another 20 s of silence after the probe ends the connection. The probe
+//! costs one small action per idle 20 s, needs no extra manager permission,
+//! and detects a hung Asterisk too, which TCP keepalive (also on, for the
+//! time spent not reading while Redis is away) would not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::ami::{self, AmiReader, LoginOutcome};
+use super::feed::{self, Backoff, FeedError};
+use crate::config::AsteriskSettings;
+use crate::incident::Source;
+use crate::intake::Intake;
+
+const SOURCE: Source = Source::Ami;
+/// Bytes read per call (one AMI line is at most [`ami::MAX_LINE`]).
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Runs the AMI feed until `token` is cancelled.
+pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
+    let mut backoff = Backoff::new(max_backoff);
+    let mut attempt: u64 = 0;
+    loop {
+        attempt = attempt.wrapping_add(1);
+        let result = tokio::select! {
+            _ = token.cancelled() => Ok(()),
+            r = session(&cfg, &intake, &token, &mut backoff, attempt) => r,
+        };
+        feed::set_connected(SOURCE, false);
+        match result {
+            Ok(()) => {
+                tracing::info!(address = %cfg.address, "AMI feed stopped");
+                return;
+            }
+            Err(e) => {
+                feed::count_error(SOURCE, e.reason());
+                tracing::warn!(address = %cfg.address, reason = e.reason(), error = %e, "AMI connection lost; reconnecting");
+            }
+        }
+        let delay = backoff.next_delay();
+        if feed::cancelled_during(delay, &token).await {
+            tracing::info!(address = %cfg.address, "AMI feed stopped");
+            return;
+        }
+    }
+}
+
+/// One connection. `Ok` only when shutdown came.
+async fn session(
+    cfg: &AsteriskSettings,
+    intake: &Intake,
+    token: &CancellationToken,
+    backoff: &mut Backoff,
+    attempt: u64,
+) -> Result<(), FeedError> {
+    let mut stream = feed::connect(&cfg.address).await?;
+    let mut reader = AmiReader::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+
+    let login_id = format!("dispatchd-login-{attempt}");
+    stream
+        .write_all(ami::login(&cfg.username, cfg.secret.expose(), &login_id).as_bytes())
+        .await
+        .map_err(FeedError::Io)?;
+    let deadline = tokio::time::Instant::now() + feed::LOGIN_TIMEOUT;
+    'login: loop {
+        while let Some(m) = reader.next_message() {
+            match m {
+                Ok(msg) => match ami::login_response(&msg, &login_id) {
+                    Some(LoginOutcome::Accepted) => break 'login,
+                    Some(LoginOutcome::Rejected { message }) => {
+                        return Err(FeedError::LoginRefused(super::clean(&message, 80)));
+                    }
+                    None => {}
+                },
+                Err(e) => framing(&e),
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .map_err(|_| FeedError::LoginTimeout)?
+            .map_err(FeedError::Io)?;
+        if n == 0 {
+            return Err(FeedError::Closed);
+        }
+        reader.push(&buf[..n]);
+    }
+
+    feed::set_connected(SOURCE, true);
+    backoff.reset();
+    tracing::info!(
+        address = %cfg.address,
+        version = reader.banner_version().map(|v| super::clean(v, 32)).unwrap_or_default(),
+        "AMI logged in"
+    );
+
+    let mut probed = false;
+    let mut pings: u64 = 0;
+    loop {
+        // Everything already received first (the login answer may have come with events).
+        while let Some(m) = reader.next_message() {
+            match m {
+                Ok(msg) => {
+                    if let Some(ev) = ami::map_event(&msg)
+                        && !feed::deliver(intake, ev, token).await
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) => framing(&e),
+            }
+        }
+        match tokio::time::timeout(feed::KEEPALIVE, stream.read(&mut buf)).await {
+            Err(_) if probed => return Err(FeedError::Dead),
+            Err(_) => {
+                pings = pings.wrapping_add(1);
+                write(&mut stream, &ami::ping(&format!("dispatchd-ping-{pings}"))).await?;
+                probed = true;
+            }
+            Ok(Ok(0)) => return Err(FeedError::Closed),
+            Ok(Ok(n)) => {
+                probed = false;
+                reader.push(&buf[..n]);
+            }
+            Ok(Err(e)) => return Err(FeedError::Io(e)),
+        }
+    }
+}
+
+async fn write(stream: &mut TcpStream, text: &str) -> Result<(), FeedError> {
+    stream.write_all(text.as_bytes()).await.map_err(FeedError::Io)
+}
+
+/// One message dropped; the reader resynchronises by itself.
+fn framing(e: &ami::AmiError) {
+    feed::count_error(SOURCE, "framing");
+    tracing::warn!(error = %e, "AMI message dropped");
+}
