@@ -13,6 +13,8 @@
 //!   until the ACK or Timer H (64·T1);
 //! - early dialogs (shadow mode) keyed by Call-ID and both tags, for INFO, BYE
 //!   and CANCEL; anything in a dialog we do not know gets 481;
+//! - out-of-dialog MESSAGE carries a call event (`X-Event`, see `message.rs`):
+//!   400 when a header it needs is missing, 202 only after intake stored it;
 //! - finished transactions are forgotten after 32 s by a sweeper.
 //!
 //! The answer that says an incident exists (180, or the decline status) is
@@ -33,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::call::{CallFacts, DtmfError, dtmf_digit};
+use super::message::event_of;
 use super::wire::{Message, Reply, response};
 use crate::config::{SipMode, SipSettings};
 use crate::intake::{CallEnd, Intake};
@@ -47,7 +50,7 @@ const LINGER: Duration = Duration::from_secs(32);
 /// Transactions remembered at once, at most; beyond that new INVITEs get 503.
 const MAX_TRANSACTIONS: usize = 500_000;
 
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, INFO, OPTIONS";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, INFO, OPTIONS, MESSAGE";
 const ACCEPT_INFO: &str = "application/dtmf-relay, application/dtmf";
 
 /// Where a response goes: back the way the request came.
@@ -290,6 +293,7 @@ impl Uas {
             }
             "INFO" => self.on_info(msg, peer, key),
             "BYE" => self.on_bye(&msg, &peer, key),
+            "MESSAGE" => self.on_message(&msg, peer, key),
             _ => {
                 let r = build(&reply, 405, "Method Not Allowed", Some(&new_tag()), &[("Allow", ALLOW)]);
                 self.finish_other(key, &peer, r);
@@ -619,6 +623,69 @@ impl Uas {
             };
             this.finish_other(key, &peer, resp);
         });
+    }
+
+    /// An out-of-dialog MESSAGE: a call event from the dialplan. Answered 202
+    /// only once intake has stored it; 503 + Retry-After while it cannot be.
+    fn on_message(self: &Arc<Self>, msg: &Message, peer: Peer, key: TxKey) {
+        let reply = msg.reply();
+        if msg.to_tag().is_some() {
+            // We never establish a dialog a MESSAGE could belong to.
+            let r = build(&reply, 481, "Call/Transaction Does Not Exist", None, &[]);
+            return self.finish_other(key, &peer, r);
+        }
+        let ev = match event_of(msg) {
+            Ok(ev) => ev,
+            Err(bad) => {
+                tracing::debug!(header = bad.header(), "MESSAGE refused");
+                let (reason, warning) = (bad.reason(), bad.warning());
+                let r = build(&reply, 400, &reason, Some(&new_tag()), &[("Warning", warning.as_str())]);
+                return self.finish_other(key, &peer, r);
+            }
+        };
+        let unavailable =
+            || build(&reply, 503, "Service Unavailable", Some(&new_tag()), &[("Retry-After", &self.retry_after)]);
+        if !self.redis_up.load(Ordering::Relaxed) || self.shutdown.is_cancelled() {
+            return self.finish_other(key, &peer, unavailable());
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            tracing::warn!("too many calls being stored at once; answering 503");
+            return self.finish_other(key, &peer, unavailable());
+        };
+        {
+            let mut st = self.lock();
+            if st.txs.len() >= MAX_TRANSACTIONS {
+                drop(st);
+                return peer.send(&unavailable());
+            }
+            // Absorb retransmissions while the event is being stored.
+            st.txs.insert(key.clone(), Tx::Other(OtherTx { last: None, expires: Instant::now() + LINGER }));
+        }
+        let span = tracing::info_span!("call", call_id = %ev.call_id, event = ev.kind.as_str());
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                let resp = match this.intake.apply(ev).await {
+                    Ok(o) => match &o.incident {
+                        Some(id) => build(&reply, 202, "Accepted", Some(&new_tag()), &[("X-Incident-Id", id.as_str())]),
+                        None => build(&reply, 202, "Accepted", Some(&new_tag()), &[]),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "call event not stored; answering 503");
+                        build(
+                            &reply,
+                            503,
+                            "Service Unavailable",
+                            Some(&new_tag()),
+                            &[("Retry-After", &this.retry_after)],
+                        )
+                    }
+                };
+                drop(permit);
+                this.finish_other(key, &peer, resp);
+            }
+            .instrument(span),
+        );
     }
 
     /// Forgets finished transactions; run every second.
