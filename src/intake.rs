@@ -408,6 +408,7 @@ impl Intake {
         let mut w = EventWrite {
             call_key: ev.call_ref.clone(),
             source: actor.into(),
+            pseudonym: self.pseudonym_of(&ev.caller),
             dedup: ev.dedup.clone(),
             ..EventWrite::default()
         };

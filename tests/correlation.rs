@@ -318,3 +318,23 @@ fn caller_status_follows_the_incident_through_its_life() {
     let r = alpha.request(json!({"type": "status", "incident_id": id, "status": "en_route", "eta_s": "soon"}), "b");
     assert_eq!(r["code"], "bad_request");
 }
+
+#[test]
+fn erasure_forgets_callers_known_only_from_call_events() {
+    let redis = Redis::start();
+    let d = daemon(&redis, rules("", "", "", ""), String::new());
+    let caller = "+15550007601";
+    let join = format!(
+        "X-Event: queue-join\r\nX-Call-Ref: er-1\r\nX-Queue: support\r\nP-Asserted-Identity: <sip:{caller}@pbx.example>\r\n"
+    );
+    assert_eq!(status_of(&event(&d, "er-join", &join)), 202);
+    assert!(d.incidents("").is_empty(), "a join of an ordinary queue opens nothing");
+    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller"]).trim(), caller, "remembered for the call's later events");
+
+    let path = format!("/v1/callers/{}", caller.replace('+', "%2B"));
+    let (code, body) = http(d.http_port, "DELETE", &path, Some(ADMIN_TOKEN), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(redis.cli(&["EXISTS", "t:acall:er-1"]).trim(), "0", "what was remembered of the call is gone");
+    let keys = redis.cli(&["--scan", "--pattern", "t:*"]);
+    assert!(!keys.contains(caller), "{keys}");
+}

@@ -107,6 +107,8 @@ pub struct Applied {
 pub struct EventWrite {
     pub call_key: String,
     pub source: String,
+    /// The caller's pseudonym ("" when unknown), to list the call for erasure.
+    pub pseudonym: String,
     /// What to remember of the call (field → value).
     pub state: Vec<(&'static str, String)>,
     pub dedup: Option<String>,
@@ -208,6 +210,7 @@ impl Store {
         args.insert("call_key".into(), json!(w.call_key));
         args.insert("call_ttl".into(), json!(CALL_STATE_TTL_S));
         args.insert("source".into(), json!(w.source));
+        args.insert("pseudonym".into(), json!(w.pseudonym));
         let state: Map<String, Value> = w.state.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
         args.insert("state".into(), Value::Object(state));
         if let Some(d) = &w.dedup {

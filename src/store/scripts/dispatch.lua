@@ -415,7 +415,10 @@ elseif op == 'erase' then
       end
     end
   end
-  redis.call('DEL', idx, p .. ':repeat:' .. ARGV[6])
+  -- Calls intake still remembers with this caller (intake.lua), incident or not.
+  local calls = p .. ':callercalls:' .. ARGV[6]
+  for _, ck in ipairs(redis.call('SMEMBERS', calls)) do redis.call('DEL', p .. ':acall:' .. ck) end
+  redis.call('DEL', idx, calls, p .. ':repeat:' .. ARGV[6])
   return n
 
 elseif op == 'sweep' then

@@ -11,7 +11,8 @@
 -- Keys (p = prefix), besides the record keys described in dispatch.lua:
 --   p:call:<call key>      string  call key (X-Call-Ref, Linkedid, Call-ID) → incident id
 --   p:acall:<call key>     hash    what is known of a call: caller, caller_name, queue,
---                                  ivr_path, joined_ms, source (expires with the call key)
+--                                  ivr_path, joined_ms, source (expires after 6 h)
+--   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure)
 --   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
 --   p:repeat:<pseudonym>   string  the caller's open incident; expires `repeat.window`
 --                                  after the caller's last call
@@ -187,10 +188,16 @@ local function open(o, r)
   return out
 end
 
--- What is known of the call, for later events of it.
-local function remember(call_key, state, ttl)
+-- What is known of the call, for later events of it. A call whose caller is
+-- known is listed under the caller's pseudonym, so erasure finds it.
+local function remember(call_key, state, ttl, pseudonym)
   if not state then return end
   local ak = p .. ':acall:' .. call_key
+  if not empty(pseudonym) and state.caller then
+    local ck = p .. ':callercalls:' .. pseudonym
+    redis.call('SADD', ck, call_key)
+    redis.call('EXPIRE', ck, ttl)
+  end
   local hset = {ak}
   for k, v in pairs(state) do
     hset[#hset + 1] = k
@@ -206,7 +213,7 @@ local rules = a.rules or {}
 
 if op == 'open' then
   local out = open(a, rules)
-  remember(a.call_key, a.state, a.call_ttl)
+  remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
   return cjson.encode(out)
 
 elseif op == 'event' then
@@ -222,7 +229,7 @@ elseif op == 'event' then
     end
     redis.call('SET', dk, '1', 'EX', a.dedup_ttl)
   end
-  remember(a.call_key, a.state, a.call_ttl)
+  remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
   local id = redis.call('GET', p .. ':call:' .. a.call_key)
   local out = {id = id or ''}
   if id and redis.call('EXISTS', inc_key(id)) == 1 then
