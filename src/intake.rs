@@ -32,7 +32,7 @@ use crate::config::{AcdSettings, CorrelationSettings, Settings};
 use crate::incident::{Severity, Source, TimelineEntry, pseudonym};
 use crate::sip::call::{CallFacts, MAX_IVR_SELECTIONS};
 use crate::store::intake::{self as writes, EventWrite, Rules, Storm};
-use crate::store::{Changes, NewIncident, Store, StoreError};
+use crate::store::{NewIncident, Store, StoreError};
 use crate::telemetry::metric;
 
 /// The outcome of opening an incident for a call.
@@ -141,7 +141,8 @@ impl Intake {
         }
         for source in [Source::Sip, Source::Ami, Source::Esl] {
             for kind in EventKind::ALL {
-                metrics::counter!(metric::CALL_EVENTS, "source" => source.as_str(), "event" => kind.as_str()).absolute(0);
+                metrics::counter!(metric::CALL_EVENTS, "source" => source.as_str(), "event" => kind.as_str())
+                    .absolute(0);
             }
         }
         Intake {
@@ -273,33 +274,48 @@ impl Intake {
 
     /// A DTMF key pressed in the early dialog: appended to the call's path,
     /// then the incident is reclassified (category, severity, instructions and
-    /// summary follow). Returns the call's facts with the new path.
+    /// summary follow) unless it is one this call was attached to as a repeat.
+    /// Returns the call's facts with the new path.
     pub async fn ivr_digit(&self, id: &str, facts: &CallFacts, digit: char) -> Result<CallFacts, StoreError> {
         let mut facts = facts.clone();
         if facts.ivr_path.len() < MAX_IVR_SELECTIONS {
             facts.ivr_path.push(digit.to_string());
         }
-        let now = Utc::now();
-        let c = self.live().classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
-        let changes = Changes {
-            severity: Some(c.severity),
-            category: Some(c.category.clone()),
-            ivr_path: Some(facts.ivr_path.clone()),
-            instructions: Some(c.instructions.clone()),
-            summary: Some(summary(&c, &facts)),
-        };
-        let entries = [
-            TimelineEntry::new(
-                now,
-                "ivr_input",
-                "sip",
-                json!({"digit": digit.to_string(), "ivr_path": facts.ivr_path}),
-            ),
-            classified_entry(now, "sip", &c, &facts.ivr_path),
-        ];
-        self.store.update(id, &changes, &entries).await?;
-        tracing::info!(incident_id = %id, severity = %c.severity, category = %c.category, "incident reclassified");
+        let input = json!({"digit": digit.to_string(), "ivr_path": facts.ivr_path});
+        let mut w = EventWrite { call_key: facts.call_key.clone(), source: "sip".into(), ..EventWrite::default() };
+        let c = self.reclassify(&mut w, &facts, Source::Sip, input);
+        let applied = self.store.apply_event(&w).await?;
+        if applied.own {
+            tracing::info!(incident_id = %id, severity = %c.severity, category = %c.category, "incident reclassified");
+        }
         Ok(facts)
+    }
+
+    /// Fills `w` with what a new IVR path does: the call remembers it, the
+    /// timeline gets `ivr_input`, and (for the call's own incident) the
+    /// classification and what follows from it change.
+    fn reclassify(
+        &self,
+        w: &mut EventWrite,
+        facts: &CallFacts,
+        source: Source,
+        input: serde_json::Value,
+    ) -> Classification {
+        let now = Utc::now();
+        let actor = source.as_str();
+        let c = self.live().classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
+        let path = facts.ivr_path.join(",");
+        w.state.push(("ivr_path", path.clone()));
+        w.entries.push(TimelineEntry::new(now, "ivr_input", actor, input));
+        w.own_entries.push(classified_entry(now, actor, &c, &facts.ivr_path));
+        w.changes = vec![
+            ("severity", c.severity.as_str().to_string()),
+            ("category", c.category.clone()),
+            ("ivr_path", path),
+            ("instructions", c.instructions.clone()),
+            ("summary", summary(&c, facts)),
+        ];
+        c
     }
 
     /// The ringing leg ended: timeline entry with the seconds rung.
@@ -310,7 +326,7 @@ impl Intake {
             _ => json!({"rung_s": rung_s}),
         };
         let entry = TimelineEntry::new(Utc::now(), how.event(), "sip", detail);
-        self.store.update(id, &Changes::default(), &[entry]).await?;
+        self.store.append_many(&[(id.to_string(), entry)]).await?;
         tracing::info!(incident_id = %id, event = how.event(), rung_s, "call ended");
         Ok(())
     }
@@ -425,22 +441,11 @@ impl Intake {
         match ev.kind {
             EventKind::Incident => unreachable!("opened above"),
             EventKind::Ivr | EventKind::Dtmf => {
-                w.state.push(("ivr_path", facts.ivr_path.join(",")));
-                if existing.is_some() {
-                    let c = live.classifier.classify(&facts.ivr_path, facts.ruri_user.as_deref());
-                    let input = match ev.kind {
-                        EventKind::Dtmf => json!({"digit": ev.ivr_path.first(), "ivr_path": facts.ivr_path}),
-                        _ => json!({"ivr_path": facts.ivr_path}),
-                    };
-                    w.entries = vec![entry("ivr_input", input), classified_entry(now, actor, &c, &facts.ivr_path)];
-                    w.changes = vec![
-                        ("severity", c.severity.as_str().to_string()),
-                        ("category", c.category.clone()),
-                        ("ivr_path", facts.ivr_path.join(",")),
-                        ("instructions", c.instructions.clone()),
-                        ("summary", summary(&c, &facts)),
-                    ];
-                }
+                let input = match ev.kind {
+                    EventKind::Dtmf => json!({"digit": ev.ivr_path.first(), "ivr_path": facts.ivr_path}),
+                    _ => json!({"ivr_path": facts.ivr_path}),
+                };
+                self.reclassify(&mut w, &facts, ev.source, input);
             }
             EventKind::QueueJoin => {
                 w.state.push(("joined_ms", now.timestamp_millis().to_string()));
@@ -457,7 +462,10 @@ impl Intake {
                 let cb = &live.correlation.callback;
                 let long_wait = wait.is_some_and(|s| Duration::from_secs(u64::from(s)) > cb.abandon_after);
                 if cb.enabled && long_wait && existing.is_none() && !facts.caller.is_empty() {
-                    w.callback = Some((self.callback_incident(&facts, ev.source, now, wait, cb.severity), Rules::new(&live.correlation)));
+                    w.callback = Some((
+                        self.callback_incident(&facts, ev.source, now, wait, cb.severity),
+                        Rules::new(&live.correlation),
+                    ));
                 }
                 let st = &live.correlation.abandon_storm;
                 if st.enabled && !facts.queue.is_empty() {

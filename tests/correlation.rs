@@ -338,3 +338,36 @@ fn erasure_forgets_callers_known_only_from_call_events() {
     let keys = redis.cli(&["--scan", "--pattern", "t:*"]);
     assert!(!keys.contains(caller), "{keys}");
 }
+
+#[test]
+fn a_repeat_calls_ivr_input_is_recorded_but_does_not_reclassify() {
+    let redis = Redis::start();
+    let d = daemon(&redis, rules("window = \"30m\"\nraise_after = 0", "", "", ""), String::new());
+    let caller = "+15550007701";
+    let first = call_from(&d, caller, "rc-own", "2,1"); // outage / critical
+    assert_eq!(call_from(&d, caller, "rc-repeat", "9"), first);
+    let classified = |inc: &Value| timeline_of(inc, "classified").len();
+    let before = d.incident(&first);
+
+    // The repeat call's menu choice (general enquiry) must not downgrade a critical outage.
+    let ivr = |call_ref: &str, path: &str| {
+        let resp = event(
+            &d,
+            &format!("ivr-{call_ref}-{}", path.replace(',', "-")),
+            &format!("X-Event: ivr\r\nX-Call-Ref: {call_ref}\r\nX-IVR-Path: {path}\r\n"),
+        );
+        assert_eq!(status_of(&resp), 202, "{resp}");
+        assert_eq!(header_of(&resp, "X-Incident-Id"), Some(first.as_str()));
+    };
+    ivr("rc-repeat", "9");
+    let inc = d.incident(&first);
+    assert_eq!((inc["severity"].as_str(), inc["category"].as_str()), (Some("critical"), Some("outage")));
+    assert_eq!(classified(&inc), classified(&before));
+    assert_eq!(timeline_of(&inc, "ivr_input").len(), 1, "the input is on the timeline");
+
+    // The incident's own call still reclassifies it.
+    ivr("rc-own", "2,1,3");
+    let inc = d.incident(&first);
+    assert_eq!(inc["category"], "gas");
+    assert_eq!(classified(&inc), classified(&before) + 1);
+}

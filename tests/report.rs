@@ -99,7 +99,7 @@ impl Seed {
         self.at(ms, status, rid, json!({"responder": rid}))
     }
 
-    /// Writes it the way `open.lua`, `dispatch.lua` and `update.lua` do.
+    /// Writes it the way `intake.lua` and `dispatch.lua` do.
     fn write(&self, con: &mut redis::Connection, day_ms: i64) {
         let id = self.id();
         let opened = day_ms + self.open_ms;

@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, NewIncident, Result, StoreError, Store};
+use super::{CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, NewIncident, Result, Store, StoreError};
 use crate::config::CorrelationSettings;
 use crate::incident::{Severity, State, TimelineEntry, timestamp};
 
@@ -90,6 +90,9 @@ pub struct Applied {
     /// The event was applied before (same dedup key): nothing was written.
     #[serde(default)]
     pub duplicate: bool,
+    /// The incident is the call's own (not one it was attached to as a repeat call).
+    #[serde(default)]
+    pub own: bool,
     /// The callback incident opened for this abandon (or the caller's open incident it went to).
     #[serde(default)]
     pub callback: Option<Opened>,
@@ -114,8 +117,11 @@ pub struct EventWrite {
     pub dedup: Option<String>,
     /// Timeline entries for the call's incident, if it has one.
     pub entries: Vec<TimelineEntry>,
-    /// Record fields to set on the call's incident (reclassification).
+    /// Record fields to set on the call's incident (reclassification), and the
+    /// entries that go with them: only when the incident is the call's own, not
+    /// one a repeat call was attached to.
     pub changes: Vec<(&'static str, String)>,
+    pub own_entries: Vec<TimelineEntry>,
     /// The incident to open when the call has none (callback rule).
     pub callback: Option<(NewIncident, Rules)>,
     /// The abandon-storm rule: queue, count, window, severity, wait.
@@ -220,6 +226,10 @@ impl Store {
         if !w.entries.is_empty() {
             args.insert("entries".into(), json!(w.entries.iter().map(TimelineEntry::to_json).collect::<Vec<_>>()));
         }
+        if !w.own_entries.is_empty() {
+            let own: Vec<String> = w.own_entries.iter().map(TimelineEntry::to_json).collect();
+            args.insert("own_entries".into(), json!(own));
+        }
         if !w.changes.is_empty() {
             let ch: Map<String, Value> = w.changes.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
             args.insert("changes".into(), Value::Object(ch));
@@ -230,7 +240,8 @@ impl Store {
             args.insert("rules".into(), json!(rules));
         }
         if let Some(s) = &w.storm {
-            let mut storm = json!({"queue": s.queue, "count": s.count, "window_ms": s.window_ms, "severity": s.severity});
+            let mut storm =
+                json!({"queue": s.queue, "count": s.count, "window_ms": s.window_ms, "severity": s.severity});
             if let Some(wait) = s.wait_seconds {
                 storm["wait_seconds"] = json!(wait);
             }
@@ -252,7 +263,8 @@ impl Store {
         for id in &ids {
             pipe.cmd("HMGET").arg(self.key(&["inc", id])).arg("state").arg("opened_ms").arg("eta_ms");
         }
-        let rows: Vec<(Option<String>, Option<String>, Option<String>)> = Self::counted(pipe.query_async(&mut c).await)?;
+        let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
+            Self::counted(pipe.query_async(&mut c).await)?;
         let mut best: Option<(i64, String, State, Option<i64>)> = None;
         for (id, (state, opened, eta)) in ids.into_iter().zip(rows) {
             let Some(state) = state.as_deref().and_then(State::parse) else { continue };

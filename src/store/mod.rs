@@ -75,16 +75,6 @@ pub struct NewIncident {
     pub timeline: Vec<TimelineEntry>,
 }
 
-/// Fields of a record that an update may set.
-#[derive(Debug, Clone, Default)]
-pub struct Changes {
-    pub severity: Option<Severity>,
-    pub category: Option<String>,
-    pub ivr_path: Option<Vec<String>>,
-    pub summary: Option<String>,
-    pub instructions: Option<String>,
-}
-
 /// Filters of `GET /v1/incidents`.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -105,7 +95,6 @@ pub struct Store {
     url: String,
     prefix: String,
     intake: Script,
-    update: Script,
     dispatch: Script,
 }
 
@@ -124,7 +113,6 @@ impl Store {
             url: url.to_string(),
             prefix: prefix.to_string(),
             intake: Script::new(include_str!("scripts/intake.lua")),
-            update: Script::new(include_str!("scripts/update.lua")),
             dispatch: Script::new(include_str!("scripts/dispatch.lua")),
         })
     }
@@ -149,40 +137,6 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
         Self::counted(redis::cmd("PING").query_async::<String>(&mut c).await).map(|_| ())
-    }
-
-    /// Sets fields and appends timeline entries in one step. `false` when there is no such incident.
-    pub async fn update(&self, id: &str, changes: &Changes, entries: &[TimelineEntry]) -> Result<bool> {
-        let mut fields: Vec<(&str, String)> = Vec::new();
-        if let Some(s) = changes.severity {
-            fields.push(("severity", s.as_str().into()));
-        }
-        if let Some(c) = &changes.category {
-            fields.push(("category", c.clone()));
-        }
-        if let Some(p) = &changes.ivr_path {
-            fields.push(("ivr_path", p.join(",")));
-        }
-        if let Some(s) = &changes.summary {
-            fields.push(("summary", s.clone()));
-        }
-        if let Some(s) = &changes.instructions {
-            fields.push(("instructions", s.clone()));
-        }
-        let mut inv = self.update.prepare_invoke();
-        inv.arg(&self.prefix)
-            .arg(id)
-            .arg(changes.severity.map(|s| s.rank().to_string()).unwrap_or_default())
-            .arg(fields.len());
-        for (k, v) in &fields {
-            inv.arg(*k).arg(v);
-        }
-        for e in entries {
-            inv.arg(e.to_json());
-        }
-        let mut c = self.conn.clone();
-        let n: i64 = Self::counted(inv.invoke_async(&mut c).await)?;
-        Ok(n == 1)
     }
 
     /// Appends one timeline entry to each of several incidents, in one round

@@ -217,8 +217,10 @@ if op == 'open' then
   return cjson.encode(out)
 
 elseif op == 'event' then
-  -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entry (JSON text, for the
-  --    call's incident), changes {field = value} and rank (reclassification),
+  -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entries (JSON text, for the
+  --    call's incident), changes {field = value} and own_entries: a reclassification,
+  --    applied only when the incident is this call's own — a repeat call attached
+  --    to the caller's incident records its IVR input but does not reclassify it,
   --    callback (an `open` argument: the incident to open when the call has none),
   --    storm {queue, count, window_ms, severity, instructions}
   -- Returns {id ('' when the call has no incident), duplicate?, callback?, storm?, storm_created?, …}
@@ -233,7 +235,9 @@ elseif op == 'event' then
   local id = redis.call('GET', p .. ':call:' .. a.call_key)
   local out = {id = id or ''}
   if id and redis.call('EXISTS', inc_key(id)) == 1 then
-    if a.changes then
+    local own = redis.call('HGET', inc_key(id), 'call_key') == a.call_key
+    out.own = own
+    if a.changes and own then
       local hset = {inc_key(id)}
       for k, v in pairs(a.changes) do
         hset[#hset + 1] = k
@@ -247,6 +251,9 @@ elseif op == 'event' then
     end
     if a.entries then
       for _, e in ipairs(a.entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
+    end
+    if a.own_entries and own then
+      for _, e in ipairs(a.own_entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
     end
   elseif a.callback then
     local cb = open(a.callback, rules)
