@@ -156,8 +156,15 @@ pub(crate) mod feed {
     /// answer — without reading further from the PBX meanwhile, so the feed
     /// is held back rather than events lost. False when shutdown came first.
     /// The event is never logged: it may carry the caller's number.
-    pub async fn deliver(intake: &Intake, ev: CallEvent, token: &CancellationToken) -> bool {
+    ///
+    /// Each event gets a dedup key of its own, so a retry after an attempt
+    /// whose script did run (the answer was what got lost) changes nothing:
+    /// a digit is not appended twice.
+    pub async fn deliver(intake: &Intake, mut ev: CallEvent, token: &CancellationToken) -> bool {
         let source = ev.source.as_str();
+        if ev.dedup.is_none() {
+            ev.dedup = Some(delivery_key(source));
+        }
         let event = ev.kind.as_str();
         let mut delay = FIRST_BACKOFF;
         let mut failures = 0u32;
@@ -191,9 +198,28 @@ pub(crate) mod feed {
         }
     }
 
+    /// `<source>:<random per process>:<sequence>`: unique across restarts and daemons.
+    fn delivery_key(source: &str) -> String {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static BOOT: OnceLock<u64> = OnceLock::new();
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let boot = *BOOT.get_or_init(rand::random::<u64>);
+        format!("{source}:{boot:016x}:{}", SEQ.fetch_add(1, Ordering::Relaxed))
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn delivery_keys_are_distinct_and_fit_a_call_key() {
+            let a = delivery_key("ami");
+            let b = delivery_key("ami");
+            assert_ne!(a, b);
+            assert!(a.starts_with("ami:"));
+            assert_eq!(call_key(&a), a, "kept as it is, not hashed");
+        }
 
         #[test]
         fn backoff_doubles_to_the_cap_and_resets() {
