@@ -56,7 +56,7 @@ pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intak
         attempt = attempt.wrapping_add(1);
         let result = tokio::select! {
             _ = token.cancelled() => Ok(()),
-            r = session(&cfg, &intake, &token, &mut backoff, attempt) => r,
+            r = session(&cfg, &intake, &token, &mut backoff, attempt, feed::KEEPALIVE) => r,
         };
         feed::set_connected(SOURCE, false);
         match result {
@@ -84,6 +84,7 @@ async fn session(
     token: &CancellationToken,
     backoff: &mut Backoff,
     attempt: u64,
+    keepalive: Duration,
 ) -> Result<(), FeedError> {
     let mut stream = feed::connect(&cfg.address).await?;
     let mut reader = AmiReader::new();
@@ -142,7 +143,7 @@ async fn session(
                 Err(e) => framing(&e),
             }
         }
-        match tokio::time::timeout(feed::KEEPALIVE, stream.read(&mut buf)).await {
+        match tokio::time::timeout(keepalive, stream.read(&mut buf)).await {
             Err(_) if probed => return Err(FeedError::Dead),
             Err(_) => {
                 pings = pings.wrapping_add(1);
@@ -167,4 +168,101 @@ async fn write(stream: &mut TcpStream, text: &str) -> Result<(), FeedError> {
 fn framing(e: &ami::AmiError) {
     feed::count_error(SOURCE, "framing");
     tracing::warn!(error = %e, "AMI message dropped");
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// An intake whose Redis is never reached (no event is delivered here).
+    pub(crate) fn idle_intake() -> Intake {
+        let store = crate::store::Store::new("redis://127.0.0.1:1/0", "t", Duration::from_millis(100)).expect("store");
+        Intake::new(store, &crate::config::Settings::default())
+    }
+
+    /// One action's lines; empty at EOF.
+    async fn action(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.expect("read") == 0 {
+                return lines;
+            }
+            let line = line.trim_end().to_string();
+            if line.is_empty() {
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_pinged_once_then_dropped() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = l.local_addr().expect("addr").to_string();
+        let cfg: AsteriskSettings =
+            serde_json::from_value(serde_json::json!({"address": address, "username": "u", "secret": "pw"}))
+                .expect("settings");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"Asterisk Call Manager/5.0.2\r\n").await.expect("banner");
+            let login = action(&mut r).await;
+            assert!(login.contains(&"Action: Login".to_string()), "{login:?}");
+            assert!(login.contains(&"ActionID: dispatchd-login-1".to_string()), "{login:?}");
+            w.write_all(
+                b"Response: Success\r\nActionID: dispatchd-login-1\r\nMessage: Authentication accepted\r\n\r\n",
+            )
+            .await
+            .expect("answer");
+            // Then silence: every action until the client hangs up.
+            let mut actions = Vec::new();
+            loop {
+                let a = action(&mut r).await;
+                if a.is_empty() {
+                    return actions;
+                }
+                actions.push(a);
+            }
+        });
+        let token = CancellationToken::new();
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let intake = idle_intake();
+        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_millis(200)).await;
+        assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
+        let actions = server.await.expect("server");
+        assert_eq!(actions.len(), 1, "one probe, then the connection is given up: {actions:?}");
+        assert_eq!(actions[0], ["Action: Ping", "ActionID: dispatchd-ping-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_and_a_closed_socket_are_errors() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = l.local_addr().expect("addr").to_string();
+        let cfg: AsteriskSettings =
+            serde_json::from_value(serde_json::json!({"address": address, "username": "u", "secret": "pw"}))
+                .expect("settings");
+        let server = tokio::spawn(async move {
+            for answer in
+                [&b"Response: Error\r\nActionID: dispatchd-login-1\r\nMessage: Authentication failed\r\n\r\n"[..], b""]
+            {
+                let (s, _) = l.accept().await.expect("accept");
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                let _ = action(&mut r).await;
+                w.write_all(answer).await.expect("answer");
+            }
+        });
+        let token = CancellationToken::new();
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let intake = idle_intake();
+        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_secs(5)).await;
+        assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "Authentication failed"), "{r:?}");
+        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_secs(5)).await;
+        assert!(matches!(r, Err(FeedError::Closed)), "{r:?}");
+        server.await.expect("server");
+    }
 }

@@ -58,7 +58,7 @@ pub async fn run(cfg: FreeswitchSettings, max_backoff: Duration, intake: Arc<Int
     loop {
         let result = tokio::select! {
             _ = token.cancelled() => Ok(()),
-            r = session(&cfg, &intake, &token, &mut backoff) => r,
+            r = session(&cfg, &intake, &token, &mut backoff, feed::KEEPALIVE) => r,
         };
         feed::set_connected(SOURCE, false);
         match result {
@@ -119,6 +119,7 @@ async fn session(
     intake: &Intake,
     token: &CancellationToken,
     backoff: &mut Backoff,
+    keepalive: Duration,
 ) -> Result<(), FeedError> {
     let stream = feed::connect(&cfg.address).await?;
     let mut c = Conn { stream, reader: EslReader::new(), buf: vec![0u8; READ_CHUNK] };
@@ -172,7 +173,7 @@ async fn session(
                 _ => {} // api/response to the probe, log/data, ...
             }
         }
-        match tokio::time::timeout(feed::KEEPALIVE, c.stream.read(&mut c.buf)).await {
+        match tokio::time::timeout(keepalive, c.stream.read(&mut c.buf)).await {
             Err(_) if probed => return Err(FeedError::Dead),
             Err(_) => {
                 c.write(PROBE).await?;
@@ -197,4 +198,105 @@ fn framing(e: EslError) -> FeedError {
         EslError::MalformedHeader(_) => "malformed header line",
         EslError::BufferFull => "buffer full",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Reads one command (up to its blank line); empty at EOF.
+    async fn command(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
+        loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\n\n") {
+                let c = String::from_utf8_lossy(&buf[..i]).into_owned();
+                buf.drain(..i + 2);
+                return c;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                return String::new();
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_probed_once_then_dropped() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = l.local_addr().expect("addr").to_string();
+        let cfg: FreeswitchSettings =
+            serde_json::from_value(serde_json::json!({"address": address, "password": "ClueCon"})).expect("settings");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = Vec::new();
+            s.write_all(b"Content-Type: auth/request\n\n").await.expect("greeting");
+            assert_eq!(command(&mut s, &mut buf).await, "auth ClueCon");
+            s.write_all(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n").await.expect("reply");
+            assert_eq!(format!("{}\n\n", command(&mut s, &mut buf).await), esl::EVENT_SUBSCRIPTION);
+            s.write_all(b"Content-Type: command/reply\nReply-Text: +OK event listener enabled plain\n\n")
+                .await
+                .expect("reply");
+            let mut commands = Vec::new();
+            loop {
+                let c = command(&mut s, &mut buf).await;
+                if c.is_empty() {
+                    return commands;
+                }
+                commands.push(c);
+            }
+        });
+        let token = CancellationToken::new();
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let intake = crate::acd::asterisk::tests::idle_intake();
+        let r = session(&cfg, &intake, &token, &mut backoff, Duration::from_millis(200)).await;
+        assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
+        assert_eq!(server.await.expect("server"), ["api uptime"]);
+    }
+
+    #[tokio::test]
+    async fn refused_auth_and_subscription_are_errors() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = l.local_addr().expect("addr").to_string();
+        let cfg: FreeswitchSettings =
+            serde_json::from_value(serde_json::json!({"address": address, "password": "ClueCon"})).expect("settings");
+        let server = tokio::spawn(async move {
+            // -ERR invalid to the auth; then a refused subscription; then an ACL rejection.
+            for round in 0..3 {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let mut buf = Vec::new();
+                if round == 2 {
+                    let _ = s
+                        .write_all(
+                            b"Content-Type: text/rude-rejection\nContent-Length: 24\n\nAccess Denied, go away.\n",
+                        )
+                        .await;
+                    continue;
+                }
+                s.write_all(b"Content-Type: auth/request\n\n").await.expect("greeting");
+                let _ = command(&mut s, &mut buf).await;
+                if round == 0 {
+                    s.write_all(b"Content-Type: command/reply\nReply-Text: -ERR invalid\n\n").await.expect("reply");
+                    continue;
+                }
+                s.write_all(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n").await.expect("reply");
+                let _ = command(&mut s, &mut buf).await;
+                s.write_all(b"Content-Type: command/reply\nReply-Text: -ERR no keywords supplied\n\n")
+                    .await
+                    .expect("reply");
+            }
+        });
+        let token = CancellationToken::new();
+        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let intake = crate::acd::asterisk::tests::idle_intake();
+        let keepalive = Duration::from_secs(5);
+        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "-ERR invalid"), "{r:?}");
+        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        assert!(matches!(&r, Err(FeedError::Subscribe(m)) if m.starts_with("-ERR")), "{r:?}");
+        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        assert!(matches!(&r, Err(FeedError::LoginRefused(_))), "{r:?}");
+        server.await.expect("server");
+    }
 }
