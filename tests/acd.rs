@@ -370,6 +370,8 @@ fn ami_torn_event_is_not_applied_and_events_after_reconnect_are() {
     ami.send_raw(&join.as_bytes()[..join.len() / 2]);
     drop(ami);
     wait_until("ami disconnect counted", WAIT, || errors(&d, "ami", "disconnect") >= 1.0);
+    // Not logged in again until this test answers the next Login.
+    wait_until("ami disconnected", WAIT, || connected(&d, "ami") == 0.0);
 
     let mut ami = Ami::accept(&pbx).login(true).expect("logged in again");
     wait_until("ami connected", WAIT, || connected(&d, "ami") == 1.0);
@@ -505,6 +507,7 @@ fn esl_torn_event_is_not_applied_and_events_after_reconnect_are() {
     esl.send_raw(&join.as_bytes()[..join.len() - 40]);
     drop(esl);
     wait_until("esl disconnect counted", WAIT, || errors(&d, "esl", "disconnect") >= 1.0);
+    wait_until("esl disconnected", WAIT, || connected(&d, "esl") == 0.0);
 
     let mut esl = Esl::accept(&pbx).login(true).expect("logged in again");
     let other = call[0]
