@@ -868,6 +868,48 @@ mod tests {
     }
 
     #[test]
+    fn acd_and_correlation_keys_default_and_are_checked() {
+        let s = load_str("", &[]).unwrap();
+        assert!(s.acd.asterisk.is_none() && s.acd.freeswitch.is_none());
+        assert!(s.correlation.repeat.enabled && s.correlation.surge.enabled);
+        assert_eq!(s.correlation.repeat.window, Duration::from_secs(1800));
+        assert_eq!((s.correlation.abandon_storm.count, s.correlation.surge.count), (10, 5));
+        assert_eq!(s.correlation.callback.abandon_after, Duration::from_secs(60));
+        // A table with one key keeps the rule's own defaults for the others.
+        let s =
+            load_str("[correlation.surge]\nenabled = false\n[correlation.abandon_storm]\ncount = 3\n", &[]).unwrap();
+        assert!(!s.correlation.surge.enabled);
+        assert_eq!(s.correlation.surge.severity, Severity::Critical);
+        assert_eq!(s.correlation.abandon_storm.window, Duration::from_secs(300));
+        assert_eq!(s.correlation.abandon_storm.severity, Severity::High);
+        let s = load_str(
+            "[acd]\nincident_queues = [\"incident\"]\n[acd.asterisk]\naddress = \"pbx.example:5038\"\nusername = \"d\"\nsecret = \"s3cret\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(s.acd.opens_incident("incident") && !s.acd.opens_incident("sales"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let s = load_str("", &[("DISPATCHD__ACD__INCIDENT_QUEUES", "a,b")]).unwrap();
+        assert_eq!(s.acd.incident_queues, vec!["a", "b"]);
+        for (toml, key) in [
+            ("[acd.asterisk]\naddress = \"nohost\"\nusername = \"d\"\nsecret = \"s\"\n", "acd.asterisk.address"),
+            ("[acd.asterisk]\naddress = \"h:5038\"\nsecret = \"s\"\n", "acd.asterisk.username"),
+            ("[acd.freeswitch]\naddress = \"h:0\"\npassword = \"p\"\n", "acd.freeswitch.address"),
+            ("[acd.freeswitch]\naddress = \"h:8021\"\npassword = \"\"\n", "acd.freeswitch.password"),
+            ("[acd]\nmax_backoff = \"1ms\"\n", "acd.max_backoff"),
+            ("[correlation.surge]\ncount = 1\n", "correlation.surge.count"),
+            ("[correlation.abandon_storm]\nwindow = \"0s\"\n", "correlation.abandon_storm.window"),
+            ("[correlation.repeat]\nwindw = \"1m\"\n", "correlation.repeat.windw"),
+            ("[correlation.callback]\nseverity = \"urgent\"\n", "correlation.callback.severity"),
+            ("[correlation.nonsense]\nenabled = true\n", "correlation.nonsense"),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err();
+            assert!(e.key.starts_with("acd") || e.key.starts_with("correlation"), "{toml}: {e}");
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
         let s = load_str("", &[]).unwrap();
         assert!(!format!("{s:?}").contains("0123456789abcdef0123"));
