@@ -544,19 +544,16 @@ fn map_callcenter(ev: &EslEvent) -> Option<CallEvent> {
         e.queue = queue.to_string();
         e
     };
+    // The member's caller ID, else the channel's.
+    let with_caller = |e: &mut CallEvent| {
+        let either = |a: &str, b: &str| ev.field(a).or_else(|| ev.field(b)).unwrap_or_default().to_string();
+        e.caller = either("CC-Member-CID-Number", "Caller-Caller-ID-Number");
+        e.caller_name = either("CC-Member-CID-Name", "Caller-Caller-ID-Name");
+    };
     match ev.field("CC-Action")? {
         "member-queue-start" => {
             let mut e = member(EventKind::QueueJoin, member_uuid_or_channel()?);
-            e.caller = ev
-                .field("CC-Member-CID-Number")
-                .or_else(|| ev.field("Caller-Caller-ID-Number"))
-                .unwrap_or_default()
-                .to_string();
-            e.caller_name = ev
-                .field("CC-Member-CID-Name")
-                .or_else(|| ev.field("Caller-Caller-ID-Name"))
-                .unwrap_or_default()
-                .to_string();
+            with_caller(&mut e);
             Some(e)
         }
         "member-queue-end" => match ev.field("CC-Cause")? {
@@ -569,16 +566,7 @@ fn map_callcenter(ev: &EslEvent) -> Option<CallEvent> {
                 };
                 e.reason = CancelReason::parse(ev.field("CC-Cancel-Reason").unwrap_or("")).as_str().to_string();
                 // The callback rule needs to know who to call back.
-                e.caller = ev
-                    .field("CC-Member-CID-Number")
-                    .or_else(|| ev.field("Caller-Caller-ID-Number"))
-                    .unwrap_or_default()
-                    .to_string();
-                e.caller_name = ev
-                    .field("CC-Member-CID-Name")
-                    .or_else(|| ev.field("Caller-Caller-ID-Name"))
-                    .unwrap_or_default()
-                    .to_string();
+                with_caller(&mut e);
                 Some(e)
             }
             _ => None, // "Terminated": served and completed

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::incident::Source;
 use crate::intake::Intake;
-use crate::store::StoreError;
 use crate::telemetry::metric;
 
 /// Starts the PBX feeds configured under `[acd]` (`[acd.asterisk]`,
@@ -176,7 +175,7 @@ pub(crate) mod feed {
                     }
                     return true;
                 }
-                Err(e @ StoreError::Corrupt(..)) => {
+                Err(e) if !e.is_unavailable() => {
                     // Not Redis being away: trying again would block the feed for good.
                     tracing::error!(source, event, error = %e, "call event dropped");
                     count_error(ev.source, "store");

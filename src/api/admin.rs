@@ -242,20 +242,15 @@ async fn responders(State(st): State<ApiState>) -> Response {
 
 /// The caller number of a `/v1/callers/{number}` path, checked. The path is
 /// percent-decoded already (`%2B44…` → `+44…`).
-fn caller_number(number: Result<Path<String>, PathRejection>) -> Result<String, Response> {
-    let Ok(Path(number)) = number else { return Err(error(StatusCode::BAD_REQUEST, "bad caller number")) };
+fn caller_number(number: Result<Path<String>, PathRejection>) -> Option<String> {
+    let Ok(Path(number)) = number else { return None };
     let number = number.trim();
-    if number.is_empty() || number.len() > MAX_NUMBER || number.chars().any(char::is_control) {
-        return Err(error(StatusCode::BAD_REQUEST, "bad caller number"));
-    }
-    Ok(number.to_string())
+    let ok = !number.is_empty() && number.len() <= MAX_NUMBER && !number.chars().any(char::is_control);
+    ok.then(|| number.to_string())
 }
 
 async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
-    let number = match caller_number(number) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
+    let Some(number) = caller_number(number) else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
     let number = number.as_str();
     let ps = pseudonym(settings(&st).privacy.caller_key.expose(), number);
     match st.store.erase_caller(number, &ps).await {
@@ -271,10 +266,7 @@ async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, P
 /// incident, in a form an IVR can speak. `eta_s` is there while a responder is
 /// en route and gave one. No open incident: `{"state":"none"}`.
 async fn caller_status(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
-    let number = match caller_number(number) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
+    let Some(number) = caller_number(number) else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
     let ps = pseudonym(settings(&st).privacy.caller_key.expose(), &number);
     match st.store.caller_open_incident(&ps).await {
         Ok(Some((id, state, eta_ms))) => {
@@ -287,8 +279,9 @@ async fn caller_status(State(st): State<ApiState>, number: Result<Path<String>, 
             }
             Json(body).into_response()
         }
-        Ok(None) => Json(json!({"state": "none", "message": "There is no open incident for this number."}))
-            .into_response(),
+        Ok(None) => {
+            Json(json!({"state": "none", "message": "There is no open incident for this number."})).into_response()
+        }
         Err(e) => unavailable(e),
     }
 }

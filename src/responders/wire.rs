@@ -12,12 +12,26 @@ const MAX_ETA_S: u64 = 86_400;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
-    Hello { token: String },
-    Ack { dispatch_id: String },
-    Decline { dispatch_id: String, reason: String },
+    Hello {
+        token: String,
+    },
+    Ack {
+        dispatch_id: String,
+    },
+    Decline {
+        dispatch_id: String,
+        reason: String,
+    },
     /// `eta_s` (extension): seconds until the responder expects to be on scene, with `en_route`.
-    Status { incident_id: String, status: String, note: String, eta_s: Option<u32> },
-    Availability { status: String },
+    Status {
+        incident_id: String,
+        status: String,
+        note: String,
+        eta_s: Option<u32>,
+    },
+    Availability {
+        status: String,
+    },
 }
 
 /// A frame that could not be used: the client's `id` (if any) and why.
@@ -134,8 +148,10 @@ mod tests {
         );
         assert!(matches!(parse(r#"{"type":"status","incident_id":"I","status":"on_scene"}"#).unwrap().1,
             Inbound::Status { ref note, .. } if note.is_empty()));
-        assert!(matches!(parse(r#"{"type":"status","incident_id":"I","status":"en_route","eta_s":600}"#).unwrap().1,
-            Inbound::Status { eta_s: Some(600), .. }));
+        assert!(matches!(
+            parse(r#"{"type":"status","incident_id":"I","status":"en_route","eta_s":600}"#).unwrap().1,
+            Inbound::Status { eta_s: Some(600), .. }
+        ));
         for bad in [r#""10""#, "-1", "1.5", "86401"] {
             let frame = format!(r#"{{"type":"status","incident_id":"I","status":"en_route","eta_s":{bad}}}"#);
             assert!(parse(&frame).unwrap_err().message.contains("eta_s"), "{bad}");

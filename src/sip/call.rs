@@ -33,7 +33,6 @@ pub struct CallFacts {
     pub ruri_host: Option<String>,
 }
 
-
 /// User and display name of a name-addr header (`P-Asserted-Identity`, `From`).
 fn identity(value: &str) -> Option<(String, String)> {
     // P-Asserted-Identity may list several identities; the first is the one we want.
@@ -79,7 +78,6 @@ pub fn parse_ivr_path(value: &str) -> Vec<String> {
 fn is_dtmf_key(b: u8) -> bool {
     b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'A'..=b'D')
 }
-
 
 impl CallFacts {
     /// Reads the facts of an INVITE.

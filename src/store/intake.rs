@@ -39,11 +39,11 @@ struct BurstArgs {
 impl Rules {
     pub fn new(c: &CorrelationSettings) -> Rules {
         Rules {
-            rep: c.repeat.enabled.then(|| RepeatArgs {
+            rep: c.repeat.enabled.then_some(RepeatArgs {
                 window_ms: c.repeat.window.as_millis() as u64,
                 raise_after: c.repeat.raise_after,
             }),
-            surge: c.surge.enabled.then(|| BurstArgs {
+            surge: c.surge.enabled.then_some(BurstArgs {
                 count: c.surge.count,
                 window_ms: c.surge.window.as_millis() as u64,
                 severity: c.surge.severity,

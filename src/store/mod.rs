@@ -37,8 +37,9 @@ pub mod report;
 const CALL_KEY_TTL_S: u64 = 86_400;
 /// How long what intake remembers of a call (caller, queue, IVR path) is kept.
 const CALL_STATE_TTL_S: u64 = 6 * 3600;
-/// How long an applied SIP MESSAGE is remembered, so a re-sent one is not applied twice.
-const DEDUP_TTL_S: u64 = 3600;
+/// How long an applied call event (SIP MESSAGE, PBX feed delivery) is remembered,
+/// so a re-sent one is not applied twice. Re-sends come within seconds.
+const DEDUP_TTL_S: u64 = 600;
 /// How many records a filtered list reads at most to fill one page.
 const LIST_SCAN_MAX: isize = 5_000;
 
@@ -48,6 +49,26 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("corrupt record {0}: {1}")]
     Corrupt(String, &'static str),
+}
+
+impl StoreError {
+    /// True when Redis could not be reached or did not answer (in time): the
+    /// same request may succeed later. False for an answer that will not change
+    /// on a retry (a script error, an unreadable record).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+                    // Out of memory, failing to persist, busy with a script: it passes.
+                    || matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY" | "LOADING" | "READONLY"))
+            }
+            StoreError::Corrupt(..) => false,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -293,6 +314,19 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unavailable_is_told_from_an_answer_that_will_not_change() {
+        let refused: redis::RedisError = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused").into();
+        assert!(StoreError::Redis(refused).is_unavailable());
+        let loading: redis::RedisError =
+            (redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading), "loading").into();
+        assert!(StoreError::Redis(loading).is_unavailable());
+        let script: redis::RedisError =
+            (redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError), "user_script:1: bad").into();
+        assert!(!StoreError::Redis(script).is_unavailable());
+        assert!(!StoreError::Corrupt("INC-1".into(), "state").is_unavailable());
+    }
 
     #[test]
     fn queue_score_orders_severity_then_age() {
