@@ -197,7 +197,7 @@ impl Intake {
             "caller_known": !facts.caller.is_empty(),
         });
         let new = self.new_incident(facts, Source::Sip, received_at, &c, detail);
-        self.open(&new, &c, &Rules::new(&live.correlation)).await
+        self.open(&new, &c, &Rules::new(&live.correlation), false).await
     }
 
     /// The incident a call's facts describe, classified as `c`.
@@ -235,8 +235,14 @@ impl Intake {
 
     /// Writes a new incident (or finds the call's, or attaches it to the
     /// caller's open one), then logs and counts what happened.
-    async fn open(&self, new: &NewIncident, c: &Classification, rules: &Rules) -> Result<Opened, StoreError> {
-        let o = self.store.open(new, rules).await?;
+    async fn open(
+        &self,
+        new: &NewIncident,
+        c: &Classification,
+        rules: &Rules,
+        remember: bool,
+    ) -> Result<Opened, StoreError> {
+        let o = self.store.open(new, rules, remember).await?;
         self.opened(&o, new, c);
         Ok(Opened { id: o.id, created: o.created == 1 })
     }
@@ -366,8 +372,8 @@ fn facts_of(ev: &CallEvent, state: &HashMap<String, String>) -> CallFacts {
         caller_name: pick(&ev.caller_name, "caller_name"),
         ivr_path,
         queue: pick(&ev.queue, "queue"),
-        wait_seconds: ev.wait_seconds.or_else(|| state.get("wait_seconds").and_then(|w| w.parse().ok())),
-        ruri_user: ev.ruri_user.clone().or_else(|| state.get("ruri_user").cloned()),
+        wait_seconds: ev.wait_seconds,
+        ruri_user: ev.ruri_user.clone(),
         ruri_host: None,
     }
 }
@@ -384,13 +390,28 @@ impl Intake {
     /// Applies one call event from any source. On `Ok` it is durably in Redis
     /// (for SIP MESSAGE: the 202 may be sent).
     pub async fn apply(&self, ev: CallEvent) -> Result<Outcome, StoreError> {
-        let ev = ev.clean();
+        let (source, kind) = (ev.source, ev.kind);
+        let out = self.apply_once(ev.clean()).await?;
+        if !out.duplicate {
+            metrics::counter!(metric::CALL_EVENTS, "source" => source.as_str(), "event" => kind.as_str()).increment(1);
+        }
+        Ok(out)
+    }
+
+    async fn apply_once(&self, ev: CallEvent) -> Result<Outcome, StoreError> {
         let live = self.live();
         let now = Utc::now();
-        let (state, existing) = self.store.call_state(&ev.call_ref).await?;
+        let (mut state, existing) = self.store.call_state(&ev.call_ref).await?;
+        if ev.kind == EventKind::Dtmf
+            && !state.contains_key("ivr_path")
+            && let Some(id) = &existing
+            && let Some(path) = self.store.field(id, "ivr_path").await?
+        {
+            // An INVITE's incident: the path so far is in its record.
+            state.insert("ivr_path".into(), path);
+        }
         let facts = facts_of(&ev, &state);
         let actor = ev.source.as_str();
-        metrics::counter!(metric::CALL_EVENTS, "source" => actor, "event" => ev.kind.as_str()).increment(1);
         let opens = match ev.kind {
             EventKind::Incident => true,
             EventKind::QueueJoin => live.acd.opens_incident(&facts.queue),
@@ -407,7 +428,7 @@ impl Intake {
                 "caller_known": !facts.caller.is_empty(),
             });
             let new = self.new_incident(&facts, ev.source, now, &c, detail);
-            let o = self.open(&new, &c, &Rules::new(&live.correlation)).await?;
+            let o = self.open(&new, &c, &Rules::new(&live.correlation), true).await?;
             if ev.kind == EventKind::QueueJoin {
                 // Remember the join time for the wait of a later abandon.
                 let w = EventWrite {

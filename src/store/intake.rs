@@ -137,53 +137,84 @@ pub struct Storm {
     pub wait_seconds: Option<u32>,
 }
 
-/// The `open` argument of the script for one new incident.
-fn open_args(n: &NewIncident, rules: &Rules) -> Value {
-    let opened_ms = n.opened_at.timestamp_millis();
-    let fields = json!({
-        "state": State::Queued.as_str(),
-        "severity": n.severity.as_str(),
-        "category": n.category,
-        "summary": n.summary,
-        "instructions": n.instructions,
-        "source": n.source.as_str(),
-        "call_id": n.call_id,
-        "call_key": n.call_key,
-        "caller": n.caller,
-        "caller_name": n.caller_name,
-        "caller_pseudonym": n.caller_pseudonym,
-        "ivr_path": n.ivr_path.join(","),
-        "queue": n.queue,
-        "wait_seconds": n.wait_seconds.map(|w| w.to_string()).unwrap_or_default(),
-        "opened_ms": opened_ms.to_string(),
-        "attempts": "0",
-        "exhausted": "0",
-    });
+/// The `open` arguments of the script for one new incident: a small JSON
+/// object, the record's fields and its first timeline entries. With
+/// `remember`, the call's caller, queue and IVR path are kept for its later
+/// events (an INVITE's incident needs nothing of that: its record has them).
+struct OpenArgs {
+    json: Value,
+    fields: Vec<(&'static str, String)>,
+    timeline: Vec<String>,
+}
+
+fn open_args(n: &NewIncident, rules: &Rules, remember: bool) -> OpenArgs {
+    let fields = vec![
+        ("state", State::Queued.as_str().to_string()),
+        ("severity", n.severity.as_str().to_string()),
+        ("category", n.category.clone()),
+        ("summary", n.summary.clone()),
+        ("instructions", n.instructions.clone()),
+        ("source", n.source.as_str().to_string()),
+        ("call_id", n.call_id.clone()),
+        ("call_key", n.call_key.clone()),
+        ("caller", n.caller.clone()),
+        ("caller_name", n.caller_name.clone()),
+        ("caller_pseudonym", n.caller_pseudonym.clone()),
+        ("ivr_path", n.ivr_path.join(",")),
+        ("queue", n.queue.clone()),
+        ("wait_seconds", n.wait_seconds.map(|w| w.to_string()).unwrap_or_default()),
+        ("opened_ms", n.opened_at.timestamp_millis().to_string()),
+        ("attempts", "0".to_string()),
+        ("exhausted", "0".to_string()),
+    ];
     let mut state = Map::new();
-    for (k, v) in [("caller", &n.caller), ("caller_name", &n.caller_name), ("queue", &n.queue)] {
+    let remembered = [("caller", &n.caller), ("caller_name", &n.caller_name), ("queue", &n.queue)];
+    for (k, v) in remembered.into_iter().filter(|_| remember) {
         if !v.is_empty() {
             state.insert(k.into(), Value::String(v.clone()));
         }
     }
-    if !n.ivr_path.is_empty() {
+    if remember && !n.ivr_path.is_empty() {
         state.insert("ivr_path".into(), Value::String(n.ivr_path.join(",")));
     }
-    json!({
-        "call_key": n.call_key,
-        "call_ttl": CALL_KEY_TTL_S,
-        "pseudonym": n.caller_pseudonym,
-        "fields": fields,
-        "timeline": n.timeline.iter().map(TimelineEntry::to_json).collect::<Vec<_>>(),
-        "state": state,
-        "rules": rules,
-    })
+    OpenArgs {
+        json: json!({
+            "call_key": n.call_key,
+            "call_ttl": CALL_KEY_TTL_S,
+            "pseudonym": n.caller_pseudonym,
+            "state": state,
+            "rules": rules,
+        }),
+        fields,
+        timeline: n.timeline.iter().map(TimelineEntry::to_json).collect(),
+    }
+}
+
+impl OpenArgs {
+    /// All in one JSON object (the callback of an `event`, a rare path).
+    fn into_json(self) -> Value {
+        let mut v = self.json;
+        let flat: Vec<String> = self.fields.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect();
+        v["fields"] = json!(flat);
+        v["timeline"] = json!(self.timeline);
+        v
+    }
 }
 
 impl Store {
-    async fn run_intake(&self, op: &str, args: &Value) -> Result<String> {
+    async fn run_intake(&self, op: &str, args: &Value, open: Option<&OpenArgs>) -> Result<String> {
         let now = Utc::now();
         let mut inv = self.intake.prepare_invoke();
         inv.arg(op).arg(&self.prefix).arg(now.timestamp_millis()).arg(timestamp(now)).arg(args.to_string());
+        if let Some(o) = open {
+            inv.arg(o.fields.len());
+            for (k, v) in &o.fields {
+                inv.arg(*k).arg(v);
+            }
+            for t in &o.timeline {
+                inv.arg(t);
+            }
+        }
         let mut c = self.conn.clone();
         Self::counted(inv.invoke_async(&mut c).await)
     }
@@ -191,9 +222,16 @@ impl Store {
     /// Opens the incident for a call, or finds the one already opened for the
     /// same call key, or (repeat rule) attaches the call to its caller's open
     /// incident. When this returns `Ok`, everything is in Redis.
-    pub async fn open(&self, n: &NewIncident, rules: &Rules) -> Result<Opened> {
-        let out = self.run_intake("open", &open_args(n, rules)).await?;
+    pub async fn open(&self, n: &NewIncident, rules: &Rules, remember: bool) -> Result<Opened> {
+        let args = open_args(n, rules, remember);
+        let out = self.run_intake("open", &args.json, Some(&args)).await?;
         serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(n.call_key.clone(), "intake answer"))
+    }
+
+    /// One field of an incident's record.
+    pub async fn field(&self, id: &str, name: &str) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        Self::counted(c.hget(self.key(&["inc", id]), name).await)
     }
 
     /// What is known of a call (`p:acall:<key>`) and its incident id, if any.
@@ -235,7 +273,8 @@ impl Store {
             args.insert("changes".into(), Value::Object(ch));
         }
         if let Some((n, rules)) = &w.callback {
-            args.insert("callback".into(), open_args(n, rules));
+            // The event itself remembers what is known of the call.
+            args.insert("callback".into(), open_args(n, rules, false).into_json());
             // The rules of the callback's own opening are the script's rules too.
             args.insert("rules".into(), json!(rules));
         }
@@ -247,7 +286,7 @@ impl Store {
             }
             args.insert("storm".into(), storm);
         }
-        let out = self.run_intake("event", &Value::Object(args)).await?;
+        let out = self.run_intake("event", &Value::Object(args), None).await?;
         serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(w.call_key.clone(), "intake answer"))
     }
 

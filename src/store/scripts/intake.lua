@@ -6,6 +6,9 @@
 --
 -- ARGV[1] op ('open' | 'event')   ARGV[2] prefix   ARGV[3] now (ms)
 -- ARGV[4] now (RFC 3339)          ARGV[5] the operation's arguments, JSON
+-- 'open' only: ARGV[6] n, then n record field name/value pairs, then the first
+-- timeline entries (JSON text) — kept out of the JSON, which would cost a
+-- decode and an unescape of every entry on each incoming call.
 -- Returns a JSON object (see each op).
 --
 -- Keys (p = prefix), besides the record keys described in dispatch.lua:
@@ -60,17 +63,20 @@ local function new_id()
   return 'INC-' .. digits .. string.sub(check, c + 1, c + 1)
 end
 
--- Writes a new record: fields (a table), first timeline entries (JSON text),
+-- A record's fields as a flat list {name, value, name, value, …}; one of them.
+local function get(flat, name)
+  for i = 1, #flat, 2 do
+    if flat[i] == name then return flat[i + 1] end
+  end
+  return nil
+end
+
+-- Writes a new record: fields (a flat list), first timeline entries (JSON text),
 -- its place in the queue and in the list, the call key, the caller's index.
 local function create(fields, timeline, call_key, call_ttl, pseudonym)
   local id = new_id()
   local rec = inc_key(id)
-  local hset = {rec, 'id', id}
-  for k, v in pairs(fields) do
-    hset[#hset + 1] = k
-    hset[#hset + 1] = tostring(v)
-  end
-  redis.call('HSET', unpack(hset))
+  redis.call('HSET', rec, 'id', id, unpack(fields))
   if not empty(pseudonym) then
     -- The caller's index (by pseudonym, never the number) for erasure; kept while an incident is open.
     local idx = p .. ':caller:' .. pseudonym
@@ -78,9 +84,9 @@ local function create(fields, timeline, call_key, call_ttl, pseudonym)
     redis.call('PERSIST', idx)
   end
   if #timeline > 0 then redis.call('RPUSH', rec .. ':tl', unpack(timeline)) end
-  local opened = tonumber(fields.opened_ms)
+  local opened = tonumber(get(fields, 'opened_ms'))
   redis.call('ZADD', p .. ':incidents', opened, id)
-  redis.call('ZADD', p .. ':queue', (ranks[fields.severity] or 2) .. pad13(opened), id)
+  redis.call('ZADD', p .. ':queue', (ranks[get(fields, 'severity')] or 2) .. pad13(opened), id)
   if not empty(call_key) then redis.call('SET', p .. ':call:' .. call_key, id, 'EX', call_ttl) end
   return id
 end
@@ -103,10 +109,10 @@ end
 -- A major incident of `count` members within a window (surge or abandon storm).
 local function declare_major(m, count, source)
   local fields = {
-    state = 'queued', severity = m.severity, category = m.category, summary = m.summary,
-    instructions = m.instructions or '', source = source, call_id = '', call_key = '',
-    caller = '', caller_name = '', caller_pseudonym = '', ivr_path = '', queue = m.queue or '',
-    wait_seconds = '', opened_ms = now, attempts = 0, exhausted = 0, major = 1, rule = m.rule,
+    'state', 'queued', 'severity', m.severity, 'category', m.category, 'summary', m.summary,
+    'instructions', m.instructions or '', 'source', source, 'call_id', '', 'call_key', '',
+    'caller', '', 'caller_name', '', 'caller_pseudonym', '', 'ivr_path', '', 'queue', m.queue or '',
+    'wait_seconds', '', 'opened_ms', tostring(now), 'attempts', '0', 'exhausted', '0', 'major', '1', 'rule', m.rule,
   }
   local timeline = {
     cjson.encode({at = now_s, event = 'opened', actor = 'dispatchd',
@@ -160,7 +166,7 @@ end
 
 -- Opens the incident of a call, or finds it (same call key), or attaches the
 -- call to the caller's open incident (repeat rule). Then the surge rule.
--- o: call_key, call_ttl, pseudonym, fields {…}, timeline [JSON text], state {…}
+-- o: call_key, call_ttl, pseudonym, fields (flat list), timeline [JSON text], state {…}
 -- r: the rules in force {repeat = {window_ms, raise_after}, surge = {count, window_ms, severity}}
 -- Returns {id, created (0|1), repeat_calls?, raised?, major?, major_created?, members?}
 local function open(o, r)
@@ -174,8 +180,9 @@ local function open(o, r)
       redis.call('SET', callkey, prev, 'EX', o.call_ttl)
       redis.call('PEXPIRE', rk, r.rep.window_ms)
       local n = redis.call('HINCRBY', inc_key(prev), 'repeat_calls', 1)
-      tl(prev, 'repeat_call', o.fields.source, {repeat_calls = n, call_id = o.fields.call_id, source = o.fields.source,
-        ivr_path = o.fields.ivr_path, queue = o.fields.queue})
+      local source = get(o.fields, 'source')
+      tl(prev, 'repeat_call', source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
+        ivr_path = get(o.fields, 'ivr_path'), queue = get(o.fields, 'queue')})
       local out = {id = prev, created = 0, repeat_calls = n}
       if r.rep.raise_after > 0 and n % r.rep.raise_after == 0 then out.raised = raise(prev, 'repeat_call') end
       return out
@@ -184,7 +191,7 @@ local function open(o, r)
   local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym)
   if rk then redis.call('SET', rk, id, 'PX', r.rep.window_ms) end
   local out = {id = id, created = 1}
-  surge(id, o.fields.category, tonumber(o.fields.opened_ms), o.fields.source, r.surge, out)
+  surge(id, get(o.fields, 'category'), tonumber(get(o.fields, 'opened_ms')), get(o.fields, 'source'), r.surge, out)
   return out
 end
 
@@ -212,6 +219,9 @@ end
 local rules = a.rules or {}
 
 if op == 'open' then
+  local n = tonumber(ARGV[6])
+  a.fields = {unpack(ARGV, 7, 6 + 2 * n)}
+  a.timeline = {unpack(ARGV, 7 + 2 * n)}
   local out = open(a, rules)
   remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
   return cjson.encode(out)
