@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
 const AMI_SECRET: &str = "Ami-S3cret-never-logged";
@@ -585,4 +585,28 @@ impl AliveCheck for Daemon {
     fn alive_check(&self) -> bool {
         http_get(self.http_port, "/readyz", None).0 == 200
     }
+}
+
+#[test]
+fn ami_digits_reclassify_an_incident_the_invite_opened() {
+    // The dialplan sends the INVITE with X-Call-Ref: ${CHANNEL(linkedid)}; the AMI
+    // events of that call (same Linkedid) land on its incident, and the IVR path
+    // goes on from where the INVITE left it.
+    let redis = Redis::start();
+    let pbx = Pbx::new();
+    let d = ami_daemon(&redis, &pbx);
+    let mut ami = Ami::accept(&pbx).login(true).expect("logged in");
+    let p = UdpPeer::new(&d);
+    p.send(invite(p.port(), "inv-ami-1", "X-Call-Ref: 1700000099.7\r\nX-IVR-Path: 2\r\n").as_bytes());
+    let resp = p.recv_final(WAIT).expect("answer to the INVITE");
+    let id = header_of(&resp, "X-Incident-Id").expect("incident id").to_string();
+    assert_eq!(d.incident(&id)["severity"], "high");
+    ami.send(
+        "Event: DTMFEnd\nPrivilege: dtmf,all\nChannel: PJSIP/trunk-00000031\nCallerIDNum: +441632960777\n\
+         Uniqueid: 1700000099.7\nLinkedid: 1700000099.7\nDigit: 1\nDurationMs: 120\nDirection: Received",
+    );
+    let inc = wait_event(&d, &id, "ivr_input");
+    assert_eq!(inc["ivr_path"], json!(["2", "1"]), "{inc}");
+    assert_eq!(inc["severity"], "critical");
+    assert_eq!(d.incidents("").len(), 1, "no second incident for the AMI events");
 }
