@@ -149,8 +149,8 @@ local function surge(id, category, opened, source, r, out)
     out.major = major
     return
   end
+  if redis.call('ZCARD', zk) < r.count then return end
   local members = redis.call('ZRANGE', zk, 0, -1)
-  if #members < r.count then return end
   local m = {severity = r.severity, category = category, rule = 'surge', window_ms = r.window_ms,
     summary = 'Major incident: ' .. #members .. ' ' .. category .. ' incidents within ' .. math.floor(r.window_ms / 1000) .. 's',
     instructions = redis.call('HGET', inc_key(id), 'instructions') or ''}
