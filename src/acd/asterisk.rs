@@ -50,31 +50,11 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// Runs the AMI feed until `token` is cancelled.
 pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
-    let mut backoff = Backoff::new(max_backoff);
-    let mut attempt: u64 = 0;
-    loop {
-        attempt = attempt.wrapping_add(1);
-        let result = tokio::select! {
-            _ = token.cancelled() => Ok(()),
-            r = session(&cfg, &intake, &token, &mut backoff, attempt, feed::KEEPALIVE) => r,
-        };
-        feed::set_connected(SOURCE, false);
-        match result {
-            Ok(()) => {
-                tracing::info!(address = %cfg.address, "AMI feed stopped");
-                return;
-            }
-            Err(e) => {
-                feed::count_error(SOURCE, e.reason());
-                tracing::warn!(address = %cfg.address, reason = e.reason(), error = %e, "AMI connection lost; reconnecting");
-            }
-        }
-        let delay = backoff.next_delay();
-        if feed::cancelled_during(delay, &token).await {
-            tracing::info!(address = %cfg.address, "AMI feed stopped");
-            return;
-        }
-    }
+    let backoff = Backoff::new(max_backoff);
+    feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |attempt| {
+        session(&cfg, &intake, &token, &backoff, attempt, feed::KEEPALIVE)
+    })
+    .await
 }
 
 /// One connection. `Ok` only when shutdown came.
@@ -82,7 +62,7 @@ async fn session(
     cfg: &AsteriskSettings,
     intake: &Intake,
     token: &CancellationToken,
-    backoff: &mut Backoff,
+    backoff: &Backoff,
     attempt: u64,
     keepalive: Duration,
 ) -> Result<(), FeedError> {
@@ -229,9 +209,9 @@ pub(crate) mod tests {
             }
         });
         let token = CancellationToken::new();
-        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = Backoff::new(Duration::from_secs(1));
         let intake = idle_intake();
-        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_millis(200)).await;
+        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
         let actions = server.await.expect("server");
         assert_eq!(actions.len(), 1, "one probe, then the connection is given up: {actions:?}");
@@ -257,11 +237,11 @@ pub(crate) mod tests {
             }
         });
         let token = CancellationToken::new();
-        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = Backoff::new(Duration::from_secs(1));
         let intake = idle_intake();
-        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_secs(5)).await;
+        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_secs(5)).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "Authentication failed"), "{r:?}");
-        let r = session(&cfg, &intake, &token, &mut backoff, 1, Duration::from_secs(5)).await;
+        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_secs(5)).await;
         assert!(matches!(r, Err(FeedError::Closed)), "{r:?}");
         server.await.expect("server");
     }

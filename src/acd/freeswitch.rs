@@ -54,29 +54,11 @@ const PROBE: &str = "api uptime\n\n";
 
 /// Runs the ESL feed until `token` is cancelled.
 pub async fn run(cfg: FreeswitchSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
-    let mut backoff = Backoff::new(max_backoff);
-    loop {
-        let result = tokio::select! {
-            _ = token.cancelled() => Ok(()),
-            r = session(&cfg, &intake, &token, &mut backoff, feed::KEEPALIVE) => r,
-        };
-        feed::set_connected(SOURCE, false);
-        match result {
-            Ok(()) => {
-                tracing::info!(address = %cfg.address, "ESL feed stopped");
-                return;
-            }
-            Err(e) => {
-                feed::count_error(SOURCE, e.reason());
-                tracing::warn!(address = %cfg.address, reason = e.reason(), error = %e, "ESL connection lost; reconnecting");
-            }
-        }
-        let delay = backoff.next_delay();
-        if feed::cancelled_during(delay, &token).await {
-            tracing::info!(address = %cfg.address, "ESL feed stopped");
-            return;
-        }
-    }
+    let backoff = Backoff::new(max_backoff);
+    feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |_attempt| {
+        session(&cfg, &intake, &token, &backoff, feed::KEEPALIVE)
+    })
+    .await
 }
 
 /// The socket, its reader and the read buffer of one connection.
@@ -118,7 +100,7 @@ async fn session(
     cfg: &FreeswitchSettings,
     intake: &Intake,
     token: &CancellationToken,
-    backoff: &mut Backoff,
+    backoff: &Backoff,
     keepalive: Duration,
 ) -> Result<(), FeedError> {
     let stream = feed::connect(&cfg.address).await?;
@@ -248,9 +230,9 @@ mod tests {
             }
         });
         let token = CancellationToken::new();
-        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = Backoff::new(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
-        let r = session(&cfg, &intake, &token, &mut backoff, Duration::from_millis(200)).await;
+        let r = session(&cfg, &intake, &token, &backoff, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
         assert_eq!(server.await.expect("server"), ["api uptime"]);
     }
@@ -288,14 +270,14 @@ mod tests {
             }
         });
         let token = CancellationToken::new();
-        let mut backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = Backoff::new(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
         let keepalive = Duration::from_secs(5);
-        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "-ERR invalid"), "{r:?}");
-        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::Subscribe(m)) if m.starts_with("-ERR")), "{r:?}");
-        let r = session(&cfg, &intake, &token, &mut backoff, keepalive).await;
+        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(_))), "{r:?}");
         server.await.expect("server");
     }

@@ -95,26 +95,59 @@ pub(crate) mod feed {
     }
 
     /// Reconnect delays: 250ms, 500ms, 1s, … up to `max`; back to 250ms after a login.
-    #[derive(Debug)]
+    /// Runs one connection after another until `token` is cancelled: each
+    /// failure is counted and logged, then waited out with `backoff`. A session
+    /// gets its attempt number (and resets `backoff` after a login), and
+    /// answers `Ok` only when shutdown came.
+    pub async fn reconnecting<F: Future<Output = Result<(), FeedError>>>(
+        source: Source,
+        address: &str,
+        backoff: &Backoff,
+        token: &CancellationToken,
+        mut session: impl FnMut(u64) -> F,
+    ) {
+        let name = source.as_str().to_uppercase();
+        let mut attempt: u64 = 0;
+        loop {
+            attempt = attempt.wrapping_add(1);
+            let result = tokio::select! {
+                _ = token.cancelled() => Ok(()),
+                r = session(attempt) => r,
+            };
+            set_connected(source, false);
+            if let Err(e) = result {
+                count_error(source, e.reason());
+                tracing::warn!(%address, reason = e.reason(), error = %e, "{name} connection lost; reconnecting");
+                if !cancelled_during(backoff.next_delay(), token).await {
+                    continue;
+                }
+            }
+            tracing::info!(%address, "{name} feed stopped");
+            return;
+        }
+    }
+
+    /// Shared by a feed's loop and its session (which resets it after a login).
     pub struct Backoff {
-        next: Duration,
+        next_ms: std::sync::atomic::AtomicU64,
         max: Duration,
     }
 
     impl Backoff {
         pub fn new(max: Duration) -> Backoff {
-            Backoff { next: FIRST_BACKOFF, max: max.max(FIRST_BACKOFF) }
+            Backoff { next_ms: (FIRST_BACKOFF.as_millis() as u64).into(), max: max.max(FIRST_BACKOFF) }
         }
 
-        pub fn reset(&mut self) {
-            self.next = FIRST_BACKOFF;
+        pub fn reset(&self) {
+            self.next_ms.store(FIRST_BACKOFF.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         }
 
         /// The delay to wait now; the following one is twice as long (capped).
-        pub fn next_delay(&mut self) -> Duration {
-            let d = self.next;
-            self.next = (self.next * 2).min(self.max);
-            d
+        pub fn next_delay(&self) -> Duration {
+            let max = self.max.as_millis() as u64;
+            let ms = self.next_ms.load(std::sync::atomic::Ordering::Relaxed);
+            self.next_ms.store(ms.saturating_mul(2).min(max), std::sync::atomic::Ordering::Relaxed);
+            Duration::from_millis(ms)
         }
     }
 
@@ -222,12 +255,12 @@ pub(crate) mod feed {
 
         #[test]
         fn backoff_doubles_to_the_cap_and_resets() {
-            let mut b = Backoff::new(Duration::from_secs(2));
+            let b = Backoff::new(Duration::from_secs(2));
             let seen: Vec<u64> = (0..6).map(|_| b.next_delay().as_millis() as u64).collect();
             assert_eq!(seen, [250, 500, 1000, 2000, 2000, 2000]);
             b.reset();
             assert_eq!(b.next_delay(), FIRST_BACKOFF);
-            let mut tiny = Backoff::new(Duration::from_millis(1));
+            let tiny = Backoff::new(Duration::from_millis(1));
             assert_eq!(tiny.next_delay(), FIRST_BACKOFF);
             assert_eq!(tiny.next_delay(), FIRST_BACKOFF);
         }
