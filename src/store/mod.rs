@@ -133,8 +133,8 @@ impl Store {
             conn,
             url: url.to_string(),
             prefix: prefix.to_string(),
-            intake: Script::new(include_str!("scripts/intake.lua")),
-            dispatch: Script::new(include_str!("scripts/dispatch.lua")),
+            intake: Script::new(concat!(include_str!("scripts/common.lua"), include_str!("scripts/intake.lua"))),
+            dispatch: Script::new(concat!(include_str!("scripts/common.lua"), include_str!("scripts/dispatch.lua"))),
         })
     }
 

@@ -24,22 +24,8 @@
 --   p:caller:<pseudonym> set  incident ids of one caller (the pseudonym, never the number);
 --                            it expires with the last of its records once none is open
 
-local op, p, now, now_iso = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-
-local function inc_key(id) return p .. ':inc:' .. id end
+-- (op, p, now, now_iso, inc_key, pad13, tl and empty come from common.lua.)
 local function resp_key(rid) return p .. ':resp:' .. rid end
-
-local function pad13(ms)
-  local s = string.format('%.0f', tonumber(ms) or 0)
-  return string.rep('0', 13 - string.len(s)) .. s
-end
-
-local function tl(id, event, actor, detail)
-  redis.call('RPUSH', inc_key(id) .. ':tl',
-    cjson.encode({at = now_iso, event = event, actor = actor, detail = detail}))
-end
-
-local function empty(v) return v == false or v == nil or v == '' end
 
 -- Puts a responder in the idle set when it can take an offer, else takes it out.
 local function refresh_idle(rid)

@@ -24,19 +24,8 @@
 --   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
 --   p:storm:<queue>        string  the open abandon-storm incident of a queue
 --   p:inc:<id>:members     set     a major incident's members
-local op, p, now, now_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+-- (op, p, now, now_iso, inc_key, pad13, tl and empty come from common.lua.)
 local a = cjson.decode(ARGV[5])
-
-local function inc_key(id) return p .. ':inc:' .. id end
-local function empty(v) return v == false or v == nil or v == '' end
-local function pad13(ms)
-  local s = tostring(math.floor(ms))
-  return string.rep('0', 13 - string.len(s)) .. s
-end
-local function tl(id, event, actor, detail)
-  redis.call('RPUSH', inc_key(id) .. ':tl',
-    cjson.encode({at = now_s, event = event, actor = actor, detail = detail}))
-end
 local ranks = {critical = 0, high = 1, medium = 2, low = 3}
 local names = {[0] = 'critical', [1] = 'high', [2] = 'medium', [3] = 'low'}
 
@@ -115,11 +104,11 @@ local function declare_major(m, count, source)
     'wait_seconds', '', 'opened_ms', tostring(now), 'attempts', '0', 'exhausted', '0', 'major', '1', 'rule', m.rule,
   }
   local timeline = {
-    cjson.encode({at = now_s, event = 'opened', actor = 'dispatchd',
+    cjson.encode({at = now_iso, event = 'opened', actor = 'dispatchd',
       detail = {rule = m.rule, major = true, count = count, window_s = m.window_ms / 1000, queue = m.queue}}),
-    cjson.encode({at = now_s, event = 'classified', actor = 'dispatchd',
+    cjson.encode({at = now_iso, event = 'classified', actor = 'dispatchd',
       detail = {category = m.category, severity = m.severity, rule = m.rule}}),
-    cjson.encode({at = now_s, event = 'queued', actor = 'dispatchd', detail = {severity = m.severity}}),
+    cjson.encode({at = now_iso, event = 'queued', actor = 'dispatchd', detail = {severity = m.severity}}),
   }
   local id = create(fields, timeline, '', 0, '')
   return id
