@@ -72,8 +72,6 @@ impl CallEnd {
 pub struct Outcome {
     /// The call's incident, when it has one (after this event).
     pub incident: Option<String>,
-    /// True when this event opened it.
-    pub created: bool,
     /// The event was applied before (a re-sent MESSAGE): nothing changed.
     pub duplicate: bool,
 }
@@ -197,7 +195,7 @@ impl Intake {
             "caller_known": !facts.caller.is_empty(),
         });
         let new = self.new_incident(facts, Source::Sip, received_at, &c, detail);
-        self.open(&new, &c, &Rules::new(&live.correlation), false).await
+        self.open(&new, &c, &Rules::new(&live.correlation), &[]).await
     }
 
     /// The incident a call's facts describe, classified as `c`.
@@ -240,9 +238,9 @@ impl Intake {
         new: &NewIncident,
         c: &Classification,
         rules: &Rules,
-        remember: bool,
+        state: &[(&'static str, String)],
     ) -> Result<Opened, StoreError> {
-        let o = self.store.open(new, rules, remember).await?;
+        let o = self.store.open(new, rules, state).await?;
         self.opened(&o, new, c);
         Ok(Opened { id: o.id, created: o.created == 1 })
     }
@@ -354,7 +352,6 @@ fn facts_of(ev: &CallEvent, state: &HashMap<String, String>) -> CallFacts {
         if own.is_empty() { state.get(key).cloned().unwrap_or_default() } else { own.to_string() }
     };
     let ivr_path = match ev.kind {
-        EventKind::Ivr if !ev.ivr_path.is_empty() => ev.ivr_path.clone(),
         EventKind::Dtmf => {
             let mut p = state.get("ivr_path").map(|p| split_path(p)).unwrap_or_default();
             if p.len() < MAX_IVR_SELECTIONS {
@@ -428,18 +425,22 @@ impl Intake {
                 "caller_known": !facts.caller.is_empty(),
             });
             let new = self.new_incident(&facts, ev.source, now, &c, detail);
-            let o = self.open(&new, &c, &Rules::new(&live.correlation), true).await?;
+            // What the call's later events need: who, where, the path so far,
+            // and (for a join) when, for the wait of a later abandon.
+            let mut state: Vec<(&'static str, String)> = [
+                ("caller", facts.caller.clone()),
+                ("caller_name", facts.caller_name.clone()),
+                ("queue", facts.queue.clone()),
+                ("ivr_path", facts.ivr_path.join(",")),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
             if ev.kind == EventKind::QueueJoin {
-                // Remember the join time for the wait of a later abandon.
-                let w = EventWrite {
-                    call_key: ev.call_ref.clone(),
-                    source: actor.into(),
-                    state: vec![("joined_ms", now.timestamp_millis().to_string()), ("source", actor.into())],
-                    ..EventWrite::default()
-                };
-                self.store.apply_event(&w).await?;
+                state.push(("joined_ms", now.timestamp_millis().to_string()));
             }
-            return Ok(Outcome { incident: Some(o.id), created: o.created, duplicate: false });
+            let o = self.open(&new, &c, &Rules::new(&live.correlation), &state).await?;
+            return Ok(Outcome { incident: Some(o.id), duplicate: false });
         }
 
         let mut w = EventWrite {
@@ -457,8 +458,8 @@ impl Intake {
         remember(&mut w, "caller", &ev.caller);
         remember(&mut w, "caller_name", &ev.caller_name);
         remember(&mut w, "queue", &ev.queue);
-        remember(&mut w, "source", actor);
         let entry = |event: &str, detail: serde_json::Value| TimelineEntry::new(now, event, actor, detail);
+        let mut callback_class = None;
         match ev.kind {
             EventKind::Incident => unreachable!("opened above"),
             EventKind::Ivr | EventKind::Dtmf => {
@@ -474,7 +475,6 @@ impl Intake {
             }
             EventKind::QueueAbandon => {
                 let wait = waited(&ev, &state, now);
-                w.state.push(("abandoned_ms", now.timestamp_millis().to_string()));
                 let mut detail = json!({"queue": facts.queue, "wait_seconds": wait});
                 if !ev.reason.is_empty() {
                     detail["reason"] = json!(ev.reason);
@@ -483,10 +483,9 @@ impl Intake {
                 let cb = &live.correlation.callback;
                 let long_wait = wait.is_some_and(|s| Duration::from_secs(u64::from(s)) > cb.abandon_after);
                 if cb.enabled && long_wait && existing.is_none() && !facts.caller.is_empty() {
-                    w.callback = Some((
-                        self.callback_incident(&facts, ev.source, now, wait, cb.severity),
-                        Rules::new(&live.correlation),
-                    ));
+                    let (new, c) = self.callback_incident(&facts, ev.source, now, wait, cb.severity);
+                    w.callback = Some((new, Rules::new(&live.correlation)));
+                    callback_class = Some(c);
                 }
                 let st = &live.correlation.abandon_storm;
                 if st.enabled && !facts.queue.is_empty() {
@@ -500,7 +499,6 @@ impl Intake {
                 }
             }
             EventKind::AgentConnect => {
-                w.state.push(("answered_ms", now.timestamp_millis().to_string()));
                 let mut detail = json!({"queue": facts.queue, "agent": ev.agent});
                 if let Some(wait) = waited(&ev, &state, now) {
                     detail["wait_seconds"] = json!(wait);
@@ -512,7 +510,6 @@ impl Intake {
                     vec![entry("note", json!({"event": "agent_complete", "queue": facts.queue, "reason": ev.reason}))];
             }
             EventKind::Hangup => {
-                w.state.push(("hangup_ms", now.timestamp_millis().to_string()));
                 let mut detail = json!({"source": actor});
                 if !ev.reason.is_empty() {
                     detail["cause"] = json!(ev.reason);
@@ -524,19 +521,11 @@ impl Intake {
         if applied.duplicate {
             tracing::debug!(event = ev.kind.as_str(), "call event already applied");
         }
-        let mut created = false;
-        if let (Some(cb), Some((new, _))) = (&applied.callback, &w.callback) {
-            let c = Classification {
-                category: new.category.clone(),
-                severity: new.severity,
-                instructions: new.instructions.clone(),
-                rule: "callback".into(),
-            };
+        if let (Some(cb), Some((new, _)), Some(c)) = (&applied.callback, &w.callback, &callback_class) {
             if cb.created == 1 {
                 metrics::counter!(metric::CORRELATIONS, "rule" => "callback").increment(1);
-                created = true;
             }
-            self.opened(cb, new, &c);
+            self.opened(cb, new, c);
         }
         if applied.storm_created {
             metrics::counter!(metric::CORRELATIONS, "rule" => "abandon_storm").increment(1);
@@ -550,7 +539,7 @@ impl Intake {
         if let Some(id) = &incident {
             tracing::info!(incident_id = %id, event = ev.kind.as_str(), source = actor, "call event applied");
         }
-        Ok(Outcome { incident, created, duplicate: applied.duplicate })
+        Ok(Outcome { incident, duplicate: applied.duplicate })
     }
 
     /// A `callback` incident for a caller who gave up waiting.
@@ -561,7 +550,7 @@ impl Intake {
         now: DateTime<Utc>,
         wait: Option<u32>,
         severity: Severity,
-    ) -> NewIncident {
+    ) -> (NewIncident, Classification) {
         let c = Classification {
             category: "callback".into(),
             severity,
@@ -577,6 +566,6 @@ impl Intake {
             if facts.queue.is_empty() { "?" } else { &facts.queue },
             wait.unwrap_or(0)
         );
-        new
+        (new, c)
     }
 }

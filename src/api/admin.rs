@@ -136,7 +136,7 @@ async fn open_incident(State(st): State<ApiState>, body: Result<Bytes, BytesReje
     };
     // Incidents opened by hand count towards a surge of their category too.
     let rules = st.settings.read().map(|s| Rules::new(&s.correlation)).unwrap_or_else(|_| Rules::none());
-    let opened = match st.store.open(&new, &rules, false).await {
+    let opened = match st.store.open(&new, &rules, &[]).await {
         Ok(o) => o,
         Err(e) => return unavailable(e),
     };

@@ -138,16 +138,16 @@ pub struct Storm {
 }
 
 /// The `open` arguments of the script for one new incident: a small JSON
-/// object, the record's fields and its first timeline entries. With
-/// `remember`, the call's caller, queue and IVR path are kept for its later
-/// events (an INVITE's incident needs nothing of that: its record has them).
+/// object, the record's fields and its first timeline entries. `state` is what
+/// to remember of the call for its later events (an INVITE's incident needs
+/// nothing: its record has it).
 struct OpenArgs {
     json: Value,
     fields: Vec<(&'static str, String)>,
     timeline: Vec<String>,
 }
 
-fn open_args(n: &NewIncident, rules: &Rules, remember: bool) -> OpenArgs {
+fn open_args(n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -> OpenArgs {
     let fields = vec![
         ("state", State::Queued.as_str().to_string()),
         ("severity", n.severity.as_str().to_string()),
@@ -167,27 +167,22 @@ fn open_args(n: &NewIncident, rules: &Rules, remember: bool) -> OpenArgs {
         ("attempts", "0".to_string()),
         ("exhausted", "0".to_string()),
     ];
-    let mut state = Map::new();
-    let remembered = [("caller", &n.caller), ("caller_name", &n.caller_name), ("queue", &n.queue)];
-    for (k, v) in remembered.into_iter().filter(|_| remember) {
-        if !v.is_empty() {
-            state.insert(k.into(), Value::String(v.clone()));
-        }
-    }
-    if remember && !n.ivr_path.is_empty() {
-        state.insert("ivr_path".into(), Value::String(n.ivr_path.join(",")));
-    }
     OpenArgs {
         json: json!({
             "call_key": n.call_key,
             "call_ttl": CALL_KEY_TTL_S,
+            "state_ttl": CALL_STATE_TTL_S,
             "pseudonym": n.caller_pseudonym,
-            "state": state,
+            "state": state_map(state),
             "rules": rules,
         }),
         fields,
         timeline: n.timeline.iter().map(TimelineEntry::to_json).collect(),
     }
+}
+
+fn state_map(pairs: &[(&'static str, String)]) -> Map<String, Value> {
+    pairs.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect()
 }
 
 impl OpenArgs {
@@ -222,8 +217,8 @@ impl Store {
     /// Opens the incident for a call, or finds the one already opened for the
     /// same call key, or (repeat rule) attaches the call to its caller's open
     /// incident. When this returns `Ok`, everything is in Redis.
-    pub async fn open(&self, n: &NewIncident, rules: &Rules, remember: bool) -> Result<Opened> {
-        let args = open_args(n, rules, remember);
+    pub async fn open(&self, n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -> Result<Opened> {
+        let args = open_args(n, rules, state);
         let out = self.run_intake("open", &args.json, Some(&args)).await?;
         serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(n.call_key.clone(), "intake answer"))
     }
@@ -255,8 +250,7 @@ impl Store {
         args.insert("call_ttl".into(), json!(CALL_STATE_TTL_S));
         args.insert("source".into(), json!(w.source));
         args.insert("pseudonym".into(), json!(w.pseudonym));
-        let state: Map<String, Value> = w.state.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
-        args.insert("state".into(), Value::Object(state));
+        args.insert("state".into(), Value::Object(state_map(&w.state)));
         if let Some(d) = &w.dedup {
             args.insert("dedup".into(), json!(d));
             args.insert("dedup_ttl".into(), json!(DEDUP_TTL_S));
@@ -269,14 +263,11 @@ impl Store {
             args.insert("own_entries".into(), json!(own));
         }
         if !w.changes.is_empty() {
-            let ch: Map<String, Value> = w.changes.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
-            args.insert("changes".into(), Value::Object(ch));
+            args.insert("changes".into(), Value::Object(state_map(&w.changes)));
         }
         if let Some((n, rules)) = &w.callback {
             // The event itself remembers what is known of the call.
-            args.insert("callback".into(), open_args(n, rules, false).into_json());
-            // The rules of the callback's own opening are the script's rules too.
-            args.insert("rules".into(), json!(rules));
+            args.insert("callback".into(), open_args(n, rules, &[]).into_json());
         }
         if let Some(s) = &w.storm {
             let mut storm =

@@ -205,14 +205,12 @@ local function remember(call_key, state, ttl, pseudonym)
   end
 end
 
-local rules = a.rules or {}
-
 if op == 'open' then
   local n = tonumber(ARGV[6])
   a.fields = {unpack(ARGV, 7, 6 + 2 * n)}
   a.timeline = {unpack(ARGV, 7 + 2 * n)}
-  local out = open(a, rules)
-  remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
+  local out = open(a, a.rules or {})
+  remember(a.call_key, a.state, a.state_ttl, a.pseudonym)
   return cjson.encode(out)
 
 elseif op == 'event' then
@@ -255,7 +253,7 @@ elseif op == 'event' then
       for _, e in ipairs(a.own_entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
     end
   elseif a.callback then
-    local cb = open(a.callback, rules)
+    local cb = open(a.callback, a.callback.rules or {})
     out.id = cb.id
     out.callback = cb
     if cb.created == 0 and a.entries then
