@@ -391,11 +391,8 @@ elseif op == 'erase' then
     if not seen[id] then
       seen[id] = true
       local k = inc_key(id)
-      local f = redis.call('HMGET', k, 'caller', 'call_key')
-      if f[1] == number then
+      if redis.call('HGET', k, 'caller') == number then
         redis.call('HSET', k, 'caller', '', 'caller_name', '', 'caller_pseudonym', '')
-        -- What intake remembers of the call holds the number too (intake.lua).
-        if not empty(f[2]) then redis.call('DEL', p .. ':acall:' .. f[2]) end
         tl(id, 'note', 'api', {caller = 'erased'})
         n = n + 1
       end

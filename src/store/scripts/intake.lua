@@ -14,8 +14,9 @@
 -- Keys (p = prefix), besides the record keys described in dispatch.lua:
 --   p:call:<call key>      string  call key (X-Call-Ref, Linkedid, Call-ID) → incident id
 --   p:acall:<call key>     hash    what is known of a call: caller, caller_name, queue,
---                                  ivr_path, joined_ms, source (expires after 6 h)
---   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure)
+--                                  ivr_path, joined_ms, caller_pseudonym (expires after 6 h)
+--   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure;
+--                                  it lives as long as the newest of those hashes)
 --   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
 --   p:repeat:<pseudonym>   string  the caller's open incident; expires `repeat.window`
 --                                  after the caller's last call
@@ -185,23 +186,28 @@ local function open(o, r)
 end
 
 -- What is known of the call, for later events of it. A call whose caller is
--- known is listed under the caller's pseudonym, so erasure finds it.
+-- known is listed under the caller's pseudonym (kept in the hash) for as long
+-- as the hash lives, so erasure finds it whichever event wrote the number.
 local function remember(call_key, state, ttl, pseudonym)
   if not state then return end
   local ak = p .. ':acall:' .. call_key
-  if not empty(pseudonym) and state.caller then
-    local ck = p .. ':callercalls:' .. pseudonym
-    redis.call('SADD', ck, call_key)
-    redis.call('EXPIRE', ck, ttl)
-  end
   local hset = {ak}
   for k, v in pairs(state) do
     hset[#hset + 1] = k
     hset[#hset + 1] = tostring(v)
   end
-  if #hset > 1 then
-    redis.call('HSET', unpack(hset))
-    redis.call('EXPIRE', ak, ttl)
+  if #hset == 1 then return end
+  if state.caller and not empty(pseudonym) then
+    hset[#hset + 1] = 'caller_pseudonym'
+    hset[#hset + 1] = pseudonym
+  end
+  redis.call('HSET', unpack(hset))
+  redis.call('EXPIRE', ak, ttl)
+  local ps = redis.call('HGET', ak, 'caller_pseudonym')
+  if ps then
+    local ck = p .. ':callercalls:' .. ps
+    redis.call('SADD', ck, call_key)
+    redis.call('EXPIRE', ck, ttl)
   end
 end
 
