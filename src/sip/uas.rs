@@ -301,6 +301,24 @@ impl Uas {
         }
     }
 
+    /// A permit to store something in Redis now, or None when the answer must
+    /// be 503: Redis is away, we are shutting down, or too much is in flight.
+    fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if !self.redis_up.load(Ordering::Relaxed) || self.shutdown.is_cancelled() {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            tracing::warn!("too many calls being stored at once; answering 503");
+        }
+        permit
+    }
+
+    /// `503` + `Retry-After` for a non-INVITE request.
+    fn unavailable(&self, reply: &Reply, to_tag: Option<&str>) -> Bytes {
+        build(reply, 503, "Service Unavailable", to_tag, &[("Retry-After", &self.retry_after)])
+    }
+
     /// Sends the final response of a non-INVITE transaction and remembers it.
     fn finish_other(&self, key: TxKey, peer: &Peer, resp: Bytes) {
         peer.send(&resp);
@@ -353,11 +371,7 @@ impl Uas {
                 }),
             );
         }
-        if !self.redis_up.load(Ordering::Relaxed) || self.shutdown.is_cancelled() {
-            return self.final_invite(&key, 503, "Service Unavailable", &[("Retry-After", &self.retry_after)]);
-        }
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            tracing::warn!("too many calls being stored at once; answering 503");
+        let Some(permit) = self.admit() else {
             return self.final_invite(&key, 503, "Service Unavailable", &[("Retry-After", &self.retry_after)]);
         };
         let facts = CallFacts::from_invite(&msg);
@@ -617,7 +631,7 @@ impl Uas {
                     }
                     Err(e) => {
                         tracing::warn!(incident_id = %id, error = %e, "IVR digit not stored; answering 503");
-                        build(&reply, 503, "Service Unavailable", None, &[("Retry-After", &this.retry_after)])
+                        this.unavailable(&reply, None)
                     }
                 },
             };
@@ -643,20 +657,14 @@ impl Uas {
                 return self.finish_other(key, &peer, r);
             }
         };
-        let unavailable =
-            || build(&reply, 503, "Service Unavailable", Some(&new_tag()), &[("Retry-After", &self.retry_after)]);
-        if !self.redis_up.load(Ordering::Relaxed) || self.shutdown.is_cancelled() {
-            return self.finish_other(key, &peer, unavailable());
-        }
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            tracing::warn!("too many calls being stored at once; answering 503");
-            return self.finish_other(key, &peer, unavailable());
+        let Some(permit) = self.admit() else {
+            return self.finish_other(key, &peer, self.unavailable(&reply, Some(&new_tag())));
         };
         {
             let mut st = self.lock();
             if st.txs.len() >= MAX_TRANSACTIONS {
                 drop(st);
-                return peer.send(&unavailable());
+                return peer.send(&self.unavailable(&reply, Some(&new_tag())));
             }
             // Absorb retransmissions while the event is being stored.
             st.txs.insert(key.clone(), Tx::Other(OtherTx { last: None, expires: Instant::now() + LINGER }));
@@ -672,13 +680,7 @@ impl Uas {
                     },
                     Err(e) => {
                         tracing::warn!(error = %e, "call event not stored; answering 503");
-                        build(
-                            &reply,
-                            503,
-                            "Service Unavailable",
-                            Some(&new_tag()),
-                            &[("Retry-After", &this.retry_after)],
-                        )
+                        this.unavailable(&reply, Some(&new_tag()))
                     }
                 };
                 drop(permit);
