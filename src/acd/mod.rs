@@ -94,7 +94,6 @@ pub(crate) mod feed {
         }
     }
 
-    /// Reconnect delays: 250ms, 500ms, 1s, … up to `max`; back to 250ms after a login.
     /// Runs one connection after another until `token` is cancelled: each
     /// failure is counted and logged, then waited out with `backoff`. A session
     /// gets its attempt number (and resets `backoff` after a login), and
@@ -127,7 +126,8 @@ pub(crate) mod feed {
         }
     }
 
-    /// Shared by a feed's loop and its session (which resets it after a login).
+    /// Delays of 250ms, 500ms, 1s, … up to `max`. A feed's loop and its session
+    /// share one (the session resets it after a login).
     pub struct Backoff {
         next_ms: std::sync::atomic::AtomicU64,
         max: Duration,
@@ -198,7 +198,7 @@ pub(crate) mod feed {
             ev.dedup = Some(delivery_key(source));
         }
         let event = ev.kind.as_str();
-        let mut delay = FIRST_BACKOFF;
+        let retry = Backoff::new(STORE_RETRY_MAX);
         let mut failures = 0u32;
         loop {
             match intake.apply(ev.clone()).await {
@@ -223,10 +223,9 @@ pub(crate) mod feed {
                     }
                 }
             }
-            if cancelled_during(delay, token).await {
+            if cancelled_during(retry.next_delay(), token).await {
                 return false;
             }
-            delay = (delay * 2).min(STORE_RETRY_MAX);
         }
     }
 
