@@ -162,6 +162,15 @@ pub(crate) mod tests {
         Intake::new(store, &crate::config::Settings::default())
     }
 
+    /// A listener for the in-test PBX, and the settings that reach it.
+    async fn pbx() -> (TcpListener, AsteriskSettings) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = l.local_addr().expect("addr").to_string();
+        let cfg = serde_json::from_value(serde_json::json!({"address": address, "username": "u", "secret": "pw"}))
+            .expect("settings");
+        (l, cfg)
+    }
+
     /// One action's lines; empty at EOF.
     async fn action(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Vec<String> {
         let mut lines = Vec::new();
@@ -180,11 +189,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_silent_peer_is_pinged_once_then_dropped() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = l.local_addr().expect("addr").to_string();
-        let cfg: AsteriskSettings =
-            serde_json::from_value(serde_json::json!({"address": address, "username": "u", "secret": "pw"}))
-                .expect("settings");
+        let (l, cfg) = pbx().await;
         let server = tokio::spawn(async move {
             let (s, _) = l.accept().await.expect("accept");
             let (r, mut w) = s.into_split();
@@ -220,11 +225,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_refused_login_and_a_closed_socket_are_errors() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = l.local_addr().expect("addr").to_string();
-        let cfg: AsteriskSettings =
-            serde_json::from_value(serde_json::json!({"address": address, "username": "u", "secret": "pw"}))
-                .expect("settings");
+        let (l, cfg) = pbx().await;
         let server = tokio::spawn(async move {
             for answer in
                 [&b"Response: Error\r\nActionID: dispatchd-login-1\r\nMessage: Authentication failed\r\n\r\n"[..], b""]

@@ -204,12 +204,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_silent_peer_is_probed_once_then_dropped() {
+    /// A listener for the in-test PBX, and the settings that reach it.
+    async fn pbx() -> (TcpListener, FreeswitchSettings) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = l.local_addr().expect("addr").to_string();
-        let cfg: FreeswitchSettings =
+        let cfg =
             serde_json::from_value(serde_json::json!({"address": address, "password": "ClueCon"})).expect("settings");
+        (l, cfg)
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_probed_once_then_dropped() {
+        let (l, cfg) = pbx().await;
         let server = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut buf = Vec::new();
@@ -239,10 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_auth_and_subscription_are_errors() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = l.local_addr().expect("addr").to_string();
-        let cfg: FreeswitchSettings =
-            serde_json::from_value(serde_json::json!({"address": address, "password": "ClueCon"})).expect("settings");
+        let (l, cfg) = pbx().await;
         let server = tokio::spawn(async move {
             // -ERR invalid to the auth; then a refused subscription; then an ACL rejection.
             for round in 0..3 {
