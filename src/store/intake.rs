@@ -1,7 +1,9 @@
 //! Opening incidents and applying call events: `scripts/intake.lua`.
 //!
-//! The script takes its arguments as one JSON object (built here from plain
-//! values) and answers one JSON object, decoded into [`Opened`] / [`Applied`].
+//! The script takes its arguments as one JSON object built here from plain
+//! values (`open` passes the record's fields and first timeline entries as
+//! plain arguments after it: they are the bulk of every incoming call) and
+//! answers one JSON object, decoded into [`Opened`] / [`Applied`].
 
 use std::collections::HashMap;
 

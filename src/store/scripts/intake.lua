@@ -157,7 +157,7 @@ end
 -- Opens the incident of a call, or finds it (same call key), or attaches the
 -- call to the caller's open incident (repeat rule). Then the surge rule.
 -- o: call_key, call_ttl, pseudonym, fields (flat list), timeline [JSON text], state {…}
--- r: the rules in force {repeat = {window_ms, raise_after}, surge = {count, window_ms, severity}}
+-- r: the rules in force {rep = {window_ms, raise_after}, surge = {count, window_ms, severity}} (absent = off)
 -- Returns {id, created (0|1), repeat_calls?, raised?, major?, major_created?, members?}
 local function open(o, r)
   local callkey = p .. ':call:' .. o.call_key
