@@ -17,13 +17,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::dispatcher::Dispatch;
-use crate::incident::Severity;
+use crate::domain::incident::Severity;
 use crate::intake::Intake;
-use crate::responders::{self, Roster};
+use crate::responders::{self, Gateway, Roster, Sessions};
 use crate::sip::transport::{self, AllowList, TcpLimits};
-use crate::sip::uas::Uas;
+use crate::sip::line::Uas;
 use crate::store::Store;
 use crate::telemetry::{self, metric};
 use crate::{reload, shutdown, systemd};
@@ -48,8 +49,9 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let redis_up = Arc::new(AtomicBool::new(true));
     let listening = Arc::new(AtomicBool::new(false));
 
-    let dispatch = Dispatch::new(store.clone(), &settings);
-    store.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
+    let sessions = Arc::new(Sessions::default());
+    let dispatch = Dispatch::new(store.clone(), &settings, sessions.clone());
+    dispatch.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
     let wake = dispatch.clone();
     let intake = Arc::new(Intake::new(store.clone(), &settings).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
@@ -106,7 +108,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     // The settings in force: replaced on SIGHUP, read by the API and the drain.
     let in_force = Arc::new(std::sync::RwLock::new(Arc::new(settings.clone())));
     let router = api::router(ApiState {
-        store: store.clone(),
+        intake: intake.clone(),
         dispatch: dispatch.clone(),
         settings: in_force.clone(),
         metrics,
@@ -119,7 +121,13 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         axum::serve(http, router).with_graceful_shutdown(async move { http_token.cancelled().await }).await
     });
     let roster = Arc::new(std::sync::RwLock::new(Roster::new(&settings.roster)));
-    tokio::spawn(responders::serve(ws, dispatch.clone(), roster.clone(), settings.responders.heartbeat, token.clone()));
+    let gateway = Arc::new(Gateway {
+        dispatch: dispatch.clone(),
+        sessions: sessions.clone(),
+        roster: roster.clone(),
+        heartbeat: settings.responders.heartbeat,
+    });
+    tokio::spawn(responders::serve(ws, gateway, token.clone()));
     let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));
     tokio::spawn(dispatch.clone().listen(token.clone()));
     tokio::spawn(health_loop(store.clone(), redis_up.clone(), uas.clone(), token.clone()));
@@ -132,7 +140,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
 
     // Reloads start only now, so RELOADING/READY never precede the first READY.
     let reloader =
-        reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), store.clone(), dispatch.clone());
+        reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), dispatch.clone(), sessions.clone());
     tokio::spawn(reloader.run(hangups, token.clone()));
 
     token.cancelled().await;
@@ -144,8 +152,8 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     // New INVITEs now get 503 (the UAS sees the token); ringing calls end.
     uas.end_ringing();
     // Sessions see the token too and close with 1001; wait for their close frames.
-    dispatch.sessions.close_all(1001, "going away");
-    dispatch.sessions_tasks.close();
+    sessions.close_all(1001, "going away");
+    sessions.tasks.close();
     // Incidents being written (and timeline entries of calls ending) are finished.
     uas.tasks().close();
     let mut complete = tokio::time::timeout_at(deadline, uas.tasks().wait()).await.is_ok();
@@ -153,7 +161,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     uas.end_ringing();
     // The dispatcher finishes the pass it is in (one Lua script at a time).
     complete &= tokio::time::timeout_at(deadline, dispatcher_task).await.is_ok();
-    complete &= tokio::time::timeout_at(deadline, dispatch.sessions_tasks.wait()).await.is_ok();
+    complete &= tokio::time::timeout_at(deadline, sessions.tasks.wait()).await.is_ok();
     complete &= tokio::time::timeout_at(deadline, http_task).await.is_ok();
     sip_token.cancel();
     if complete {
@@ -166,17 +174,15 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
 
 /// Waits until Redis answers; false when shutdown came first.
 async fn wait_for_redis(store: &Store, token: &CancellationToken) -> bool {
-    let mut delay = Duration::from_millis(100);
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match store.ping().await {
             Ok(()) => return true,
             Err(e) => tracing::warn!(error = %e, "waiting for Redis"),
         }
-        tokio::select! {
-            _ = token.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        if backoff.wait(token).await {
+            return false;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

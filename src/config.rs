@@ -10,9 +10,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::incident::Severity;
+pub use crate::domain::classify::{IvrDefault, IvrRule, is_category_name};
+use crate::domain::incident::Severity;
+pub use crate::domain::policy::{
+    CallbackRule, CorrelationSettings, EscalationPolicy, EscalationSettings, RepeatRule, StormRule, SurgeRule,
+    parse_duration,
+};
+use crate::domain::ivr::IvrPath;
+use crate::domain::policy::duration;
 
 /// A configuration error: the dotted key it concerns and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -41,16 +48,6 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
-}
-
-/// Parses `"2s"`, `"500ms"`, `"10m"`, `"90d"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -227,71 +224,6 @@ fn one() -> u32 {
     1
 }
 
-/// One row of the IVR map: a path prefix and what it means.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IvrRule {
-    pub path: String,
-    pub category: String,
-    pub severity: Severity,
-    #[serde(default)]
-    pub instructions: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IvrDefault {
-    pub category: String,
-    pub severity: Severity,
-    pub instructions: String,
-}
-
-impl Default for IvrDefault {
-    fn default() -> Self {
-        IvrDefault { category: "triage".into(), severity: Severity::Medium, instructions: String::new() }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EscalationPolicy {
-    #[serde(deserialize_with = "duration")]
-    pub ack_timeout: Duration,
-    #[serde(default = "three")]
-    pub max_rounds: u32,
-}
-
-fn three() -> u32 {
-    3
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EscalationSettings {
-    pub critical: EscalationPolicy,
-    pub high: EscalationPolicy,
-    pub medium: EscalationPolicy,
-    pub low: EscalationPolicy,
-}
-
-impl Default for EscalationSettings {
-    fn default() -> Self {
-        let p = |s| EscalationPolicy { ack_timeout: Duration::from_secs(s), max_rounds: 3 };
-        EscalationSettings { critical: p(30), high: p(60), medium: p(120), low: p(300) }
-    }
-}
-
-impl EscalationSettings {
-    pub fn for_severity(&self, s: Severity) -> &EscalationPolicy {
-        match s {
-            Severity::Critical => &self.critical,
-            Severity::High => &self.high,
-            Severity::Medium => &self.medium,
-            Severity::Low => &self.low,
-        }
-    }
-}
-
 /// Extension: the service-level target of one severity, for the report
 /// (`[targets.<severity>]`): at least `percent` % of incidents acknowledged
 /// within `ack_within` of the call.
@@ -374,85 +306,6 @@ impl AcdSettings {
     pub fn opens_incident(&self, queue: &str) -> bool {
         self.incident_queues.iter().any(|q| q == "*" || q == queue)
     }
-}
-
-/// `[correlation.repeat]`: a caller calling again while their incident is open.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RepeatRule {
-    pub enabled: bool,
-    /// A call within this long of the caller's previous call counts as a repeat.
-    #[serde(deserialize_with = "duration")]
-    pub window: Duration,
-    /// Every `raise_after`-th repeat raises the severity one level (0 = never).
-    pub raise_after: u32,
-}
-
-impl Default for RepeatRule {
-    fn default() -> Self {
-        RepeatRule { enabled: true, window: Duration::from_secs(30 * 60), raise_after: 2 }
-    }
-}
-
-/// `[correlation.callback]`: a caller who gave up in a queue after waiting long.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CallbackRule {
-    pub enabled: bool,
-    /// A caller who abandoned after waiting longer than this gets a `callback` incident.
-    #[serde(deserialize_with = "duration")]
-    pub abandon_after: Duration,
-    pub severity: Severity,
-}
-
-impl Default for CallbackRule {
-    fn default() -> Self {
-        CallbackRule { enabled: true, abandon_after: Duration::from_secs(60), severity: Severity::Low }
-    }
-}
-
-/// `[correlation.abandon_storm]` and `[correlation.surge]`: `count` within
-/// `window` declare a major incident of `severity`. Two types with one shape,
-/// so that each table's keys default on their own.
-macro_rules! burst_rule {
-    ($(#[$doc:meta])* $name:ident, $count:expr, $window_s:expr, $severity:expr) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Deserialize)]
-        #[serde(deny_unknown_fields, default)]
-        pub struct $name {
-            pub enabled: bool,
-            pub count: u32,
-            #[serde(deserialize_with = "duration")]
-            pub window: Duration,
-            /// Severity of the major incident this rule declares.
-            pub severity: Severity,
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                $name { enabled: true, count: $count, window: Duration::from_secs($window_s), severity: $severity }
-            }
-        }
-    };
-}
-
-burst_rule!(
-    /// Abandons on one queue (default 10 within 5 minutes → one `high` major incident).
-    StormRule, 10, 300, Severity::High
-);
-burst_rule!(
-    /// New incidents of one category (default 5 within 10 minutes → one `critical` major incident).
-    SurgeRule, 5, 600, Severity::Critical
-);
-
-/// Extension of issue 5: `[correlation.*]`, every rule on by default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CorrelationSettings {
-    pub repeat: RepeatRule,
-    pub callback: CallbackRule,
-    pub abandon_storm: StormRule,
-    pub surge: SurgeRule,
 }
 
 /// Everything the daemon reads from its configuration.
@@ -559,22 +412,6 @@ fn join(path: &str, field: &str) -> String {
 
 fn is_hex_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Category names end up in metric labels and Redis keys: keep them tame.
-pub fn is_category_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 40
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-/// An IVR path is comma-separated selections of DTMF keys (0-9, *, #).
-pub fn is_ivr_path(s: &str) -> bool {
-    !s.is_empty()
-        && s.split(',').all(|sel| {
-            let sel = sel.trim();
-            !sel.is_empty() && sel.len() <= 8 && sel.bytes().all(|b| b.is_ascii_digit() || b == b'*' || b == b'#')
-        })
 }
 
 fn check_listen(key: &str, value: &str, may_be_empty: bool) -> Result<(), ConfigError> {
@@ -693,10 +530,10 @@ impl Settings {
         let mut paths = HashSet::new();
         for (i, rule) in self.ivr.iter().enumerate() {
             let k = |f: &str| format!("ivr[{i}].{f}");
-            if !is_ivr_path(&rule.path) {
+            let Some(path) = IvrPath::strict(&rule.path) else {
                 return Err(err(k("path"), format!("{:?} is not an IVR path like \"2,1\"", rule.path)));
-            }
-            if !paths.insert(crate::classify::split_path(&rule.path)) {
+            };
+            if !paths.insert(path) {
                 return Err(err(k("path"), format!("duplicate IVR path {:?}", rule.path)));
             }
             if !is_category_name(&rule.category) {

@@ -23,10 +23,11 @@
 pub mod acd;
 pub mod api;
 pub mod app;
-pub mod classify;
+pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod dispatcher;
-pub mod incident;
+pub mod domain;
 pub mod intake;
 pub mod reload;
 pub mod report;

@@ -37,7 +37,7 @@ enum Command {
         #[arg(long)]
         until: String,
         #[arg(long, value_enum, default_value = "table")]
-        format: dispatchd::report::cli::Format,
+        format: dispatchd::cli::Format,
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -82,11 +82,11 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Report { since, until, format, config } => match load(config.as_ref()) {
-            Ok(s) => print_or_fail(dispatchd::report::cli::report(&s, &since, &until, format)),
+            Ok(s) => print_or_fail(dispatchd::cli::report(&s, &since, &until, format)),
             Err(code) => code,
         },
         Command::Review { id, config } => match load(config.as_ref()) {
-            Ok(s) => print_or_fail(dispatchd::report::cli::review(&s, &id)),
+            Ok(s) => print_or_fail(dispatchd::cli::review(&s, &id)),
             Err(code) => code,
         },
         Command::Run { config } => {

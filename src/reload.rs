@@ -23,7 +23,8 @@ use crate::config::{ResponderConfig, Settings};
 use crate::dispatcher::Dispatch;
 use crate::intake::Intake;
 use crate::responders::Roster;
-use crate::store::Store;
+use crate::backoff::Backoff;
+use crate::responders::Sessions;
 use crate::systemd;
 
 /// What a reload will put in force, worked out from the old and the new settings.
@@ -158,14 +159,15 @@ pub struct Reloader {
     pub roster: Arc<RwLock<Roster>>,
     /// The settings in force, as the API reads them (and the drain at shutdown).
     pub settings: Arc<RwLock<Arc<Settings>>>,
-    pub store: Store,
-    /// The responders connected here.
+    /// Where the roster is written (for the matcher).
     pub dispatch: Arc<Dispatch>,
+    /// The responders connected here.
+    pub sessions: Arc<Sessions>,
     /// Bumped on every applied reload, so an older roster retry gives up.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The roster as `Store::sync_roster` takes it.
+/// The roster as `Dispatch::sync_roster` takes it.
 pub fn roster_rows(settings: &Settings) -> Vec<(String, u32, Vec<String>)> {
     settings.roster.iter().map(|r| (r.id.clone(), r.tier, r.skills.clone())).collect()
 }
@@ -186,10 +188,10 @@ impl Reloader {
         intake: Arc<Intake>,
         roster: Arc<RwLock<Roster>>,
         settings: Arc<RwLock<Arc<Settings>>>,
-        store: Store,
         dispatch: Arc<Dispatch>,
+        sessions: Arc<Sessions>,
     ) -> Reloader {
-        Reloader { config_path, intake, roster, settings, store, dispatch, generation: Arc::default() }
+        Reloader { config_path, intake, roster, settings, dispatch, sessions, generation: Arc::default() }
     }
 
     /// The settings in force.
@@ -273,12 +275,12 @@ impl Reloader {
         if plan.roster_changed() {
             let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let rows = roster_rows(&settings);
-            match self.store.sync_roster(&rows).await {
+            match self.dispatch.sync_roster(&rows).await {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "roster not written to Redis yet; retrying in the background");
                     tokio::spawn(sync_roster(
-                        self.store.clone(),
+                        self.dispatch.clone(),
                         rows,
                         self.generation.clone(),
                         generation,
@@ -289,9 +291,9 @@ impl Reloader {
         }
         // Out of the roster: no more offers (the Lua rules check the roster)
         // and no new connections. An open connection stays until it closes.
-        for rid in plan.responders_removed.iter().filter(|r| self.dispatch.sessions.is_connected(r)) {
+        for rid in plan.responders_removed.iter().filter(|r| self.sessions.is_connected(r)) {
             tracing::info!(responder = %rid, "removed from the roster while connected: closing its connection");
-            self.dispatch.sessions.close(rid, 4403, "removed from roster");
+            self.sessions.close(rid, 4403, "removed from roster");
         }
         tracing::info!(
             ivr_rules_before = plan.ivr_rules_before,
@@ -311,29 +313,27 @@ impl Reloader {
 /// Writes the roster to Redis, retrying while Redis is away, until a newer
 /// reload supersedes it or the daemon stops.
 async fn sync_roster(
-    store: Store,
+    dispatch: Arc<Dispatch>,
     rows: Vec<(String, u32, Vec<String>)>,
     generation: Arc<std::sync::atomic::AtomicU64>,
     mine: u64,
     shutdown: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         if generation.load(std::sync::atomic::Ordering::SeqCst) != mine {
             return;
         }
-        match store.sync_roster(&rows).await {
+        match dispatch.sync_roster(&rows).await {
             Ok(()) => {
                 tracing::info!(responders = rows.len(), "roster written to Redis");
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "roster not written to Redis yet; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if backoff.wait(&shutdown).await {
+            return;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -341,7 +341,7 @@ async fn sync_roster(
 mod tests {
     use super::*;
     use crate::config::{IvrRule, ResponderConfig, SipMode};
-    use crate::incident::Severity;
+    use crate::domain::incident::Severity;
 
     fn responder(id: &str, tier: u32) -> ResponderConfig {
         ResponderConfig { id: id.into(), name: id.into(), token_sha256: "0".repeat(64), skills: vec!["*".into()], tier }

@@ -2,7 +2,7 @@
 //!
 //! This file is pure — values in, values out, no I/O. The incidents come from
 //! `store::report` (`GET /v1/report`, `dispatchd report`); the commands that
-//! print reports and single timelines are in [`cli`].
+//! print reports and single timelines are in `crate::cli`.
 //!
 //! Definitions (every time is an exact millisecond value from the record and
 //! its timeline):
@@ -36,7 +36,6 @@
 //!   severity (always all four, most severe first), then each category present.
 //! - A negative interval (clocks of two daemons disagreeing) counts as 0.
 
-pub mod cli;
 
 use std::collections::BTreeMap;
 
@@ -44,7 +43,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::TargetsSettings;
-use crate::incident::{Incident, Severity, TimelineEntry, timestamp_ms};
+use crate::domain::incident::{Incident, Severity};
+use crate::domain::timeline::{Event, TimelineEntry, timestamp_ms};
 
 /// The widest range a report may cover.
 pub const MAX_RANGE_MS: i64 = 366 * 86_400_000;
@@ -123,15 +123,15 @@ impl Intervals {
         // (position, entry, ms); entries whose time does not parse are ignored.
         let entries: Vec<(usize, &TimelineEntry, i64)> =
             f.timeline.iter().enumerate().filter_map(|(i, e)| Some((i, e, parse_ms(&e.at)?))).collect();
-        let first = |event: &str| entries.iter().find(|(_, e, _)| e.event == event);
+        let first = |event: Event| entries.iter().find(|(_, e, _)| e.is(event));
         let span = |from: i64, to: i64| (to - from).max(0);
 
-        let offered = first("offered");
-        let ack = first("acknowledged");
-        let on_scene = first("on_scene");
-        let resolved = first("resolved");
+        let offered = first(Event::Offered);
+        let ack = first(Event::Acknowledged);
+        let on_scene = first(Event::OnScene);
+        let resolved = first(Event::Resolved);
         let answered_offer = ack.and_then(|&(ack_pos, ack_e, _)| {
-            let offers = || entries.iter().filter(|(i, e, _)| *i < ack_pos && e.event == "offered");
+            let offers = || entries.iter().filter(|(i, e, _)| *i < ack_pos && e.is(Event::Offered));
             match dispatch_id(ack_e) {
                 Some(d) => offers().find(|(_, e, _)| dispatch_id(e) == Some(d)).or_else(|| offers().next_back()),
                 None => offers().next_back(),
@@ -290,15 +290,15 @@ pub fn compute(range: &Range, incidents: &[Facts], targets: &TargetsSettings) ->
     let rows: Vec<Row> = incidents
         .iter()
         .map(|f| {
-            let has = |ev: &str| f.timeline.iter().any(|e| e.event == ev);
-            let abandoned = has("abandoned");
+            let has = |ev: Event| f.timeline.iter().any(|e| e.is(ev));
+            let abandoned = has(Event::Abandoned);
             Row {
                 facts: f,
                 iv: Intervals::of(f),
-                escalated: has("escalated"),
-                exhausted: has("exhausted"),
+                escalated: has(Event::Escalated),
+                exhausted: has(Event::Exhausted),
                 abandoned,
-                ring_ended: abandoned || has("answered_elsewhere") || has("caller_hangup"),
+                ring_ended: abandoned || has(Event::AnsweredElsewhere) || has(Event::CallerHangup),
             }
         })
         .collect();

@@ -92,7 +92,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 
     // Present from the start (contract §6: these metrics exist), so dashboards
     // and alerts see zeros rather than nothing.
-    use crate::incident::Severity;
+    use crate::domain::incident::Severity;
     metrics::counter!(metric::REDIS_ERRORS).absolute(0);
     metrics::gauge!(metric::RESPONDERS_CONNECTED).set(0.0);
     metrics::gauge!(metric::SIP_TCP_CONNECTIONS).set(0.0);

@@ -40,7 +40,7 @@ fn ms(at: &str) -> i64 {
 }
 
 fn iso(ms: i64) -> String {
-    dispatchd::incident::timestamp_ms(ms)
+    dispatchd::domain::timeline::timestamp_ms(ms)
 }
 
 /// One scripted incident: opened `open_ms` after midnight; `steps` are
@@ -60,7 +60,7 @@ impl Seed {
     }
 
     fn id(&self) -> String {
-        dispatchd::incident::incident_id(self.seq)
+        dispatchd::domain::ids::incident_id(self.seq)
     }
 
     fn at(mut self, ms: i64, event: &'static str, actor: &'static str, detail: Value) -> Seed {
@@ -230,7 +230,7 @@ fn seed(redis: &Redis) -> Vec<Seed> {
         s.write(&mut con, ms(DAY));
     }
     // Indexed but expired (its record is gone): skipped.
-    redis.cli(&["ZADD", "t:incidents", &(ms(DAY) + 10 * H).to_string(), &dispatchd::incident::incident_id(113)]);
+    redis.cli(&["ZADD", "t:incidents", &(ms(DAY) + 10 * H).to_string(), &dispatchd::domain::ids::incident_id(113)]);
     day
 }
 
@@ -507,7 +507,7 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     );
 
     // Unknown ids: exit 1, one line.
-    for id in [dispatchd::incident::incident_id(999_999), "INC-nope".into(), dispatchd::incident::incident_id(113)] {
+    for id in [dispatchd::domain::ids::incident_id(999_999), "INC-nope".into(), dispatchd::domain::ids::incident_id(113)] {
         let (code, out, err) = run(&["review", &id, "--config", config]);
         assert_eq!(code, 1, "{id}: {out}{err}");
         assert!(err.contains("not found") && err.trim().lines().count() == 1, "{err}");

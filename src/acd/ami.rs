@@ -17,8 +17,9 @@
 
 use std::fmt;
 
-use crate::acd::{CallEvent, EventKind};
-use crate::incident::Source;
+use crate::domain::call::{CallEvent, EventKind};
+use crate::domain::ivr::IvrPath;
+use crate::domain::incident::Source;
 
 /// Largest message (all its lines, terminators included) the reader keeps.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -396,7 +397,7 @@ pub fn map_event(msg: &AmiMessage) -> Option<CallEvent> {
             if digit.is_empty() {
                 return None;
             }
-            ev.ivr_path = vec![digit];
+            ev.ivr_path = IvrPath::from_selections([digit]);
         }
         EventKind::Hangup => {
             if !own_channel(msg) {
@@ -593,7 +594,7 @@ Cause-txt: Normal Clearing\r\n\
             events,
             vec![
                 caller(call(EventKind::QueueJoin, id, |_| {})),
-                call(EventKind::Dtmf, id, |e| e.ivr_path = vec!["2".into()]),
+                call(EventKind::Dtmf, id, |e| e.ivr_path = IvrPath::from_selections(["2"])),
                 caller(call(EventKind::AgentConnect, id, |e| e.agent = "Agent Seven".into())),
                 call(EventKind::AgentComplete, id, |e| {
                     e.queue = "triage".into();
@@ -924,7 +925,7 @@ Message: Authentication failed\r\n\
             }
             ev(&p)
         };
-        assert_eq!(with(Some("Received")), Some(call(EventKind::Dtmf, "9.0", |e| e.ivr_path = vec!["#".into()])));
+        assert_eq!(with(Some("Received")), Some(call(EventKind::Dtmf, "9.0", |e| e.ivr_path = IvrPath::from_selections(["#"]))));
         assert_eq!(with(Some("Sent")), None);
         assert_eq!(with(None), None);
         assert_eq!(ev(&[("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Direction", "Received")]), None);

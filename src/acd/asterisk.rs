@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::ami::{self, AmiReader, LoginOutcome};
 use super::feed::{self, Backoff, FeedError};
 use crate::config::AsteriskSettings;
-use crate::incident::Source;
+use crate::domain::incident::Source;
 use crate::intake::Intake;
 
 const SOURCE: Source = Source::Ami;
@@ -50,7 +50,7 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// Runs the AMI feed until `token` is cancelled.
 pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
-    let backoff = Backoff::new(max_backoff);
+    let backoff = feed::reconnect_backoff(max_backoff);
     feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |attempt| {
         session(&cfg, &intake, &token, &backoff, attempt, feed::KEEPALIVE)
     })
@@ -82,7 +82,7 @@ async fn session(
                 Ok(msg) => match ami::login_response(&msg, &login_id) {
                     Some(LoginOutcome::Accepted) => break 'login,
                     Some(LoginOutcome::Rejected { message }) => {
-                        return Err(FeedError::LoginRefused(super::clean(&message, 80)));
+                        return Err(FeedError::LoginRefused(crate::domain::call::clean(&message, 80)));
                     }
                     None => {}
                 },
@@ -103,7 +103,7 @@ async fn session(
     backoff.reset();
     tracing::info!(
         address = %cfg.address,
-        version = reader.banner_version().map(|v| super::clean(v, 32)).unwrap_or_default(),
+        version = reader.banner_version().map(|v| crate::domain::call::clean(v, 32)).unwrap_or_default(),
         "AMI logged in"
     );
 
@@ -214,7 +214,7 @@ pub(crate) mod tests {
             }
         });
         let token = CancellationToken::new();
-        let backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = idle_intake();
         let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
@@ -238,7 +238,7 @@ pub(crate) mod tests {
             }
         });
         let token = CancellationToken::new();
-        let backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = idle_intake();
         let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_secs(5)).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "Authentication failed"), "{r:?}");

@@ -56,8 +56,9 @@
 
 use std::fmt;
 
-use crate::acd::{CallEvent, EventKind};
-use crate::incident::Source;
+use crate::domain::call::{CallEvent, EventKind};
+use crate::domain::ivr::IvrPath;
+use crate::domain::incident::Source;
 
 /// Largest envelope header block accepted (a real one is ~100 bytes).
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
@@ -526,7 +527,7 @@ pub fn map_event(ev: &EslEvent) -> Option<CallEvent> {
             let digit = ev.field("DTMF-Digit")?.chars().next()?;
             let mut e = CallEvent::new(Source::Esl, EventKind::Dtmf, ev.field("Unique-ID")?);
             caller(&mut e);
-            e.ivr_path = vec![digit.to_string()];
+            e.ivr_path = IvrPath::from_selections([digit.to_string()]);
             Some(e)
         }
         "CUSTOM" if ev.subclass() == Some("callcenter::info") => map_callcenter(ev),
@@ -605,7 +606,7 @@ mod tests {
 
     fn dtmf(call_ref: &str, digit: &str) -> CallEvent {
         let mut e = CallEvent::new(Source::Esl, EventKind::Dtmf, call_ref);
-        e.ivr_path = vec![digit.into()];
+        e.ivr_path = IvrPath::from_selections([digit]);
         e
     }
 
@@ -755,7 +756,7 @@ mod tests {
                     e.queue = "support@default".into();
                     e.agent = "1000@default".into();
                 }),
-                call(EventKind::Dtmf, |e| e.ivr_path = vec!["#".into()]),
+                call(EventKind::Dtmf, |e| e.ivr_path = IvrPath::from_selections(["#"])),
                 abandon("BREAK_OUT", Some(80)),
                 call(EventKind::Hangup, |e| {
                     e.caller = "+4930123456".into();

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use super::esl::{self, EslError, EslMessage, EslReader};
 use super::feed::{self, Backoff, FeedError};
 use crate::config::FreeswitchSettings;
-use crate::incident::Source;
+use crate::domain::incident::Source;
 use crate::intake::Intake;
 
 const SOURCE: Source = Source::Esl;
@@ -54,7 +54,7 @@ const PROBE: &str = "api uptime\n\n";
 
 /// Runs the ESL feed until `token` is cancelled.
 pub async fn run(cfg: FreeswitchSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
-    let backoff = Backoff::new(max_backoff);
+    let backoff = feed::reconnect_backoff(max_backoff);
     feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |_attempt| {
         session(&cfg, &intake, &token, &backoff, feed::KEEPALIVE)
     })
@@ -123,14 +123,14 @@ async fn session(
         match esl::auth_result(&m) {
             Ok(Some(())) => break,
             Ok(None) => {}
-            Err(esl::LoginFailed(text)) => return Err(FeedError::LoginRefused(super::clean(&text, 80))),
+            Err(esl::LoginFailed(text)) => return Err(FeedError::LoginRefused(crate::domain::call::clean(&text, 80))),
         }
     }
     c.write(esl::EVENT_SUBSCRIPTION).await?;
     loop {
         match c.next_by(deadline).await? {
             EslMessage::CommandReply(r) if r.is_ok() => break,
-            EslMessage::CommandReply(r) => return Err(FeedError::Subscribe(super::clean(&r.reply_text, 80))),
+            EslMessage::CommandReply(r) => return Err(FeedError::Subscribe(crate::domain::call::clean(&r.reply_text, 80))),
             EslMessage::DisconnectNotice(_) => return Err(FeedError::Closed),
             _ => {}
         }
@@ -236,7 +236,7 @@ mod tests {
             }
         });
         let token = CancellationToken::new();
-        let backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
         let r = session(&cfg, &intake, &token, &backoff, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
@@ -273,7 +273,7 @@ mod tests {
             }
         });
         let token = CancellationToken::new();
-        let backoff = Backoff::new(Duration::from_secs(1));
+        let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
         let keepalive = Duration::from_secs(5);
         let r = session(&cfg, &intake, &token, &backoff, keepalive).await;

@@ -19,18 +19,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiState, error};
-use crate::config::{Settings, is_category_name};
-use crate::incident::{Severity, Source, State as IncidentState, TimelineEntry, normalize_id, pseudonym};
-use crate::responders::wire;
-use crate::store::admin::Closed;
-use crate::store::intake::Rules;
-use crate::store::{NewIncident, StoreError};
-use crate::telemetry::metric;
+use crate::config::Settings;
+use crate::dispatcher::Closed;
+use crate::domain::classify::is_category_name;
+use crate::domain::ids::normalize_id;
+use crate::domain::incident::{Severity, State as IncidentState};
+use crate::intake::{CallerStatus, Error};
 
 const MAX_SUMMARY: usize = 500;
 const MAX_NOTE: usize = 1000;
@@ -53,7 +51,7 @@ fn settings(st: &ApiState) -> Arc<Settings> {
     }
 }
 
-fn unavailable(e: StoreError) -> Response {
+fn unavailable(e: Error) -> Response {
     tracing::warn!(error = %e, "admin request not applied");
     error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
 }
@@ -106,47 +104,11 @@ async fn open_incident(State(st): State<ApiState>, body: Result<Bytes, BytesReje
     if summary.is_empty() || summary.chars().count() > MAX_SUMMARY {
         return error(StatusCode::BAD_REQUEST, "summary must be 1 to 500 characters");
     }
-    let now = Utc::now();
-    let call_key = format!("api:{:032x}", rand::random::<u128>());
-    let new = NewIncident {
-        call_key: call_key.clone(),
-        call_id: call_key,
-        source: Source::Api,
-        caller: String::new(),
-        caller_name: String::new(),
-        caller_pseudonym: String::new(),
-        ivr_path: Vec::new(),
-        queue: String::new(),
-        wait_seconds: None,
-        category: b.category.clone(),
-        severity,
-        summary: summary.to_string(),
-        instructions: String::new(),
-        opened_at: now,
-        timeline: vec![
-            TimelineEntry::new(now, "opened", "api", json!({"source": "api"})),
-            TimelineEntry::new(
-                now,
-                "classified",
-                "api",
-                json!({"category": b.category, "severity": severity, "rule": "api"}),
-            ),
-            TimelineEntry::new(now, "queued", "dispatchd", json!({"severity": severity})),
-        ],
-    };
-    // Incidents opened by hand count towards a surge of their category too.
-    let rules = st.settings.read().map(|s| Rules::new(&s.correlation)).unwrap_or_else(|_| Rules::none());
-    let opened = match st.store.open(&new, &rules, &[]).await {
+    let opened = match st.intake.open_manual(&b.category, severity, summary).await {
         Ok(o) => o,
         Err(e) => return unavailable(e),
     };
-    let id = opened.id.clone();
-    crate::intake::log_major(&opened, Source::Api);
-    st.dispatch.wake();
-    metrics::counter!(metric::INCIDENTS_OPENED, "severity" => severity.as_str(), "category" => b.category.clone())
-        .increment(1);
-    tracing::info!(incident_id = %id, severity = %severity, category = %b.category, source = "api", "incident opened");
-    match st.store.get(&id).await {
+    match st.intake.incident(&opened.id).await {
         Ok(Some(inc)) => (StatusCode::CREATED, Json(inc)).into_response(),
         Ok(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "incident vanished"),
         Err(e) => unavailable(e),
@@ -191,24 +153,12 @@ async fn close(
         return error(StatusCode::BAD_REQUEST, "note must be at most 1000 characters");
     }
     let retention = settings(&st).privacy.retention;
-    match st.store.close(&id, to, note.trim(), retention).await {
-        Ok(Closed::Done { held }) => {
-            if let Some((rid, dispatch_id, daemon)) = held {
-                let reason = "incident_cancelled";
-                let sent = st.dispatch.sessions.send(&rid, wire::cancel(&dispatch_id, reason));
-                if !sent && !daemon.is_empty() && daemon != st.dispatch.daemon {
-                    st.store.publish("cancel", &format!("{rid}\t{dispatch_id}\t{reason}")).await;
-                }
-                tracing::info!(incident_id = %id, responder = %rid, dispatch_id = %dispatch_id, "responder released");
-            }
-            st.dispatch.wake();
-            tracing::info!(incident_id = %id, state = to.as_str(), actor = "api", "incident closed");
-            match st.store.get(&id).await {
-                Ok(Some(inc)) => Json(inc).into_response(),
-                Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
-                Err(e) => unavailable(e),
-            }
-        }
+    match st.dispatch.close(&id, to, note.trim(), retention).await {
+        Ok(Closed::Done { .. }) => match st.intake.incident(&id).await {
+            Ok(Some(inc)) => Json(inc).into_response(),
+            Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
+            Err(e) => unavailable(e),
+        },
         Ok(Closed::NotFound) => error(StatusCode::NOT_FOUND, "not_found"),
         Ok(Closed::Conflict) => error(StatusCode::CONFLICT, "conflict"),
         Err(e) => unavailable(e),
@@ -218,7 +168,7 @@ async fn close(
 async fn responders(State(st): State<ApiState>) -> Response {
     let s = settings(&st);
     let ids: Vec<String> = s.roster.iter().map(|r| r.id.clone()).collect();
-    let presence = match st.store.presence(&ids).await {
+    let presence = match st.dispatch.presence(&ids).await {
         Ok(p) => p,
         Err(e) => return unavailable(e),
     };
@@ -251,13 +201,8 @@ fn caller_number(number: Result<Path<String>, PathRejection>) -> Option<String> 
 
 async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
     let Some(number) = caller_number(number) else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
-    let number = number.as_str();
-    let ps = pseudonym(settings(&st).privacy.caller_key.expose(), number);
-    match st.store.erase_caller(number, &ps).await {
-        Ok(n) => {
-            tracing::info!(caller = %ps, erased = n, actor = "api", "caller erased");
-            Json(json!({"erased": n})).into_response()
-        }
+    match st.intake.erase_caller(&number).await {
+        Ok(n) => Json(json!({"erased": n})).into_response(),
         Err(e) => unavailable(e),
     }
 }
@@ -267,13 +212,9 @@ async fn erase_caller(State(st): State<ApiState>, number: Result<Path<String>, P
 /// en route and gave one. No open incident: `{"state":"none"}`.
 async fn caller_status(State(st): State<ApiState>, number: Result<Path<String>, PathRejection>) -> Response {
     let Some(number) = caller_number(number) else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
-    let ps = pseudonym(settings(&st).privacy.caller_key.expose(), &number);
-    match st.store.caller_open_incident(&ps).await {
-        Ok(Some((id, state, eta_ms))) => {
-            let eta_s = eta_ms
-                .filter(|_| state == IncidentState::EnRoute)
-                .map(|ms| ((ms - Utc::now().timestamp_millis()).max(0) + 999) / 1000);
-            let mut body = json!({"state": state.as_str(), "incident_id": id, "message": spoken(state, eta_s)});
+    match st.intake.caller_status(&number).await {
+        Ok(Some(CallerStatus { incident_id, state, eta_s })) => {
+            let mut body = json!({"state": state.as_str(), "incident_id": incident_id, "message": spoken(state, eta_s)});
             if let Some(eta) = eta_s {
                 body["eta_s"] = json!(eta);
             }

@@ -24,14 +24,17 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::incident::{Severity, State as IncidentState, normalize_id};
-use crate::store::{ListFilter, Store};
+use crate::dispatcher::Dispatch;
+use crate::domain::ids::normalize_id;
+use crate::domain::incident::{ListFilter, Severity, State as IncidentState};
+use crate::intake::Intake;
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub store: Store,
-    /// The dispatcher (live responder connections, cancel frames).
-    pub dispatch: Arc<crate::dispatcher::Dispatch>,
+    /// The door for incidents: opening, reading, erasing.
+    pub intake: Arc<Intake>,
+    /// The door for offers and assignments: resolve, cancel, presence.
+    pub dispatch: Arc<Dispatch>,
     /// The settings in force (roster, privacy, targets).
     pub settings: Arc<std::sync::RwLock<Arc<crate::config::Settings>>>,
     pub metrics: PrometheusHandle,
@@ -137,7 +140,7 @@ async fn list_incidents(
             _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 500"),
         },
     };
-    match st.store.list(&ListFilter { state, severity, limit }).await {
+    match st.intake.list(&ListFilter { state, severity, limit }).await {
         Ok(incidents) => Json(json!({"incidents": incidents})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "listing incidents failed");
@@ -153,7 +156,7 @@ async fn get_incident(
     let Some(id) = id.ok().and_then(|Path(id)| normalize_id(&id)) else {
         return error(StatusCode::NOT_FOUND, "not_found");
     };
-    match st.store.get(&id).await {
+    match st.intake.incident(&id).await {
         Ok(Some(inc)) => Json(inc).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
         Err(e) => {

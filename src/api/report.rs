@@ -35,7 +35,7 @@ async fn report(State(st): State<ApiState>, q: Result<Query<ReportQuery>, QueryR
         Ok(g) => g.targets.clone(),
         Err(p) => p.into_inner().targets.clone(),
     };
-    match st.store.report_facts(range.since_ms, range.until_ms).await {
+    match st.intake.report_facts(range.since_ms, range.until_ms).await {
         Ok(facts) => Json(compute(&range, &facts, &targets)).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "report not read");

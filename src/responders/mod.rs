@@ -1,8 +1,9 @@
 //! The responder gateway (contract §4): websockets on `responders.listen`,
 //! path `/v1/responders/ws`.
 //!
-//! - `Sessions` is the registry of responders connected to this daemon; the
-//!   dispatcher writes frames to them through it.
+//! - `Sessions` is the registry of responders connected to this daemon; it is
+//!   the dispatcher's first [`Notifier`]: offers and cancels reach the
+//!   websockets through it.
 //! - `serve` accepts connections; `session` runs one: authentication (header
 //!   or `hello` within 5 s, else close 4401), `welcome`, heartbeats, frames.
 //!
@@ -18,8 +19,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ResponderConfig;
+use crate::dispatcher::Notifier;
+use crate::domain::dispatch::Offer;
 use crate::telemetry::metric;
 
 /// What a session's writer sends.
@@ -42,6 +46,8 @@ struct Handle {
 pub struct Sessions {
     map: Mutex<HashMap<String, Handle>>,
     next: AtomicU64,
+    /// The session tasks, waited for on shutdown (their 1001 close frames).
+    pub tasks: TaskTracker,
 }
 
 impl Sessions {
@@ -87,10 +93,6 @@ impl Sessions {
         self.lock().get(rid).is_some_and(|h| h.tx.try_send(Out::Text(text)).is_ok())
     }
 
-    /// Whether this responder's connection already has that dispatch.
-    pub fn has_dispatch(&self, rid: &str, dispatch_id: &str) -> bool {
-        self.lock().get(rid).is_some_and(|h| h.sent.contains(dispatch_id))
-    }
 
     /// Writes a `dispatch` frame unless this connection already has it.
     /// Returns true when it was written now.
@@ -122,6 +124,24 @@ impl Sessions {
     }
 }
 
+impl Notifier for Sessions {
+    fn reachable(&self) -> Vec<String> {
+        self.connected()
+    }
+
+    fn has_offer(&self, rid: &str, dispatch_id: &str) -> bool {
+        self.lock().get(rid).is_some_and(|h| h.sent.contains(dispatch_id))
+    }
+
+    fn offer(&self, offer: &Offer) -> bool {
+        self.send_dispatch(&offer.responder, &offer.dispatch_id, wire::dispatch(offer))
+    }
+
+    fn cancel(&self, rid: &str, dispatch_id: &str, reason: &str) -> bool {
+        self.send(rid, wire::cancel(dispatch_id, reason))
+    }
+}
+
 /// Token → responder, from the roster (tokens are compared by their SHA-256).
 #[derive(Debug, Clone, Default)]
 pub struct Roster {
@@ -147,4 +167,4 @@ impl Roster {
     }
 }
 
-pub use session::serve;
+pub use session::{Gateway, serve};

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::wire::{self, Inbound};
-use super::{Out, Roster};
+use super::{Out, Roster, Sessions};
 use crate::dispatcher::Dispatch;
-use crate::store::dispatch::Answer;
-use crate::telemetry::metric;
+use crate::domain::dispatch::Answer;
+use crate::domain::ids::normalize_id;
 
 pub const PATH: &str = "/v1/responders/ws";
 const HELLO_WITHIN: Duration = Duration::from_secs(5);
@@ -36,14 +36,17 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1024 * 1024))
 }
 
+/// What every session needs: the dispatcher (the door for answers), the
+/// registry of sessions here, the roster's tokens, the heartbeat.
+pub struct Gateway {
+    pub dispatch: Arc<Dispatch>,
+    pub sessions: Arc<Sessions>,
+    pub roster: Arc<RwLock<Roster>>,
+    pub heartbeat: Duration,
+}
+
 /// Accepts responder connections until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: Arc<Dispatch>,
-    roster: Arc<RwLock<Roster>>,
-    heartbeat: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -56,8 +59,8 @@ pub async fn serve(
                 }
             },
         };
-        let (task_ctx, roster, shutdown) = (ctx.clone(), roster.clone(), shutdown.clone());
-        ctx.sessions_tasks.spawn(async move { session(stream, task_ctx, roster, heartbeat, shutdown).await });
+        let (task_gw, shutdown) = (gw.clone(), shutdown.clone());
+        gw.sessions.tasks.spawn(async move { session(stream, task_gw, shutdown).await });
     }
 }
 
@@ -65,13 +68,8 @@ fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
 }
 
-async fn session(
-    stream: TcpStream,
-    ctx: Arc<Dispatch>,
-    roster: Arc<RwLock<Roster>>,
-    heartbeat: Duration,
-    shutdown: CancellationToken,
-) {
+async fn session(stream: TcpStream, gw: Arc<Gateway>, shutdown: CancellationToken) {
+    let (ctx, heartbeat) = (&gw.dispatch, gw.heartbeat);
     let _ = stream.set_nodelay(true);
     let mut header_token: Option<String> = None;
     // The callback's signature is tungstenite's.
@@ -93,7 +91,7 @@ async fn session(
     let Ok(Ok(ws)) = tokio::time::timeout(HANDSHAKE_WITHIN, handshake).await else { return };
     let (mut sink, mut frames) = ws.split();
 
-    let authenticate = |token: &str| roster.read().ok().and_then(|r| r.authenticate(token));
+    let authenticate = |token: &str| gw.roster.read().ok().and_then(|r| r.authenticate(token));
     let rid = match header_token {
         Some(t) => authenticate(&t),
         None => match tokio::time::timeout(HELLO_WITHIN, frames.next()).await {
@@ -111,21 +109,18 @@ async fn session(
     };
 
     let span = tracing::info_span!("responder", responder = %rid);
-    async move {
+    async {
         let (tx, mut rx) = mpsc::channel::<Out>(64);
-        let conn = ctx.sessions.register(&rid, tx);
+        let conn = gw.sessions.register(&rid, tx);
         tracing::info!("responder connected");
         if sink.send(Message::text(wire::welcome(&rid, heartbeat.as_secs().max(1)))).await.is_err() {
-            ctx.sessions.unregister(&rid, conn);
+            gw.sessions.unregister(&rid, conn);
             return;
         }
-        match ctx.store.connect(&rid, &ctx.daemon, ctx.lease_until(heartbeat)).await {
-            // Sent again on (re)connect: the offer it has not answered.
-            Ok(Some(incident)) => ctx.deliver(&rid, &incident).await,
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "presence not stored"),
+        // Presence, and the offer it has not answered sent again on (re)connect.
+        if let Err(e) = ctx.connected(&rid).await {
+            tracing::warn!(error = %e, "presence not stored");
         }
-        ctx.wake();
 
         let mut last_seen = Instant::now();
         let mut last_ping = Instant::now();
@@ -136,7 +131,7 @@ async fn session(
                     let reply = match frame {
                         None | Some(Err(_)) => break,
                         Some(Ok(Message::Close(_))) => break,
-                        Some(Ok(Message::Text(t))) => handle(&ctx, &rid, t.as_str()).await,
+                        Some(Ok(Message::Text(t))) => handle(ctx, &rid, t.as_str()).await,
                         Some(Ok(Message::Binary(_))) => wire::error(None, "bad_request", "binary frames are not accepted"),
                         Some(Ok(_)) => String::new(), // ping/pong: tungstenite answers pings itself
                     };
@@ -175,8 +170,8 @@ async fn session(
                 }
             }
         }
-        if ctx.sessions.unregister(&rid, conn)
-            && let Err(e) = ctx.store.disconnect(&rid, &ctx.daemon).await {
+        if gw.sessions.unregister(&rid, conn)
+            && let Err(e) = ctx.disconnected(&rid).await {
                 tracing::warn!(error = %e, "disconnect not stored");
             }
         tracing::info!("responder disconnected");
@@ -192,57 +187,35 @@ async fn handle(ctx: &Dispatch, rid: &str, text: &str) -> String {
         Err(r) => return wire::error(r.reference.as_ref(), "bad_request", &r.message),
     };
     let r = reference.as_ref();
-    let unavailable = |e: crate::store::StoreError| {
+    let unavailable = |e: crate::dispatcher::Error| {
         tracing::warn!(error = %e, "responder frame not applied");
         wire::error(r, "unavailable", "try again")
     };
+    let refused = |code: &str| wire::error(r, code, "not an offer open to you");
     match msg {
         Inbound::Hello { .. } => wire::ok(r),
-        Inbound::Ack { dispatch_id } => match ctx.store.answer(rid, &dispatch_id, true, "").await {
-            Ok(Answer::Acknowledged { offered_ms, repeated }) => {
-                if !repeated {
-                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "acknowledged").increment(1);
-                    if let Some(ms) = offered_ms {
-                        let secs = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
-                        metrics::histogram!(metric::OFFER_TO_ACK).record(secs);
-                    }
-                    tracing::info!(dispatch_id = %dispatch_id, "dispatch acknowledged");
-                }
-                wire::ok(r)
-            }
-            Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
+        Inbound::Ack { dispatch_id } => match ctx.ack(rid, &dispatch_id).await {
+            Ok(Answer::Acknowledged { .. }) => wire::ok(r),
+            Ok(Answer::Refused(code)) => refused(&code),
             Ok(Answer::Declined(_)) => wire::error(r, "bad_request", "unexpected"),
             Err(e) => unavailable(e),
         },
-        Inbound::Decline { dispatch_id, reason } => match ctx.store.answer(rid, &dispatch_id, false, &reason).await {
-            Ok(Answer::Declined(c)) => {
-                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "declined").increment(1);
-                ctx.sessions.send(rid, wire::cancel(&c.dispatch_id, "declined"));
-                ctx.wake();
-                wire::ok(r)
-            }
-            Ok(Answer::Refused(code)) => wire::error(r, &code, "not an offer open to you"),
+        Inbound::Decline { dispatch_id, reason } => match ctx.decline(rid, &dispatch_id, &reason).await {
+            Ok(Answer::Declined(_)) => wire::ok(r),
+            Ok(Answer::Refused(code)) => refused(&code),
             Ok(Answer::Acknowledged { .. }) => wire::error(r, "stale_dispatch", "already acknowledged"),
             Err(e) => unavailable(e),
         },
         Inbound::Status { incident_id, status, note, eta_s } => {
-            let id = crate::incident::normalize_id(&incident_id).unwrap_or(incident_id);
-            match ctx.store.status(rid, &id, &status, &note, eta_s).await {
-                Ok(Ok(())) => {
-                    if status == "resolved" {
-                        ctx.wake();
-                    }
-                    wire::ok(r)
-                }
+            let id = normalize_id(&incident_id).unwrap_or(incident_id);
+            match ctx.status(rid, &id, status, &note, eta_s).await {
+                Ok(Ok(())) => wire::ok(r),
                 Ok(Err(code)) => wire::error(r, &code, "not your incident, or not a step forward"),
                 Err(e) => unavailable(e),
             }
         }
-        Inbound::Availability { status } => match ctx.store.set_availability(rid, &status).await {
-            Ok(()) => {
-                ctx.wake();
-                wire::ok(r)
-            }
+        Inbound::Availability { status } => match ctx.availability(rid, status).await {
+            Ok(()) => wire::ok(r),
             Err(e) => unavailable(e),
         },
     }

@@ -3,6 +3,10 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::domain::dispatch::{Availability, Offer};
+use crate::domain::incident::State;
+use crate::domain::timeline::timestamp_ms;
+
 /// Longest text frame we read as a request; longer ones get `bad_request`.
 pub const MAX_FRAME: usize = 16 * 1024;
 /// Longest `note` or `reason` kept.
@@ -25,12 +29,12 @@ pub enum Inbound {
     /// `eta_s` (extension): seconds until the responder expects to be on scene, with `en_route`.
     Status {
         incident_id: String,
-        status: String,
+        status: State,
         note: String,
         eta_s: Option<u32>,
     },
     Availability {
-        status: String,
+        status: Availability,
     },
 }
 
@@ -84,9 +88,9 @@ pub fn parse(text: &str) -> Result<(Option<Value>, Inbound), Refused> {
         },
         "status" => {
             let status = field(&obj, "status", 32).map_err(refuse)?;
-            if !matches!(status.as_str(), "en_route" | "on_scene" | "resolved") {
+            let Some(status) = State::parse(&status).filter(|s| State::REPORTABLE.contains(s)) else {
                 return Err(refuse("status must be en_route, on_scene or resolved".into()));
-            }
+            };
             let eta_s = match obj.get("eta_s") {
                 None | Some(Value::Null) => None,
                 Some(v) => match v.as_u64() {
@@ -103,9 +107,9 @@ pub fn parse(text: &str) -> Result<(Option<Value>, Inbound), Refused> {
         }
         "availability" => {
             let status = field(&obj, "status", 32).map_err(refuse)?;
-            if !matches!(status.as_str(), "available" | "busy" | "off_duty") {
+            let Some(status) = Availability::parse(&status) else {
                 return Err(refuse("status must be available, busy or off_duty".into()));
-            }
+            };
             Inbound::Availability { status }
         }
         _ => return Err(refuse("unknown type".into())),
@@ -130,6 +134,27 @@ pub fn error(reference: Option<&Value>, code: &str, message: &str) -> String {
 
 pub fn welcome(responder_id: &str, heartbeat_s: u64) -> String {
     json!({"type": "welcome", "responder_id": responder_id, "heartbeat_s": heartbeat_s}).to_string()
+}
+
+/// The `dispatch` frame of an offer (caller already masked).
+pub fn dispatch(o: &Offer) -> String {
+    json!({
+        "type": "dispatch",
+        "dispatch_id": o.dispatch_id,
+        "incident_id": o.incident_id,
+        "attempt": o.attempt,
+        "severity": o.severity,
+        "category": o.category,
+        "summary": o.summary,
+        "instructions": o.instructions,
+        "caller": o.caller,
+        "queue": o.queue,
+        "opened_at": timestamp_ms(o.opened_ms),
+        "ack_by": timestamp_ms(o.ack_by_ms),
+        // Extension: a major incident (surge or abandon storm).
+        "major": o.major,
+    })
+    .to_string()
 }
 
 pub fn cancel(dispatch_id: &str, reason: &str) -> String {

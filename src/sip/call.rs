@@ -7,31 +7,8 @@
 use rsipstack::sip::typed::From as NameAddr;
 
 use super::wire::Message;
-use crate::acd::{call_key, clean};
-
-/// Longest caller number or queue name kept.
-const MAX_SHORT: usize = 64;
-/// Longest display name kept.
-const MAX_NAME: usize = 128;
-/// Most IVR selections kept.
-pub const MAX_IVR_SELECTIONS: usize = 32;
-
-/// The facts of one call, as the SIP adapter hands them to intake.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CallFacts {
-    pub call_id: String,
-    /// `X-Call-Ref` when present (the PBX's linked call id), else Call-ID.
-    pub call_key: String,
-    pub caller: String,
-    pub caller_name: String,
-    pub ivr_path: Vec<String>,
-    pub queue: String,
-    pub wait_seconds: Option<u32>,
-    /// The user part of the Request-URI (`incident-<category>`).
-    pub ruri_user: Option<String>,
-    /// The host[:port] of the Request-URI: where the PBX reached us.
-    pub ruri_host: Option<String>,
-}
+use crate::domain::call::{CallFacts, MAX_CALL_ID, MAX_NAME, MAX_SHORT, call_key, clean};
+use crate::domain::ivr::{IvrPath, is_dtmf_key};
 
 /// User and display name of a name-addr header (`P-Asserted-Identity`, `From`).
 fn identity(value: &str) -> Option<(String, String)> {
@@ -64,24 +41,9 @@ fn ruri_host(uri: &str) -> Option<String> {
     ok.then(|| host.to_string())
 }
 
-/// `X-IVR-Path: 2,1` → `["2","1"]`; selections must be DTMF keys, anything else is dropped.
-pub fn parse_ivr_path(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty() && s.len() <= 8 && s.bytes().all(is_dtmf_key))
-        .take(MAX_IVR_SELECTIONS)
-        .map(str::to_string)
-        .collect()
-}
-
-fn is_dtmf_key(b: u8) -> bool {
-    b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'A'..=b'D')
-}
-
-impl CallFacts {
-    /// Reads the facts of an INVITE.
-    pub fn from_invite(msg: &Message) -> CallFacts {
+/// The facts of an INVITE (or of a MESSAGE, which carries the same headers).
+pub fn facts_of_invite(msg: &Message) -> CallFacts {
+    {
         let call_id = msg.call_id().to_string();
         let (caller, caller_name) = msg
             .header("p-asserted-identity")
@@ -96,10 +58,10 @@ impl CallFacts {
         };
         CallFacts {
             call_key: call_key(call_ref.unwrap_or(&call_id)),
-            call_id: clean(&call_id, 256),
+            call_id: clean(&call_id, MAX_CALL_ID),
             caller,
             caller_name,
-            ivr_path: msg.header("x-ivr-path").map(parse_ivr_path).unwrap_or_default(),
+            ivr_path: msg.header("x-ivr-path").map(IvrPath::lenient).unwrap_or_default(),
             queue: msg.header("x-queue").map(|q| clean(q, MAX_SHORT)).unwrap_or_default(),
             wait_seconds: msg.header("x-wait-seconds").and_then(|w| w.trim().parse().ok()),
             ruri_user: ruri_user(uri),
@@ -169,10 +131,10 @@ mod tests {
 
     #[test]
     fn facts_from_from_header() {
-        let f = CallFacts::from_invite(&invite("X-IVR-Path: 2, 1,x\r\nX-Queue: support\r\nX-Wait-Seconds: 45\r\n"));
+        let f = facts_of_invite(&invite("X-IVR-Path: 2, 1,x\r\nX-Queue: support\r\nX-Wait-Seconds: 45\r\n"));
         assert_eq!(f.caller, "+442071234890");
         assert_eq!(f.caller_name, "Alice Smith");
-        assert_eq!(f.ivr_path, vec!["2", "1"]);
+        assert_eq!(f.ivr_path.selections(), ["2", "1"]);
         assert_eq!(f.queue, "support");
         assert_eq!(f.wait_seconds, Some(45));
         assert_eq!(f.call_key, "abc@pbx");
@@ -184,7 +146,7 @@ mod tests {
 
     #[test]
     fn pai_and_call_ref_win() {
-        let f = CallFacts::from_invite(&invite(
+        let f = facts_of_invite(&invite(
             "P-Asserted-Identity: \"Bob\" <sip:alice.smith@pbx>\r\nX-Call-Ref: 1700000000.42\r\n",
         ));
         assert_eq!(f.caller, "alice.smith");
@@ -196,14 +158,14 @@ mod tests {
     #[test]
     fn hostile_values_are_bounded() {
         let long = "9".repeat(5000);
-        let f = CallFacts::from_invite(&invite(&format!(
+        let f = facts_of_invite(&invite(&format!(
             "X-Call-Ref: {long}\r\nX-Queue: {long}\r\nX-Wait-Seconds: -3\r\nX-IVR-Path: {}\r\n",
             "1,".repeat(500)
         )));
         assert!(f.call_key.starts_with("h:") && f.call_key.len() == 66);
         assert_eq!(f.queue.len(), 64);
         assert_eq!(f.wait_seconds, None);
-        assert_eq!(f.ivr_path.len(), MAX_IVR_SELECTIONS);
+        assert_eq!(f.ivr_path.len(), crate::domain::ivr::MAX_IVR_SELECTIONS);
     }
 
     #[test]

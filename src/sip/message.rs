@@ -11,10 +11,10 @@
 //! is checked here (a 400 naming the header) and the rest is bounded by
 //! [`CallEvent::clean`] in intake.
 
-use super::call::{CallFacts, MAX_IVR_SELECTIONS, parse_ivr_path};
 use super::wire::Message;
-use crate::acd::{CallEvent, EventKind};
-use crate::incident::Source;
+use crate::domain::call::{CallEvent, EventKind};
+use crate::domain::ivr::IvrPath;
+use crate::domain::incident::Source;
 
 /// Why a MESSAGE cannot be applied; answered `400 <reason>` with a `Warning`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,23 +61,8 @@ fn present<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
 }
 
 /// `X-IVR-Path` of an `ivr` event: 1..=32 comma-separated DTMF selections, all valid.
-fn ivr_path(value: &str) -> Result<Vec<String>, Invalid> {
-    const BAD: Invalid = Invalid::Bad("X-IVR-Path");
-    // Counted without collecting, so 100,000 commas cost nothing.
-    let raw = value.split(',').take(MAX_IVR_SELECTIONS + 1);
-    let mut n = 0;
-    for s in raw {
-        if s.trim().is_empty() {
-            return Err(BAD);
-        }
-        n += 1;
-    }
-    if n > MAX_IVR_SELECTIONS {
-        return Err(BAD);
-    }
-    let path = parse_ivr_path(value);
-    // parse_ivr_path drops what is not a DTMF key: a shorter result means a bad selection.
-    if path.len() != n { Err(BAD) } else { Ok(path) }
+fn ivr_path(value: &str) -> Result<IvrPath, Invalid> {
+    IvrPath::strict(value).ok_or(Invalid::Bad("X-IVR-Path"))
 }
 
 /// `X-Wait-Seconds`: a whole number of seconds (digits only, fits in u32).
@@ -107,7 +92,7 @@ pub fn event_of(msg: &Message) -> Result<CallEvent, Invalid> {
         (EventKind::Ivr, Some(v)) => ivr_path(v)?,
         // Elsewhere the path is a fact like on an INVITE: kept when valid, else left out.
         (_, Some(v)) => ivr_path(v).unwrap_or_default(),
-        (_, None) => Vec::new(),
+        (_, None) => IvrPath::default(),
     };
     let queue = present(msg, "x-queue");
     if matches!(kind, EventKind::QueueJoin | EventKind::QueueAbandon) && queue.is_none() {
@@ -115,7 +100,7 @@ pub fn event_of(msg: &Message) -> Result<CallEvent, Invalid> {
     }
     let wait = present(msg, "x-wait-seconds").map(wait_seconds).transpose()?;
 
-    let facts = CallFacts::from_invite(msg);
+    let facts = super::call::facts_of_invite(msg);
     let mut ev = CallEvent::new(Source::Sip, kind, &call_ref);
     ev.call_id = msg.call_id().to_string();
     ev.caller = facts.caller;
@@ -133,6 +118,7 @@ pub fn event_of(msg: &Message) -> Result<CallEvent, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ivr::MAX_IVR_SELECTIONS;
     use crate::sip::wire::{Verdict, parse_datagram};
 
     fn message(extra: &str) -> Message {
@@ -163,7 +149,7 @@ mod tests {
         assert_eq!(e.call_id, "msg-1@pbx");
         assert_eq!(e.caller, "+442071234890");
         assert_eq!(e.caller_name, "Alice Smith");
-        assert_eq!(e.ivr_path, vec!["2", "1"]);
+        assert_eq!(e.ivr_path.selections(), ["2", "1"]);
         assert_eq!(e.queue, "support");
         assert_eq!(e.wait_seconds, Some(45));
         assert_eq!(e.ruri_user.as_deref(), Some("incident-security"));
@@ -178,7 +164,7 @@ mod tests {
         let e = ev("X-Event: agent-connect\r\nX-Call-Ref: r\r\nX-Agent: SIP/agent-7\r\n").unwrap();
         assert_eq!((e.kind, e.agent.as_str()), (EventKind::AgentConnect, "SIP/agent-7"));
         let e = ev("X-Event: ivr\r\nX-Call-Ref: r\r\nX-IVR-Path: 2, 1 ,#\r\n").unwrap();
-        assert_eq!(e.ivr_path, vec!["2", "1", "#"]);
+        assert_eq!(e.ivr_path.selections(), ["2", "1", "#"]);
         assert_eq!(ev("X-Event: hangup\r\nX-Call-Ref: r\r\n").unwrap().kind, EventKind::Hangup);
         assert_eq!(ev("X-Event: queue-join\r\nX-Call-Ref: r\r\nX-Queue: q\r\n").unwrap().kind, EventKind::QueueJoin);
         let pai = ev("X-Event: hangup\r\nX-Call-Ref: r\r\nP-Asserted-Identity: <sip:+15550009999@pbx>\r\n").unwrap();

@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::uas::{Peer, Uas, build};
+use super::line::Uas;
+use super::transaction::{Peer, build};
 use super::wire::{self, Frame, MAX_MESSAGE, Verdict};
 use crate::telemetry::metric;
 

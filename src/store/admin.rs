@@ -1,13 +1,15 @@
 //! The administration half of the store: incidents resolved or cancelled by
-//! hand, caller erasure, retention, and the roster's presence — each change
-//! one operation of `scripts/dispatch.lua`, atomic in Redis.
+//! hand, caller erasure and retention — each change one operation of
+//! `scripts/admin.lua`, atomic in Redis.
 
 use std::time::Duration;
 
-use chrono::Utc;
+use serde::Deserialize;
 
-use super::{Result, Store, StoreError};
-use crate::incident::State;
+use super::keys::{Family, Key};
+use super::{At, Result, Store, StoreError};
+use crate::domain::dispatch::Release;
+use crate::domain::incident::State;
 
 /// How many records the erasure reads, newest first, looking for a number
 /// the caller index does not know (records opened before it existed).
@@ -19,43 +21,42 @@ const SWEEP_STEPS: usize = 20;
 /// What became of a resolve or cancel.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Closed {
-    /// Done. `held` is the responder it was offered to or in the hands of,
-    /// now free: (responder, dispatch id, its daemon).
-    Done {
-        held: Option<(String, String, String)>,
-    },
+    /// Done. `held`: the responder it was offered to or in the hands of, now free.
+    Done { held: Option<Release> },
     NotFound,
     /// Already resolved or cancelled.
     Conflict,
 }
 
-/// A roster member's presence as written by the daemons.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Presence {
-    /// A daemon holds a live lease for it.
-    pub connected: bool,
-    /// `available`, `busy`, `off_duty`; None if it never connected.
-    pub availability: Option<String>,
+#[derive(Deserialize)]
+struct CloseRow {
+    #[serde(default)]
+    ok: bool,
+    #[serde(default)]
+    held: Option<Release>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Store {
     /// Resolves or cancels an incident by hand: out of the queue and its
     /// deadline, its responder (if any) freed, and its record set to expire
     /// `retention` from now.
-    pub async fn close(&self, id: &str, to: State, note: &str, retention: Duration) -> Result<Closed> {
-        if !matches!(to, State::Resolved | State::Cancelled) {
+    pub async fn close(&self, id: &str, to: State, note: &str, retention: Duration, at: At) -> Result<Closed> {
+        if !to.is_closed() {
             return Err(StoreError::Corrupt(id.into(), "close to an open state"));
         }
-        let mut inv = self.dispatch_op("close", Utc::now());
-        inv.arg(id).arg(to.as_str()).arg(note).arg(retention.as_millis().max(1) as u64);
-        let mut c = self.conn.clone();
-        let row: Vec<String> = Self::counted(inv.invoke_async(&mut c).await)?;
-        Ok(match row.as_slice() {
-            [k, rid, dispatch_id, daemon] if k == "ok" => {
-                Closed::Done { held: (!rid.is_empty()).then(|| (rid.clone(), dispatch_id.clone(), daemon.clone())) }
-            }
-            [_, code] if code == "not_found" => Closed::NotFound,
-            [_, code] if code == "conflict" => Closed::Conflict,
+        let mut inv = self.op(&self.admin, "close", at);
+        inv.arg(id).arg(to.as_str()).arg(note).arg(millis(retention));
+        let row: CloseRow = self.run_json(&inv, id).await?;
+        Ok(match row {
+            CloseRow { ok: true, held, .. } => Closed::Done { held: held.filter(|h| !h.responder.is_empty()) },
+            CloseRow { error: Some(e), .. } if e == "not_found" => Closed::NotFound,
+            CloseRow { error: Some(e), .. } if e == "conflict" => Closed::Conflict,
             _ => return Err(StoreError::Corrupt(id.into(), "unexpected close result")),
         })
     }
@@ -63,7 +64,7 @@ impl Store {
     /// Erases a caller's number and name from every record that has it
     /// (found through the index by pseudonym, and by reading the newest
     /// records). Returns how many records changed.
-    pub async fn erase_caller(&self, number: &str, pseudonym: &str) -> Result<u64> {
+    pub async fn erase_caller(&self, number: &str, pseudonym: &str, at: At) -> Result<u64> {
         let mut c = self.conn.clone();
         let mut found = Vec::new();
         let page: isize = 1000;
@@ -71,7 +72,7 @@ impl Store {
         while start < ERASE_SCAN_MAX {
             let ids: Vec<String> = Self::counted(
                 redis::cmd("ZREVRANGE")
-                    .arg(self.key(&["incidents"]))
+                    .arg(self.key(Key::Incidents))
                     .arg(start)
                     .arg(start + page - 1)
                     .query_async(&mut c)
@@ -82,18 +83,18 @@ impl Store {
             }
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.hget(self.key(&["inc", id]), "caller");
+                pipe.hget(self.of(Family::Inc, id), "caller");
             }
             let callers: Vec<Option<String>> = Self::counted(pipe.query_async(&mut c).await)?;
             found.extend(ids.into_iter().zip(callers).filter(|(_, n)| n.as_deref() == Some(number)).map(|(id, _)| id));
             start += page;
         }
-        let mut inv = self.dispatch_op("erase", Utc::now());
+        let mut inv = self.op(&self.admin, "erase", at);
         inv.arg(number).arg(pseudonym);
         for id in &found {
             inv.arg(id);
         }
-        Self::counted(inv.invoke_async(&mut c).await)
+        self.run(&inv).await
     }
 
     /// The retention sweep, to run every minute or so: records closed more
@@ -101,38 +102,21 @@ impl Store {
     /// list), and records closed without an expiry (resolved by a responder)
     /// get one. Returns how many records were removed.
     pub async fn expire_closed(&self, retention: Duration) -> Result<u64> {
-        let mut c = self.conn.clone();
+        self.sweep(retention, At::Server).await
+    }
+
+    /// [`Store::expire_closed`] at a given time.
+    pub async fn sweep(&self, retention: Duration, at: At) -> Result<u64> {
         let mut removed = 0;
         for _ in 0..SWEEP_STEPS {
-            let mut inv = self.dispatch_op("sweep", Utc::now());
-            inv.arg(retention.as_millis().max(1) as u64).arg(SWEEP_BATCH);
-            let (gone, _set, more): (u64, u64, u64) = Self::counted(inv.invoke_async(&mut c).await)?;
+            let mut inv = self.op(&self.admin, "sweep", at);
+            inv.arg(millis(retention)).arg(SWEEP_BATCH);
+            let (gone, _set, more): (u64, u64, u64) = self.run(&inv).await?;
             removed += gone;
             if more == 0 {
                 break;
             }
         }
         Ok(removed)
-    }
-
-    /// Presence of each of these responders (connected to any daemon).
-    pub async fn presence(&self, rids: &[String]) -> Result<Vec<Presence>> {
-        if rids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for r in rids {
-            pipe.cmd("HMGET").arg(self.key(&["resp", r])).arg("lease").arg("availability");
-        }
-        let mut c = self.conn.clone();
-        let rows: Vec<(Option<String>, Option<String>)> = Self::counted(pipe.query_async(&mut c).await)?;
-        let now = Utc::now().timestamp_millis();
-        Ok(rows
-            .into_iter()
-            .map(|(lease, availability)| Presence {
-                connected: lease.and_then(|l| l.parse::<f64>().ok()).is_some_and(|l| l as i64 > now),
-                availability: availability.filter(|a| !a.is_empty()),
-            })
-            .collect())
     }
 }

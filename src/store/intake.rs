@@ -7,14 +7,15 @@
 
 use std::collections::HashMap;
 
-use chrono::Utc;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::{CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, NewIncident, Result, Store, StoreError};
-use crate::config::CorrelationSettings;
-use crate::incident::{Severity, State, TimelineEntry, timestamp};
+use super::keys::Family;
+use super::{At, CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, Result, Store};
+use crate::domain::incident::{NewIncident, Severity, State};
+use crate::domain::policy::CorrelationSettings;
+use crate::domain::timeline::Entry;
 
 /// The correlation rules as the script takes them (absent = off).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -118,12 +119,12 @@ pub struct EventWrite {
     pub state: Vec<(&'static str, String)>,
     pub dedup: Option<String>,
     /// Timeline entries for the call's incident, if it has one.
-    pub entries: Vec<TimelineEntry>,
+    pub entries: Vec<Entry>,
     /// Record fields to set on the call's incident (reclassification), and the
     /// entries that go with them: only when the incident is the call's own, not
     /// one a repeat call was attached to.
     pub changes: Vec<(&'static str, String)>,
-    pub own_entries: Vec<TimelineEntry>,
+    pub own_entries: Vec<Entry>,
     /// The incident to open when the call has none (callback rule).
     pub callback: Option<(NewIncident, Rules)>,
     /// The abandon-storm rule: queue, count, window, severity, wait.
@@ -162,10 +163,9 @@ fn open_args(n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -
         ("caller", n.caller.clone()),
         ("caller_name", n.caller_name.clone()),
         ("caller_pseudonym", n.caller_pseudonym.clone()),
-        ("ivr_path", n.ivr_path.join(",")),
+        ("ivr_path", n.ivr_path.to_string()),
         ("queue", n.queue.clone()),
         ("wait_seconds", n.wait_seconds.map(|w| w.to_string()).unwrap_or_default()),
-        ("opened_ms", n.opened_at.timestamp_millis().to_string()),
         ("attempts", "0".to_string()),
         ("exhausted", "0".to_string()),
     ];
@@ -175,11 +175,12 @@ fn open_args(n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -
             "call_ttl": CALL_KEY_TTL_S,
             "state_ttl": CALL_STATE_TTL_S,
             "pseudonym": n.caller_pseudonym,
+            "age_ms": n.age_ms,
             "state": state_map(state),
             "rules": rules,
         }),
         fields,
-        timeline: n.timeline.iter().map(TimelineEntry::to_json).collect(),
+        timeline: n.timeline.iter().map(Entry::to_json).collect(),
     }
 }
 
@@ -199,10 +200,16 @@ impl OpenArgs {
 }
 
 impl Store {
-    async fn run_intake(&self, op: &str, args: &Value, open: Option<&OpenArgs>) -> Result<String> {
-        let now = Utc::now();
-        let mut inv = self.intake.prepare_invoke();
-        inv.arg(op).arg(&self.prefix).arg(now.timestamp_millis()).arg(timestamp(now)).arg(args.to_string());
+    async fn run_intake<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &str,
+        args: &Value,
+        open: Option<&OpenArgs>,
+        at: At,
+        what: &str,
+    ) -> Result<T> {
+        let mut inv = self.op(&self.intake, op, at);
+        inv.arg(args.to_string());
         if let Some(o) = open {
             inv.arg(o.fields.len());
             for (k, v) in &o.fields {
@@ -212,41 +219,58 @@ impl Store {
                 inv.arg(t);
             }
         }
-        let mut c = self.conn.clone();
-        Self::counted(inv.invoke_async(&mut c).await)
+        self.run_json(&inv, what).await
     }
 
     /// Opens the incident for a call, or finds the one already opened for the
     /// same call key, or (repeat rule) attaches the call to its caller's open
     /// incident. When this returns `Ok`, everything is in Redis.
-    pub async fn open(&self, n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -> Result<Opened> {
+    pub async fn open(
+        &self,
+        n: &NewIncident,
+        rules: &Rules,
+        state: &[(&'static str, String)],
+        at: At,
+    ) -> Result<Opened> {
         let args = open_args(n, rules, state);
-        let out = self.run_intake("open", &args.json, Some(&args)).await?;
-        serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(n.call_key.clone(), "intake answer"))
+        self.run_intake("open", &args.json, Some(&args), at, &n.call_key).await
+    }
+
+    /// Appends timeline entries that need no other change (`(incident, entry)`),
+    /// in one round trip; entries of records that no longer exist are dropped.
+    pub async fn append(&self, entries: &[(String, Entry)], at: At) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<String> = entries.iter().flat_map(|(id, e)| [id.clone(), e.to_json()]).collect();
+        let _: Value = self.run_intake("append", &json!(flat), None, at, "append").await?;
+        Ok(())
     }
 
     /// One field of an incident's record.
     pub async fn field(&self, id: &str, name: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();
-        Self::counted(c.hget(self.key(&["inc", id]), name).await)
+        Self::counted(c.hget(self.of(Family::Inc, id), name).await)
     }
 
-    /// What is known of a call (`p:acall:<key>`) and its incident id, if any.
-    pub async fn call_state(&self, call_key: &str) -> Result<(HashMap<String, String>, Option<String>)> {
+    /// What is known of a call (`p:acall:<key>`), its incident id if any, and
+    /// the store's time then (ms): the time the event is applied at.
+    pub async fn call_state(&self, call_key: &str) -> Result<(HashMap<String, String>, Option<String>, i64)> {
         let mut c = self.conn.clone();
-        let (state, id): (HashMap<String, String>, Option<String>) = Self::counted(
+        let (state, id, (s, us)): (HashMap<String, String>, Option<String>, (i64, i64)) = Self::counted(
             redis::pipe()
-                .hgetall(self.key(&["acall", call_key]))
-                .get(self.key(&["call", call_key]))
+                .hgetall(self.of(Family::CallState, call_key))
+                .get(self.of(Family::Call, call_key))
+                .cmd("TIME")
                 .query_async(&mut c)
                 .await,
         )?;
-        Ok((state, id))
+        Ok((state, id, s * 1000 + us / 1000))
     }
 
     /// Applies one call event atomically: the call's state, its incident's
     /// timeline and fields, the callback and abandon-storm rules.
-    pub async fn apply_event(&self, w: &EventWrite) -> Result<Applied> {
+    pub async fn apply_event(&self, w: &EventWrite, at: At) -> Result<Applied> {
         let mut args = Map::new();
         args.insert("call_key".into(), json!(w.call_key));
         args.insert("call_ttl".into(), json!(CALL_STATE_TTL_S));
@@ -258,10 +282,10 @@ impl Store {
             args.insert("dedup_ttl".into(), json!(DEDUP_TTL_S));
         }
         if !w.entries.is_empty() {
-            args.insert("entries".into(), json!(w.entries.iter().map(TimelineEntry::to_json).collect::<Vec<_>>()));
+            args.insert("entries".into(), json!(w.entries.iter().map(Entry::to_json).collect::<Vec<_>>()));
         }
         if !w.own_entries.is_empty() {
-            let own: Vec<String> = w.own_entries.iter().map(TimelineEntry::to_json).collect();
+            let own: Vec<String> = w.own_entries.iter().map(Entry::to_json).collect();
             args.insert("own_entries".into(), json!(own));
         }
         if !w.changes.is_empty() {
@@ -279,28 +303,28 @@ impl Store {
             }
             args.insert("storm".into(), storm);
         }
-        let out = self.run_intake("event", &Value::Object(args), None).await?;
-        serde_json::from_str(&out).map_err(|_| StoreError::Corrupt(w.call_key.clone(), "intake answer"))
+        self.run_intake("event", &Value::Object(args), None, at, &w.call_key).await
     }
 
     /// The newest open incident of a caller (by pseudonym), with what an IVR
-    /// needs to tell them: `(id, state, eta_ms)`.
-    pub async fn caller_open_incident(&self, pseudonym: &str) -> Result<Option<(String, State, Option<i64>)>> {
+    /// needs to tell them: `(id, state, eta_ms)`, and the store's time (ms).
+    pub async fn caller_open_incident(&self, pseudonym: &str) -> Result<(Option<(String, State, Option<i64>)>, i64)> {
+        let now = self.server_ms().await?;
         let mut c = self.conn.clone();
-        let ids: Vec<String> = Self::counted(c.smembers(self.key(&["caller", pseudonym])).await)?;
+        let ids: Vec<String> = Self::counted(c.smembers(self.of(Family::Caller, pseudonym)).await)?;
         if ids.is_empty() {
-            return Ok(None);
+            return Ok((None, now));
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET").arg(self.key(&["inc", id])).arg("state").arg("opened_ms").arg("eta_ms");
+            pipe.cmd("HMGET").arg(self.of(Family::Inc, id)).arg("state").arg("opened_ms").arg("eta_ms");
         }
         let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
             Self::counted(pipe.query_async(&mut c).await)?;
         let mut best: Option<(i64, String, State, Option<i64>)> = None;
         for (id, (state, opened, eta)) in ids.into_iter().zip(rows) {
             let Some(state) = state.as_deref().and_then(State::parse) else { continue };
-            if matches!(state, State::Resolved | State::Cancelled) {
+            if state.is_closed() {
                 continue;
             }
             let opened: i64 = opened.and_then(|o| o.parse().ok()).unwrap_or(0);
@@ -308,6 +332,6 @@ impl Store {
                 best = Some((opened, id, state, eta.and_then(|e| e.parse().ok())));
             }
         }
-        Ok(best.map(|(_, id, state, eta)| (id, state, eta)))
+        Ok((best.map(|(_, id, state, eta)| (id, state, eta)), now))
     }
 }

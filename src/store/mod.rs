@@ -1,37 +1,43 @@
 //! Redis: the only module that talks to it.
 //!
-//! Keys, all under `redis.prefix` (`p`):
-//! - `p:seq` — the incident counter (ids are unique across daemons);
-//! - `p:call:<call key>` — call key (X-Call-Ref or Call-ID) → incident id, so a
-//!   retransmitted or re-sent INVITE never opens a second incident;
-//! - `p:inc:<id>` — the record (hash); `p:inc:<id>:tl` — its timeline (list of JSON, append-only);
-//! - `p:incidents` — every incident by opening time (zset, ms);
-//! - `p:queue` — waiting incidents, severity first then oldest (zset, see [`queue_score`]);
-//! - `p:deadlines`, `p:idle`, `p:roster`, `p:resp:<rid>`, `p:inc:<id>:tried` — dispatch
-//!   state, described in `scripts/dispatch.lua` and used through [`dispatch`];
-//! - `p:acall:<call key>`, `p:dedup:*`, `p:repeat:*`, `p:surge:*`, `p:major:*`,
-//!   `p:abandons:*`, `p:storm:*`, `p:inc:<id>:members` — call events and the
-//!   correlation rules, described in `scripts/intake.lua` and used through [`intake`];
-//! - `p:closed` (+ `p:closed:cursor`) — resolved/cancelled incidents awaiting expiry, and
-//!   `p:caller:<pseudonym>` — a caller's incidents, for erasure (see [`admin`]).
+//! Keys, all under `redis.prefix`, are named once in [`keys`]; what each holds
+//! is described there and in the scripts that change it:
+//! `scripts/intake.lua` (opening incidents, call events, the correlation
+//! rules), `scripts/dispatch.lua` (presence, offers, answers, deadlines) and
+//! `scripts/admin.lua` (resolve and cancel by hand, caller erasure, the
+//! retention sweep). Every change that must be atomic is one script
+//! operation; the scripts share `scripts/common.lua` and a prelude generated
+//! from the Rust types ([`prelude`]).
 //!
-//! Every change that must be atomic is one Lua script in `scripts/`. The
-//! connection manager reconnects by itself; every failed command counts in
+//! One clock: every operation takes its time as an [`At`] — `At::Server`, the
+//! Redis server's `TIME`, read inside the script, so every daemon sharing this
+//! Redis judges deadlines and leases alike however skewed its own clock; or
+//! `At::Ms`, an explicit time, which the rule tests use. No method here reads
+//! the local clock.
+//!
+//! The connection manager reconnects by itself; every failed command counts in
 //! `dispatchd_redis_errors_total` here and nowhere else.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use serde::de::DeserializeOwned;
 
-use crate::incident::{Incident, Severity, Source, State, TimelineEntry, timestamp_ms};
+use crate::domain::ivr::IvrPath;
+use crate::domain::incident::{Incident, ListFilter, Severity, Source, State};
+use crate::domain::timeline::{TimelineEntry, timestamp_ms};
 use crate::telemetry::metric;
 
 pub mod admin;
 pub mod dispatch;
 pub mod intake;
+pub mod keys;
+pub mod prelude;
+pub mod pubsub;
 pub mod report;
+
+use keys::{Family, Key, Keys};
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
@@ -73,35 +79,22 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// What an incident is opened with.
-#[derive(Debug, Clone)]
-pub struct NewIncident {
-    pub call_key: String,
-    pub call_id: String,
-    pub source: Source,
-    pub caller: String,
-    pub caller_name: String,
-    /// `incident::pseudonym` of the caller ("" when unknown): the key of the
-    /// erasure index, so the number itself never appears in a key name.
-    pub caller_pseudonym: String,
-    pub ivr_path: Vec<String>,
-    pub queue: String,
-    pub wait_seconds: Option<u32>,
-    pub category: String,
-    pub severity: Severity,
-    pub summary: String,
-    pub instructions: String,
-    pub opened_at: DateTime<Utc>,
-    /// The first timeline entries (opened, classified, queued).
-    pub timeline: Vec<TimelineEntry>,
+/// The time an operation happens at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// The Redis server's clock (`TIME`), read when the operation runs.
+    Server,
+    /// This time, in ms since the epoch (tests; or a time read from Redis before).
+    Ms(i64),
 }
 
-/// Filters of `GET /v1/incidents`.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub state: Option<State>,
-    pub severity: Option<Severity>,
-    pub limit: usize,
+impl At {
+    fn arg(self) -> String {
+        match self {
+            At::Server => String::new(),
+            At::Ms(ms) => ms.to_string(),
+        }
+    }
 }
 
 /// The queue orders by this score: severity rank, then opening time in ms
@@ -114,9 +107,10 @@ pub fn queue_score(severity: Severity, opened_ms: i64) -> String {
 pub struct Store {
     conn: ConnectionManager,
     url: String,
-    prefix: String,
+    keys: Keys,
     intake: Script,
     dispatch: Script,
+    admin: Script,
 }
 
 impl Store {
@@ -132,19 +126,19 @@ impl Store {
         Ok(Store {
             conn,
             url: url.to_string(),
-            prefix: prefix.to_string(),
-            intake: Script::new(concat!(include_str!("scripts/common.lua"), include_str!("scripts/intake.lua"))),
-            dispatch: Script::new(concat!(include_str!("scripts/common.lua"), include_str!("scripts/dispatch.lua"))),
+            keys: Keys::new(prefix),
+            intake: Script::new(&prelude::script(include_str!("scripts/intake.lua"))),
+            dispatch: Script::new(&prelude::script(include_str!("scripts/dispatch.lua"))),
+            admin: Script::new(&prelude::script(include_str!("scripts/admin.lua"))),
         })
     }
 
-    fn key(&self, parts: &[&str]) -> String {
-        let mut k = self.prefix.clone();
-        for p in parts {
-            k.push(':');
-            k.push_str(p);
-        }
-        k
+    fn key(&self, k: Key) -> String {
+        self.keys.key(k)
+    }
+
+    fn of(&self, f: Family, id: &str) -> String {
+        self.keys.of(f, id)
     }
 
     fn counted<T>(r: std::result::Result<T, redis::RedisError>) -> Result<T> {
@@ -154,35 +148,50 @@ impl Store {
         })
     }
 
+    /// One value of a pipeline's answer, decoded.
+    fn decode<T: redis::FromRedisValue>(v: redis::Value) -> Result<T> {
+        Self::counted(redis::from_redis_value(v).map_err(redis::RedisError::from))
+    }
+
+    /// An invocation of `script` for `op` at `at`; the op's own arguments follow.
+    fn op<'a>(&self, script: &'a Script, op: &str, at: At) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(op).arg(self.keys.prefix()).arg(at.arg());
+        inv
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T> {
+        let mut c = self.conn.clone();
+        Self::counted(inv.invoke_async(&mut c).await)
+    }
+
+    /// Runs an operation whose answer is a JSON object, decoded as `T`.
+    async fn run_json<T: DeserializeOwned>(&self, inv: &redis::ScriptInvocation<'_>, what: &str) -> Result<T> {
+        let text: String = self.run(inv).await?;
+        serde_json::from_str(&text).map_err(|_| StoreError::Corrupt(what.to_string(), "unexpected script answer"))
+    }
+
     /// Whether Redis answers right now.
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
         Self::counted(redis::cmd("PING").query_async::<String>(&mut c).await).map(|_| ())
     }
 
-    /// Appends one timeline entry to each of several incidents, in one round
-    /// trip. For entries that need no other change (e.g. `delivered`).
-    pub async fn append_many(&self, entries: &[(String, TimelineEntry)]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for (id, e) in entries {
-            pipe.rpush(format!("{}:tl", self.key(&["inc", id])), e.to_json()).ignore();
-        }
+    /// The Redis server's clock, ms since the epoch.
+    pub async fn server_ms(&self) -> Result<i64> {
         let mut c = self.conn.clone();
-        Self::counted(pipe.query_async::<()>(&mut c).await)
+        let (s, us): (i64, i64) = Self::counted(redis::cmd("TIME").query_async(&mut c).await)?;
+        Ok(s * 1000 + us / 1000)
     }
 
     /// One incident with its timeline.
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
-        let rec = self.key(&["inc", id]);
         let mut c = self.conn.clone();
         let (fields, tl, mut members): (Vec<(String, String)>, Vec<String>, Vec<String>) = Self::counted(
             redis::pipe()
-                .hgetall(&rec)
-                .lrange(format!("{rec}:tl"), 0, -1)
-                .smembers(format!("{rec}:members"))
+                .hgetall(self.of(Family::Inc, id))
+                .lrange(self.of(Family::Timeline, id), 0, -1)
+                .smembers(self.of(Family::Members, id))
                 .query_async(&mut c)
                 .await,
         )?;
@@ -208,13 +217,13 @@ impl Store {
         let page: isize = 200;
         let mut start: isize = 0;
         while out.len() < limit && start < LIST_SCAN_MAX {
-            let ids: Vec<String> = Self::counted(c.zrevrange(self.key(&["incidents"]), start, start + page - 1).await)?;
+            let ids: Vec<String> = Self::counted(c.zrevrange(self.key(Key::Incidents), start, start + page - 1).await)?;
             if ids.is_empty() {
                 break;
             }
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.hgetall(self.key(&["inc", id]));
+                pipe.hgetall(self.of(Family::Inc, id));
             }
             let recs: Vec<Vec<(String, String)>> = Self::counted(pipe.query_async(&mut c).await)?;
             for (id, fields) in ids.iter().zip(recs) {
@@ -238,7 +247,7 @@ impl Store {
     /// Waiting incidents per severity (for `dispatchd_queue_depth`).
     pub async fn queue_depths(&self) -> Result<Vec<(Severity, u64)>> {
         let mut c = self.conn.clone();
-        let key = self.key(&["queue"]);
+        let key = self.key(Key::Queue);
         let mut pipe = redis::pipe();
         for s in Severity::ALL {
             // Scores of one severity lie in [rank·10¹³, (rank+1)·10¹³).
@@ -250,6 +259,21 @@ impl Store {
         Ok(Severity::ALL.into_iter().zip(counts).collect())
     }
 }
+
+/// Reads a list a script answered: cjson writes an empty one as `{}`.
+fn seq<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(d: D) -> std::result::Result<Vec<T>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        List(Vec<T>),
+        Empty(serde::de::IgnoredAny),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Empty(_) => Vec::new(),
+    })
+}
+use serde::Deserialize as _;
 
 /// Builds an [`Incident`] from its hash fields.
 fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
@@ -283,19 +307,11 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
             "severity" => inc.severity = Severity::parse(&v).ok_or_else(|| corrupt("severity"))?,
             "category" => inc.category = v,
             "summary" => inc.summary = v,
-            "source" => {
-                inc.source = match v.as_str() {
-                    "sip" => Source::Sip,
-                    "ami" => Source::Ami,
-                    "esl" => Source::Esl,
-                    "api" => Source::Api,
-                    _ => return Err(corrupt("source")),
-                }
-            }
+            "source" => inc.source = Source::parse(&v).ok_or_else(|| corrupt("source"))?,
             "call_id" => inc.call_id = v,
             "caller" => inc.caller = v,
             "caller_name" => inc.caller_name = v,
-            "ivr_path" => inc.ivr_path = crate::classify::split_path(&v),
+            "ivr_path" => inc.ivr_path = IvrPath::lenient(&v).into_vec(),
             "queue" => inc.queue = v,
             "wait_seconds" => inc.wait_seconds = v.parse().ok(),
             "opened_ms" => inc.opened_at = timestamp_ms(v.parse().map_err(|_| corrupt("opened_ms"))?),
@@ -336,5 +352,16 @@ mod tests {
         let (a, b, c): (f64, f64, f64) = (a.parse().unwrap(), b.parse().unwrap(), c.parse().unwrap());
         assert!(a < b && b < c);
         assert_eq!(c - b, 1.0, "exact in a double");
+    }
+
+    #[test]
+    fn script_lists_read_empty_objects_as_empty() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            #[serde(deserialize_with = "seq")]
+            v: Vec<u32>,
+        }
+        assert!(serde_json::from_str::<T>(r#"{"v":{}}"#).unwrap().v.is_empty());
+        assert_eq!(serde_json::from_str::<T>(r#"{"v":[1,2]}"#).unwrap().v, [1, 2]);
     }
 }

@@ -2,8 +2,10 @@
 
 use redis::AsyncCommands;
 
+use super::keys::{Family, Key};
 use super::{Result, Store};
-use crate::incident::{Severity, TimelineEntry};
+use crate::domain::incident::Severity;
+use crate::domain::timeline::TimelineEntry;
 use crate::report::Facts;
 
 /// Incidents read per pipelined round trip.
@@ -15,14 +17,13 @@ impl Store {
     pub async fn report_facts(&self, since_ms: i64, until_ms: i64) -> Result<Vec<Facts>> {
         let mut c = self.conn.clone();
         let ids: Vec<String> =
-            Self::counted(c.zrangebyscore(self.key(&["incidents"]), since_ms, format!("({until_ms}")).await)?;
+            Self::counted(c.zrangebyscore(self.key(Key::Incidents), since_ms, format!("({until_ms}")).await)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for id in chunk {
-                let rec = self.key(&["inc", id]);
-                pipe.cmd("HMGET").arg(&rec).arg(&["severity", "category", "opened_ms"]);
-                pipe.lrange(format!("{rec}:tl"), 0, -1);
+                pipe.cmd("HMGET").arg(self.of(Family::Inc, id)).arg(&["severity", "category", "opened_ms"]);
+                pipe.lrange(self.of(Family::Timeline, id), 0, -1);
             }
             // HMGET and LRANGE both answer arrays of (nil or) strings.
             let replies: Vec<Vec<Option<String>>> = Self::counted(pipe.query_async(&mut c).await)?;

@@ -1,10 +1,41 @@
--- Shared by dispatch.lua and intake.lua: each is loaded as this file followed
--- by its own text (store/mod.rs), so the two agree on arguments and helpers.
+-- Shared by every script: each is loaded as the prelude generated from Rust
+-- (store/prelude.rs: RANK, SEVERITY, EV, the id alphabets, key names), this
+-- file, then its own text, so they agree on arguments, names and helpers.
 --
--- ARGV[1] op   ARGV[2] prefix (p)   ARGV[3] now (ms)   ARGV[4] now (RFC 3339)
-local op, p, now, now_iso = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+-- ARGV[1] op   ARGV[2] prefix (p)   ARGV[3] now in ms, or '' for Redis's own clock
+-- One clock serves every daemon sharing this Redis: deadlines, leases and
+-- timeline times are all judged by `TIME` here (tests pass an explicit time).
+local op, p = ARGV[1], ARGV[2]
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 
-local function inc_key(id) return p .. ':inc:' .. id end
+-- Milliseconds since the epoch → RFC 3339 UTC with milliseconds (the civil
+-- calendar from a day number, after Howard Hinnant's days_from_civil inverse).
+local function iso(ms)
+  ms = math.floor(ms)
+  local s = math.floor(ms / 1000)
+  local milli = ms - s * 1000
+  local days = math.floor(s / 86400)
+  local secs = s - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+    math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, milli)
+end
+local now_iso = iso(now)
+
+-- @keys@ (generated: K.queue, K.inc(id), … — every key name of store/keys.rs)
 
 -- Milliseconds in 13 digits: the queue score is a severity rank followed by this.
 local function pad13(ms)
@@ -14,9 +45,28 @@ end
 
 -- Appends one entry to an incident's timeline.
 local function tl(id, event, actor, detail)
-  redis.call('RPUSH', inc_key(id) .. ':tl',
-    cjson.encode({at = now_iso, event = event, actor = actor, detail = detail}))
+  redis.call('RPUSH', K.tl(id), cjson.encode({at = now_iso, event = event, actor = actor, detail = detail}))
+end
+
+-- An entry written by Rust without its time (`{"event":…}`), stamped: `{"at":…,"event":…}`.
+local function stamped(entry, at_iso)
+  return '{"at":"' .. (at_iso or now_iso) .. '",' .. string.sub(entry, 2)
 end
 
 local function empty(v) return v == false or v == nil or v == '' end
 
+-- (cjson encodes an empty list as {}: the Rust side reads either as empty.)
+
+-- Puts a responder in the idle set when it can take an offer, else takes it out.
+local function refresh_idle(rid)
+  local r = redis.call('HMGET', K.resp(rid), 'availability', 'lease', 'offer', 'assignment', 'tier', 'last')
+  local ok = r[1] == 'available' and not empty(r[2]) and tonumber(r[2]) > now
+    and empty(r[3]) and empty(r[4]) and not empty(r[5])
+    and redis.call('SISMEMBER', K.roster, rid) == 1
+  if ok then
+    redis.call('ZADD', K.idle, r[5] .. pad13(r[6] or 0), rid)
+  else
+    redis.call('ZREM', K.idle, rid)
+  end
+  return ok
+end

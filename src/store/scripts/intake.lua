@@ -4,14 +4,14 @@
 -- two incidents for one call, two storm incidents for one queue, or two major
 -- incidents for one surge.
 --
--- ARGV[1] op ('open' | 'event')   ARGV[2] prefix   ARGV[3] now (ms)
--- ARGV[4] now (RFC 3339)          ARGV[5] the operation's arguments, JSON
--- 'open' only: ARGV[6] n, then n record field name/value pairs, then the first
--- timeline entries (JSON text) — kept out of the JSON, which would cost a
--- decode and an unescape of every entry on each incoming call.
+-- ARGV[1] op ('open' | 'event' | 'append')   ARGV[2] prefix
+-- ARGV[3] now (ms, or '' for Redis's clock)   ARGV[4] the operation's arguments, JSON
+-- 'open' only: ARGV[5] n, then n record field name/value pairs, then the first
+-- timeline entries (JSON text without their time) — kept out of the JSON, which
+-- would cost a decode and an unescape of every entry on each incoming call.
 -- Returns a JSON object (see each op).
 --
--- Keys (p = prefix), besides the record keys described in dispatch.lua:
+-- Keys (p = prefix; names in store/keys.rs), besides those described in dispatch.lua:
 --   p:call:<call key>      string  call key (X-Call-Ref, Linkedid, Call-ID) → incident id
 --   p:acall:<call key>     hash    what is known of a call: caller, caller_name, queue,
 --                                  ivr_path, joined_ms, caller_pseudonym (expires after 6 h)
@@ -25,22 +25,19 @@
 --   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
 --   p:storm:<queue>        string  the open abandon-storm incident of a queue
 --   p:inc:<id>:members     set     a major incident's members
--- (op, p, now, now_iso, inc_key, pad13, tl and empty come from common.lua.)
-local a = cjson.decode(ARGV[5])
-local ranks = {critical = 0, high = 1, medium = 2, low = 3}
-local names = {[0] = 'critical', [1] = 'high', [2] = 'medium', [3] = 'low'}
+-- (now, iso, K, EV, RANK, SEVERITY, CROCKFORD, CHECK, pad13, tl, stamped, empty: prelude and common.lua.)
+local a = cjson.decode(ARGV[4])
 
 local function is_open(id)
-  local s = redis.call('HGET', inc_key(id), 'state')
+  local s = redis.call('HGET', K.inc(id), 'state')
   return s and s ~= 'resolved' and s ~= 'cancelled'
 end
 
 -- Crockford base32, at least 4 symbols, plus a mod-37 check symbol.
--- Same algorithm as incident::incident_id in Rust (a unit test pins them).
+-- Same algorithm as domain::ids::incident_id (tests/store_rules.rs pins them).
 local function new_id()
-  local alphabet = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
-  local check = '0123456789ABCDEFGHJKMNPQRSTVWXYZ*~$=U'
-  local seq = redis.call('INCR', p .. ':seq')
+  local alphabet, check = CROCKFORD, CHECK
+  local seq = redis.call('INCR', K.seq)
   local n = seq
   local digits = ''
   repeat
@@ -61,38 +58,43 @@ local function get(flat, name)
   return nil
 end
 
--- Writes a new record: fields (a flat list), first timeline entries (JSON text),
--- its place in the queue and in the list, the call key, the caller's index.
-local function create(fields, timeline, call_key, call_ttl, pseudonym)
+-- Writes a new record opened at `opened` (ms): fields (a flat list), first
+-- timeline entries (JSON text, stamped here with the opening time), its place
+-- in the queue and in the list, the call key, the caller's index.
+local function create(fields, timeline, call_key, call_ttl, pseudonym, opened)
   local id = new_id()
-  local rec = inc_key(id)
-  redis.call('HSET', rec, 'id', id, unpack(fields))
+  local rec = K.inc(id)
+  redis.call('HSET', rec, 'id', id, 'opened_ms', string.format('%.0f', opened), unpack(fields))
   if not empty(pseudonym) then
     -- The caller's index (by pseudonym, never the number) for erasure; kept while an incident is open.
-    local idx = p .. ':caller:' .. pseudonym
+    local idx = K.caller(pseudonym)
     redis.call('SADD', idx, id)
     redis.call('PERSIST', idx)
   end
-  if #timeline > 0 then redis.call('RPUSH', rec .. ':tl', unpack(timeline)) end
-  local opened = tonumber(get(fields, 'opened_ms'))
-  redis.call('ZADD', p .. ':incidents', opened, id)
-  redis.call('ZADD', p .. ':queue', (ranks[get(fields, 'severity')] or 2) .. pad13(opened), id)
-  if not empty(call_key) then redis.call('SET', p .. ':call:' .. call_key, id, 'EX', call_ttl) end
+  if #timeline > 0 then
+    local at = iso(opened)
+    local entries = {}
+    for i, e in ipairs(timeline) do entries[i] = stamped(e, at) end
+    redis.call('RPUSH', K.tl(id), unpack(entries))
+  end
+  redis.call('ZADD', K.incidents, opened, id)
+  redis.call('ZADD', K.queue, (RANK[get(fields, 'severity')] or 2) .. pad13(opened), id)
+  if not empty(call_key) then redis.call('SET', K.call(call_key), id, 'EX', call_ttl) end
   return id
 end
 
 -- One level more severe (critical stays critical); the queue follows.
 local function raise(id, rule)
-  local k = inc_key(id)
+  local k = K.inc(id)
   local f = redis.call('HMGET', k, 'severity', 'opened_ms', 'category')
-  local r = ranks[f[1]] or 2
+  local r = RANK[f[1]] or 2
   if r == 0 then return nil end
-  local to = names[r - 1]
+  local to = SEVERITY[r - 1]
   redis.call('HSET', k, 'severity', to)
-  if redis.call('ZSCORE', p .. ':queue', id) then
-    redis.call('ZADD', p .. ':queue', 'XX', (r - 1) .. pad13(tonumber(f[2]) or 0), id)
+  if redis.call('ZSCORE', K.queue, id) then
+    redis.call('ZADD', K.queue, 'XX', (r - 1) .. pad13(tonumber(f[2]) or 0), id)
   end
-  tl(id, 'classified', 'dispatchd', {category = f[3] or '', severity = to, from = f[1], rule = rule})
+  tl(id, EV.classified, 'dispatchd', {category = f[3] or '', severity = to, from = f[1], rule = rule})
   return to
 end
 
@@ -102,25 +104,21 @@ local function declare_major(m, count, source)
     'state', 'queued', 'severity', m.severity, 'category', m.category, 'summary', m.summary,
     'instructions', m.instructions or '', 'source', source, 'call_id', '', 'call_key', '',
     'caller', '', 'caller_name', '', 'caller_pseudonym', '', 'ivr_path', '', 'queue', m.queue or '',
-    'wait_seconds', '', 'opened_ms', tostring(now), 'attempts', '0', 'exhausted', '0', 'major', '1', 'rule', m.rule,
+    'wait_seconds', '', 'attempts', '0', 'exhausted', '0', 'major', '1', 'rule', m.rule,
   }
-  local timeline = {
-    cjson.encode({at = now_iso, event = 'opened', actor = 'dispatchd',
-      detail = {rule = m.rule, major = true, count = count, window_s = m.window_ms / 1000, queue = m.queue}}),
-    cjson.encode({at = now_iso, event = 'classified', actor = 'dispatchd',
-      detail = {category = m.category, severity = m.severity, rule = m.rule}}),
-    cjson.encode({at = now_iso, event = 'queued', actor = 'dispatchd', detail = {severity = m.severity}}),
-  }
-  local id = create(fields, timeline, '', 0, '')
+  local id = create(fields, {}, '', 0, '', now)
+  tl(id, EV.opened, 'dispatchd', {rule = m.rule, major = true, count = count, window_s = m.window_ms / 1000, queue = m.queue})
+  tl(id, EV.classified, 'dispatchd', {category = m.category, severity = m.severity, rule = m.rule})
+  tl(id, EV.queued, 'dispatchd', {severity = m.severity})
   return id
 end
 
 -- Links an incident to its major incident, on both timelines.
 local function link(major, member)
-  if redis.call('SADD', inc_key(major) .. ':members', member) == 1 then
-    redis.call('HSET', inc_key(member), 'major_incident', major)
-    tl(member, 'note', 'dispatchd', {major_incident = major})
-    tl(major, 'note', 'dispatchd', {member = member})
+  if redis.call('SADD', K.members(major), member) == 1 then
+    redis.call('HSET', K.inc(member), 'major_incident', major)
+    tl(member, EV.note, 'dispatchd', {major_incident = major})
+    tl(major, EV.note, 'dispatchd', {member = member})
   end
 end
 
@@ -128,11 +126,11 @@ end
 -- incident of its category, or declare one at the threshold.
 local function surge(id, category, opened, source, r, out)
   if not r or empty(category) then return end
-  local zk = p .. ':surge:' .. category
+  local zk = K.surge(category)
   redis.call('ZADD', zk, opened, id)
   redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (opened - r.window_ms))
   redis.call('PEXPIRE', zk, r.window_ms)
-  local mk = p .. ':major:' .. category
+  local mk = K.major(category)
   local major = redis.call('GET', mk)
   if major and is_open(major) then
     link(major, id)
@@ -143,7 +141,7 @@ local function surge(id, category, opened, source, r, out)
   local members = redis.call('ZRANGE', zk, 0, -1)
   local m = {severity = r.severity, category = category, rule = 'surge', window_ms = r.window_ms,
     summary = 'Major incident: ' .. #members .. ' ' .. category .. ' incidents within ' .. math.floor(r.window_ms / 1000) .. 's',
-    instructions = redis.call('HGET', inc_key(id), 'instructions') or ''}
+    instructions = redis.call('HGET', K.inc(id), 'instructions') or ''}
   major = declare_major(m, #members, source)
   redis.call('SET', mk, major)
   redis.call('DEL', zk)
@@ -156,32 +154,34 @@ end
 
 -- Opens the incident of a call, or finds it (same call key), or attaches the
 -- call to the caller's open incident (repeat rule). Then the surge rule.
--- o: call_key, call_ttl, pseudonym, fields (flat list), timeline [JSON text], state {…}
+-- o: call_key, call_ttl, pseudonym, age_ms (opened that long before now), fields (flat list),
+--    timeline [JSON text], state {…}
 -- r: the rules in force {rep = {window_ms, raise_after}, surge = {count, window_ms, severity}} (absent = off)
 -- Returns {id, created (0|1), repeat_calls?, raised?, major?, major_created?, members?}
 local function open(o, r)
-  local callkey = p .. ':call:' .. o.call_key
+  local callkey = K.call(o.call_key)
   local existing = redis.call('GET', callkey)
   if existing then return {id = existing, created = 0} end
-  local rk = (r.rep and not empty(o.pseudonym)) and (p .. ':repeat:' .. o.pseudonym) or nil
+  local rk = (r.rep and not empty(o.pseudonym)) and K.repeats(o.pseudonym) or nil
   if rk then
     local prev = redis.call('GET', rk)
     if prev and is_open(prev) then
       redis.call('SET', callkey, prev, 'EX', o.call_ttl)
       redis.call('PEXPIRE', rk, r.rep.window_ms)
-      local n = redis.call('HINCRBY', inc_key(prev), 'repeat_calls', 1)
+      local n = redis.call('HINCRBY', K.inc(prev), 'repeat_calls', 1)
       local source = get(o.fields, 'source')
-      tl(prev, 'repeat_call', source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
+      tl(prev, EV.repeat_call, source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
         ivr_path = get(o.fields, 'ivr_path'), queue = get(o.fields, 'queue')})
       local out = {id = prev, created = 0, repeat_calls = n}
       if r.rep.raise_after > 0 and n % r.rep.raise_after == 0 then out.raised = raise(prev, 'repeat_call') end
       return out
     end
   end
-  local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym)
+  local opened = now - (tonumber(o.age_ms) or 0)
+  local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym, opened)
   if rk then redis.call('SET', rk, id, 'PX', r.rep.window_ms) end
   local out = {id = id, created = 1}
-  surge(id, get(o.fields, 'category'), tonumber(get(o.fields, 'opened_ms')), get(o.fields, 'source'), r.surge, out)
+  surge(id, get(o.fields, 'category'), opened, get(o.fields, 'source'), r.surge, out)
   return out
 end
 
@@ -190,7 +190,7 @@ end
 -- as the hash lives, so erasure finds it whichever event wrote the number.
 local function remember(call_key, state, ttl, pseudonym)
   if not state then return end
-  local ak = p .. ':acall:' .. call_key
+  local ak = K.acall(call_key)
   local hset = {ak}
   for k, v in pairs(state) do
     hset[#hset + 1] = k
@@ -205,16 +205,16 @@ local function remember(call_key, state, ttl, pseudonym)
   redis.call('EXPIRE', ak, ttl)
   local ps = redis.call('HGET', ak, 'caller_pseudonym')
   if ps then
-    local ck = p .. ':callercalls:' .. ps
+    local ck = K.callercalls(ps)
     redis.call('SADD', ck, call_key)
     redis.call('EXPIRE', ck, ttl)
   end
 end
 
 if op == 'open' then
-  local n = tonumber(ARGV[6])
-  a.fields = {unpack(ARGV, 7, 6 + 2 * n)}
-  a.timeline = {unpack(ARGV, 7 + 2 * n)}
+  local n = tonumber(ARGV[5])
+  a.fields = {unpack(ARGV, 6, 5 + 2 * n)}
+  a.timeline = {unpack(ARGV, 6 + 2 * n)}
   local out = open(a, a.rules or {})
   remember(a.call_key, a.state, a.state_ttl, a.pseudonym)
   return cjson.encode(out)
@@ -228,35 +228,35 @@ elseif op == 'event' then
   --    storm {queue, count, window_ms, severity, instructions}
   -- Returns {id ('' when the call has no incident), duplicate?, callback?, storm?, storm_created?, …}
   if not empty(a.dedup) then
-    local dk = p .. ':dedup:' .. a.dedup
+    local dk = K.dedup(a.dedup)
     if redis.call('EXISTS', dk) == 1 then
-      return cjson.encode({id = redis.call('GET', p .. ':call:' .. a.call_key) or '', duplicate = true})
+      return cjson.encode({id = redis.call('GET', K.call(a.call_key)) or '', duplicate = true})
     end
     redis.call('SET', dk, '1', 'EX', a.dedup_ttl)
   end
   remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
-  local id = redis.call('GET', p .. ':call:' .. a.call_key)
+  local id = redis.call('GET', K.call(a.call_key))
   local out = {id = id or ''}
-  if id and redis.call('EXISTS', inc_key(id)) == 1 then
-    local own = redis.call('HGET', inc_key(id), 'call_key') == a.call_key
+  if id and redis.call('EXISTS', K.inc(id)) == 1 then
+    local own = redis.call('HGET', K.inc(id), 'call_key') == a.call_key
     out.own = own
     if a.changes and own then
-      local hset = {inc_key(id)}
+      local hset = {K.inc(id)}
       for k, v in pairs(a.changes) do
         hset[#hset + 1] = k
         hset[#hset + 1] = tostring(v)
       end
       if #hset > 1 then redis.call('HSET', unpack(hset)) end
-      if a.changes.severity and redis.call('ZSCORE', p .. ':queue', id) then
-        local opened = tonumber(redis.call('HGET', inc_key(id), 'opened_ms')) or 0
-        redis.call('ZADD', p .. ':queue', 'XX', (ranks[a.changes.severity] or 2) .. pad13(opened), id)
+      if a.changes.severity and redis.call('ZSCORE', K.queue, id) then
+        local opened = tonumber(redis.call('HGET', K.inc(id), 'opened_ms')) or 0
+        redis.call('ZADD', K.queue, 'XX', (RANK[a.changes.severity] or 2) .. pad13(opened), id)
       end
     end
     if a.entries then
-      for _, e in ipairs(a.entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
+      for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
     end
     if a.own_entries and own then
-      for _, e in ipairs(a.own_entries) do redis.call('RPUSH', inc_key(id) .. ':tl', e) end
+      for _, e in ipairs(a.own_entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
     end
   elseif a.callback then
     local cb = open(a.callback, a.callback.rules or {})
@@ -264,19 +264,19 @@ elseif op == 'event' then
     out.callback = cb
     if cb.created == 0 and a.entries then
       -- Attached to the caller's open incident (repeat rule): the abandon is on its timeline too.
-      for _, e in ipairs(a.entries) do redis.call('RPUSH', inc_key(cb.id) .. ':tl', e) end
+      for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(cb.id), stamped(e)) end
     end
   end
   if a.storm then
     local s = a.storm
-    local zk = p .. ':abandons:' .. s.queue
+    local zk = K.abandons(s.queue)
     redis.call('ZADD', zk, now, a.call_key)
     redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - s.window_ms))
     redis.call('PEXPIRE', zk, s.window_ms)
-    local sk = p .. ':storm:' .. s.queue
+    local sk = K.storm(s.queue)
     local storm = redis.call('GET', sk)
     if storm and is_open(storm) then
-      tl(storm, 'abandoned', a.source or 'dispatchd', {queue = s.queue, call_ref = a.call_key,
+      tl(storm, EV.abandoned, a.source or 'dispatchd', {queue = s.queue, call_ref = a.call_key,
         wait_seconds = s.wait_seconds, abandons = redis.call('ZCARD', zk)})
       out.storm = storm
     else
@@ -287,7 +287,7 @@ elseif op == 'event' then
           summary = 'Abandon storm: ' .. n .. ' callers abandoned queue ' .. s.queue .. ' within ' ..
             math.floor(s.window_ms / 1000) .. 's'}
         storm = declare_major(m, n, a.source or 'dispatchd')
-        redis.call('HSET', inc_key(storm), 'abandons', n)
+        redis.call('HSET', K.inc(storm), 'abandons', n)
         redis.call('SET', sk, storm)
         redis.call('DEL', zk)
         out.storm = storm
@@ -297,5 +297,18 @@ elseif op == 'event' then
     end
   end
   return cjson.encode(out)
+
+elseif op == 'append' then
+  -- a: a flat list {id, entry, id, entry, …}: entries (JSON text without their
+  -- time) that need no other change, e.g. `delivered`, a call's end. An entry
+  -- for a record that no longer exists is dropped (a timeline never outlives it).
+  local n = 0
+  for i = 1, #a, 2 do
+    if redis.call('EXISTS', K.inc(a[i])) == 1 then
+      redis.call('RPUSH', K.tl(a[i]), stamped(a[i + 1]))
+      n = n + 1
+    end
+  end
+  return cjson.encode({appended = n})
 end
 return redis.error_reply('unknown op ' .. tostring(op))

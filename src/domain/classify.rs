@@ -4,8 +4,43 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Settings;
-use crate::incident::Severity;
+use serde::Deserialize;
+
+use super::ivr::IvrPath;
+use super::incident::Severity;
+
+/// One row of the IVR map (`[[ivr]]`): a path prefix and what it means.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IvrRule {
+    pub path: String,
+    pub category: String,
+    pub severity: Severity,
+    #[serde(default)]
+    pub instructions: String,
+}
+
+/// `[ivr_default]`: what a call that matches nothing is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IvrDefault {
+    pub category: String,
+    pub severity: Severity,
+    pub instructions: String,
+}
+
+impl Default for IvrDefault {
+    fn default() -> Self {
+        IvrDefault { category: "triage".into(), severity: Severity::Medium, instructions: String::new() }
+    }
+}
+
+/// Category names end up in metric labels and Redis keys: keep them tame.
+pub fn is_category_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
 
 /// The result of classification, with the rule that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +54,7 @@ pub struct Classification {
 
 #[derive(Debug, Clone)]
 struct Rule {
-    path: Vec<String>,
+    path: IvrPath,
     category: String,
     severity: Severity,
     instructions: String,
@@ -33,18 +68,13 @@ pub struct Classifier {
     default: Classification,
 }
 
-/// `"2, 1"` → `["2","1"]`.
-pub fn split_path(path: &str) -> Vec<String> {
-    path.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
-}
-
 impl Classifier {
-    pub fn new(settings: &Settings) -> Self {
-        let rules: Vec<Rule> = settings
-            .ivr
+    /// The map of `[[ivr]]`, `[categories]` and `[ivr_default]`.
+    pub fn new(ivr: &[IvrRule], known: &BTreeMap<String, Severity>, d: &IvrDefault) -> Self {
+        let rules: Vec<Rule> = ivr
             .iter()
             .map(|r| Rule {
-                path: split_path(&r.path),
+                path: IvrPath::lenient(&r.path),
                 category: r.category.clone(),
                 severity: r.severity,
                 instructions: r.instructions.clone(),
@@ -56,8 +86,7 @@ impl Classifier {
             let e = categories.entry(r.category.clone()).or_insert(r.severity);
             *e = (*e).min(r.severity);
         }
-        categories.extend(settings.categories.iter().map(|(k, v)| (k.clone(), *v)));
-        let d = &settings.ivr_default;
+        categories.extend(known.iter().map(|(k, v)| (k.clone(), *v)));
         categories.entry(d.category.clone()).or_insert(d.severity);
         Classifier {
             rules,
@@ -72,18 +101,14 @@ impl Classifier {
     }
 
     /// Classifies a call from its IVR selections and Request-URI user.
-    pub fn classify(&self, ivr_path: &[String], ruri_user: Option<&str>) -> Classification {
-        let best = self
-            .rules
-            .iter()
-            .filter(|r| r.path.len() <= ivr_path.len() && r.path[..] == ivr_path[..r.path.len()])
-            .max_by_key(|r| r.path.len());
+    pub fn classify(&self, ivr_path: &IvrPath, ruri_user: Option<&str>) -> Classification {
+        let best = self.rules.iter().filter(|r| ivr_path.starts_with(&r.path)).max_by_key(|r| r.path.len());
         if let Some(r) = best {
             return Classification {
                 category: r.category.clone(),
                 severity: r.severity,
                 instructions: r.instructions.clone(),
-                rule: format!("ivr:{}", r.path.join(",")),
+                rule: format!("ivr:{}", r.path),
             };
         }
         // Only categories the deployment knows: the URI is caller-controlled
@@ -106,28 +131,26 @@ impl Classifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{IvrRule, Settings};
 
     fn classifier() -> Classifier {
-        let mut s = Settings::default();
         let rule = |p: &str, c: &str, sev| IvrRule {
             path: p.into(),
             category: c.into(),
             severity: sev,
             instructions: format!("do {c}"),
         };
-        s.ivr = vec![
+        let ivr = vec![
             rule("2", "power", Severity::High),
             rule("2,1", "outage", Severity::Critical),
             rule("3", "billing", Severity::Low),
             rule("4,1", "billing", Severity::Medium),
         ];
-        s.categories.insert("gas".into(), Severity::Critical);
-        Classifier::new(&s)
+        let known = BTreeMap::from([("gas".to_string(), Severity::Critical)]);
+        Classifier::new(&ivr, &known, &IvrDefault::default())
     }
 
-    fn p(s: &str) -> Vec<String> {
-        split_path(s)
+    fn p(s: &str) -> IvrPath {
+        IvrPath::lenient(s)
     }
 
     #[test]
@@ -144,11 +167,11 @@ mod tests {
     #[test]
     fn uri_category_then_default() {
         let c = classifier();
-        let k = c.classify(&[], Some("incident-billing"));
+        let k = c.classify(&IvrPath::default(), Some("incident-billing"));
         assert_eq!((k.category.as_str(), k.severity, k.rule.as_str()), ("billing", Severity::Medium, "uri"));
-        assert_eq!(c.classify(&[], Some("incident-gas")).severity, Severity::Critical);
+        assert_eq!(c.classify(&IvrPath::default(), Some("incident-gas")).severity, Severity::Critical);
         // Unknown categories in the URI are not invented.
-        assert_eq!(c.classify(&[], Some("incident-<script>")).rule, "default");
+        assert_eq!(c.classify(&IvrPath::default(), Some("incident-<script>")).rule, "default");
         assert_eq!(c.classify(&p("9"), Some("incident-nope")).category, "triage");
         // The IVR path beats the URI.
         assert_eq!(c.classify(&p("3"), Some("incident-gas")).category, "billing");

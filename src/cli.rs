@@ -1,13 +1,14 @@
-//! `dispatchd report` and `dispatchd review`: read Redis directly (with the
-//! daemon's `redis.url` and `redis.prefix`) and print. Errors come back as one
-//! line for `main` to print (exit 1).
+//! `dispatchd report` and `dispatchd review`: read the records through intake
+//! (with the daemon's `redis.url` and `redis.prefix`) and print. Errors come
+//! back as one line for `main` to print (exit 1).
 
 use std::fmt::Write as _;
 
-use super::{Facts, Group, Intervals, Report, Stat, compute, parse_ms, parse_range};
 use crate::config::Settings;
-use crate::incident::{Incident, mask, normalize_id};
-use crate::store::Store;
+use crate::domain::ids::{mask, normalize_id};
+use crate::domain::incident::Incident;
+use crate::intake::Intake;
+use crate::report::{Facts, Group, Intervals, Report, Stat, compute, parse_ms, parse_range};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -27,17 +28,16 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Resul
         .block_on(f)
 }
 
-fn store(settings: &Settings) -> Result<Store, String> {
-    Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout)
-        .map_err(|e| format!("redis.url: {e}"))
+fn intake(settings: &Settings) -> Result<Intake, String> {
+    Intake::connect(settings).map_err(|e| format!("redis.url: {e}"))
 }
 
 /// `dispatchd report`: the report of incidents opened in `[since, until)`.
 pub fn report(settings: &Settings, since: &str, until: &str, format: Format) -> Result<String, String> {
     let range = parse_range(Some(since), Some(until))?;
     let facts = block_on(async {
-        let store = store(settings)?;
-        store.report_facts(range.since_ms, range.until_ms).await.map_err(|e| format!("reading incidents: {e}"))
+        let intake = intake(settings)?;
+        intake.report_facts(range.since_ms, range.until_ms).await.map_err(|e| format!("reading incidents: {e}"))
     })?;
     let report = compute(&range, &facts, &settings.targets);
     Ok(match format {
@@ -51,8 +51,8 @@ pub fn report(settings: &Settings, since: &str, until: &str, format: Format) -> 
 pub fn review(settings: &Settings, id: &str) -> Result<String, String> {
     let Some(id) = normalize_id(id) else { return Err(format!("{}: not found", id.trim())) };
     let inc = block_on(async {
-        let store = store(settings)?;
-        store.get(&id).await.map_err(|e| format!("reading {id}: {e}"))
+        let intake = intake(settings)?;
+        intake.incident(&id).await.map_err(|e| format!("reading {id}: {e}"))
     })?;
     match inc {
         Some(inc) => Ok(review_text(&inc)),

@@ -1,0 +1,160 @@
+//! The policies of a deployment as values: the escalation matrix (how long a
+//! responder has to acknowledge, how many passes over the tiers) and the
+//! correlation rules (repeat caller, callback, abandon storm, surge). The
+//! configuration deserialises into these; the store hands them to its scripts.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::incident::Severity;
+
+/// Parses `"2s"`, `"500ms"`, `"10m"`, `"90d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Serde: a duration written as text (`"30s"`).
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationPolicy {
+    #[serde(deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    #[serde(default = "three")]
+    pub max_rounds: u32,
+}
+
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationSettings {
+    pub critical: EscalationPolicy,
+    pub high: EscalationPolicy,
+    pub medium: EscalationPolicy,
+    pub low: EscalationPolicy,
+}
+
+impl Default for EscalationSettings {
+    fn default() -> Self {
+        let p = |s| EscalationPolicy { ack_timeout: Duration::from_secs(s), max_rounds: 3 };
+        EscalationSettings { critical: p(30), high: p(60), medium: p(120), low: p(300) }
+    }
+}
+
+impl EscalationSettings {
+    pub fn for_severity(&self, s: Severity) -> &EscalationPolicy {
+        match s {
+            Severity::Critical => &self.critical,
+            Severity::High => &self.high,
+            Severity::Medium => &self.medium,
+            Severity::Low => &self.low,
+        }
+    }
+}
+
+impl EscalationSettings {
+    /// Per severity, most severe first (index = `Severity::rank`): the
+    /// acknowledgement deadline in ms and the passes over all tiers.
+    pub fn matrix(&self) -> Escalation {
+        let p = Severity::ALL.map(|s| self.for_severity(s));
+        Escalation {
+            ack_timeout_ms: p.map(|p| u64::try_from(p.ack_timeout.as_millis()).unwrap_or(u64::MAX)),
+            max_rounds: p.map(|p| p.max_rounds),
+        }
+    }
+}
+
+/// The escalation matrix as the dispatcher's script takes it (index = `Severity::rank`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Escalation {
+    pub ack_timeout_ms: [u64; 4],
+    pub max_rounds: [u32; 4],
+}
+
+/// `[correlation.repeat]`: a caller calling again while their incident is open.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepeatRule {
+    pub enabled: bool,
+    /// A call within this long of the caller's previous call counts as a repeat.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Every `raise_after`-th repeat raises the severity one level (0 = never).
+    pub raise_after: u32,
+}
+
+impl Default for RepeatRule {
+    fn default() -> Self {
+        RepeatRule { enabled: true, window: Duration::from_secs(30 * 60), raise_after: 2 }
+    }
+}
+
+/// `[correlation.callback]`: a caller who gave up in a queue after waiting long.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackRule {
+    pub enabled: bool,
+    /// A caller who abandoned after waiting longer than this gets a `callback` incident.
+    #[serde(deserialize_with = "duration")]
+    pub abandon_after: Duration,
+    pub severity: Severity,
+}
+
+impl Default for CallbackRule {
+    fn default() -> Self {
+        CallbackRule { enabled: true, abandon_after: Duration::from_secs(60), severity: Severity::Low }
+    }
+}
+
+/// `[correlation.abandon_storm]` and `[correlation.surge]`: `count` within
+/// `window` declare a major incident of `severity`. Two types with one shape,
+/// so that each table's keys default on their own.
+macro_rules! burst_rule {
+    ($(#[$doc:meta])* $name:ident, $count:expr, $window_s:expr, $severity:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            pub enabled: bool,
+            pub count: u32,
+            #[serde(deserialize_with = "duration")]
+            pub window: Duration,
+            /// Severity of the major incident this rule declares.
+            pub severity: Severity,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { enabled: true, count: $count, window: Duration::from_secs($window_s), severity: $severity }
+            }
+        }
+    };
+}
+
+burst_rule!(
+    /// Abandons on one queue (default 10 within 5 minutes → one `high` major incident).
+    StormRule, 10, 300, Severity::High
+);
+burst_rule!(
+    /// New incidents of one category (default 5 within 10 minutes → one `critical` major incident).
+    SurgeRule, 5, 600, Severity::Critical
+);
+
+/// Extension of issue 5: `[correlation.*]`, every rule on by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorrelationSettings {
+    pub repeat: RepeatRule,
+    pub callback: CallbackRule,
+    pub abandon_storm: StormRule,
+    pub surge: SurgeRule,
+}
+
