@@ -39,6 +39,10 @@ fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -158,8 +158,10 @@ pub(crate) mod tests {
 
     /// An intake whose Redis is never reached (no event is delivered here).
     pub(crate) fn idle_intake() -> Intake {
-        let store = crate::store::Store::new("redis://127.0.0.1:1/0", "t", Duration::from_millis(100)).expect("store");
-        Intake::new(store, &crate::config::Settings::default())
+        let mut settings = crate::config::Settings::default();
+        settings.redis.url = crate::config::Secret::new("redis://127.0.0.1:1/0");
+        settings.redis.timeout = Duration::from_millis(100);
+        Intake::connect(&settings).expect("intake")
     }
 
     /// A listener for the in-test PBX, and the settings that reach it.

@@ -1,4 +1,4 @@
-//! PBX event feeds → [`CallEvent`]s: the call's life in the contact centre
+//! PBX event feeds → `CallEvent`s: the call's life in the contact centre
 //! (queue joins and abandons, agents answering, IVR choices, hang-ups).
 //!
 //! Three sources speak these events: out-of-dialog SIP MESSAGE from the

@@ -21,7 +21,7 @@ pub struct CallFacts {
     pub wait_seconds: Option<u32>,
     /// The user part of the Request-URI (`incident-<category>`).
     pub ruri_user: Option<String>,
-    /// The host[:port] of the Request-URI: where the PBX reached us.
+    /// The `host[:port]` of the Request-URI: where the PBX reached us.
     pub ruri_host: Option<String>,
 }
 

@@ -18,8 +18,8 @@
 --   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure;
 --                                  it lives as long as the newest of those hashes)
 --   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
---   p:repeat:<pseudonym>   string  the caller's open incident; expires `repeat.window`
---                                  after the caller's last call
+--   p:repeat:<pseudonym>   string  the caller's open incident and the time (ms) of their
+--                                  last call, '<id> <ms>'; expires `repeat.window` after it
 --   p:surge:<category>     zset    recent incidents of a category (score: opened ms)
 --   p:major:<category>     string  the open major incident declared for a surge
 --   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
@@ -164,10 +164,13 @@ local function open(o, r)
   if existing then return {id = existing, created = 0} end
   local rk = (r.rep and not empty(o.pseudonym)) and K.repeats(o.pseudonym) or nil
   if rk then
-    local prev = redis.call('GET', rk)
-    if prev and is_open(prev) then
+    -- '<id> <ms of the caller's last call>': the window is judged by the
+    -- operation's clock; the key's own expiry only clears it away later.
+    local prev, last = string.match(redis.call('GET', rk) or '', '^(%S+) ?(%d*)$')
+    local within = prev and (last == '' or now - tonumber(last) <= r.rep.window_ms)
+    if within and is_open(prev) then
       redis.call('SET', callkey, prev, 'EX', o.call_ttl)
-      redis.call('PEXPIRE', rk, r.rep.window_ms)
+      redis.call('SET', rk, prev .. ' ' .. string.format('%.0f', now), 'PX', r.rep.window_ms)
       local n = redis.call('HINCRBY', K.inc(prev), 'repeat_calls', 1)
       local source = get(o.fields, 'source')
       tl(prev, EV.repeat_call, source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
@@ -179,7 +182,7 @@ local function open(o, r)
   end
   local opened = now - (tonumber(o.age_ms) or 0)
   local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym, opened)
-  if rk then redis.call('SET', rk, id, 'PX', r.rep.window_ms) end
+  if rk then redis.call('SET', rk, id .. ' ' .. string.format('%.0f', now), 'PX', r.rep.window_ms) end
   local out = {id = id, created = 1}
   surge(id, get(o.fields, 'category'), opened, get(o.fields, 'source'), r.surge, out)
   return out
