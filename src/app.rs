@@ -23,8 +23,8 @@ use crate::dispatcher::Dispatch;
 use crate::domain::incident::Severity;
 use crate::intake::Intake;
 use crate::responders::{self, Gateway, Roster, Sessions};
-use crate::sip::transport::{self, AllowList, TcpLimits};
 use crate::sip::line::Uas;
+use crate::sip::transport::{self, AllowList, TcpLimits};
 use crate::store::Store;
 use crate::telemetry::{self, metric};
 use crate::{reload, shutdown, systemd};
@@ -139,8 +139,14 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     tracing::info!(mode = settings.sip.mode.as_str(), version = env!("CARGO_PKG_VERSION"), "dispatchd ready");
 
     // Reloads start only now, so RELOADING/READY never precede the first READY.
-    let reloader =
-        reload::Reloader::new(config_path, intake.clone(), roster, in_force.clone(), dispatch.clone(), sessions.clone());
+    let reloader = reload::Reloader::new(
+        config_path,
+        intake.clone(),
+        roster,
+        in_force.clone(),
+        dispatch.clone(),
+        sessions.clone(),
+    );
     tokio::spawn(reloader.run(hangups, token.clone()));
 
     token.cancelled().await;

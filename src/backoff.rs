@@ -23,9 +23,7 @@ impl Backoff {
     /// The same with each delay up to twice as long at random, so that many
     /// clients that lost one server do not come back in step.
     pub fn jittered(first: Duration, max: Duration) -> Backoff {
-        Backoff::of(
-            ExponentialBuilder::default().with_min_delay(first).with_max_delay(max.max(first)).with_jitter(),
-        )
+        Backoff::of(ExponentialBuilder::default().with_min_delay(first).with_max_delay(max.max(first)).with_jitter())
     }
 
     fn of(builder: ExponentialBuilder) -> Backoff {

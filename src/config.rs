@@ -14,12 +14,12 @@ use serde::Deserialize;
 
 pub use crate::domain::classify::{IvrDefault, IvrRule, is_category_name};
 use crate::domain::incident::Severity;
+use crate::domain::ivr::IvrPath;
+use crate::domain::policy::duration;
 pub use crate::domain::policy::{
     CallbackRule, CorrelationSettings, EscalationPolicy, EscalationSettings, RepeatRule, StormRule, SurgeRule,
     parse_duration,
 };
-use crate::domain::ivr::IvrPath;
-use crate::domain::policy::duration;
 
 /// A configuration error: the dotted key it concerns and what is wrong with it.
 #[derive(Debug, thiserror::Error)]

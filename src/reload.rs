@@ -19,11 +19,11 @@ use std::time::Duration;
 use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::{ResponderConfig, Settings};
 use crate::dispatcher::Dispatch;
 use crate::intake::Intake;
 use crate::responders::Roster;
-use crate::backoff::Backoff;
 use crate::responders::Sessions;
 use crate::systemd;
 

@@ -36,7 +36,6 @@
 //!   severity (always all four, most severe first), then each category present.
 //! - A negative interval (clocks of two daemons disagreeing) counts as 0.
 
-
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};

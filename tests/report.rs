@@ -507,7 +507,9 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     );
 
     // Unknown ids: exit 1, one line.
-    for id in [dispatchd::domain::ids::incident_id(999_999), "INC-nope".into(), dispatchd::domain::ids::incident_id(113)] {
+    for id in
+        [dispatchd::domain::ids::incident_id(999_999), "INC-nope".into(), dispatchd::domain::ids::incident_id(113)]
+    {
         let (code, out, err) = run(&["review", &id, "--config", config]);
         assert_eq!(code, 1, "{id}: {out}{err}");
         assert!(err.contains("not found") && err.trim().lines().count() == 1, "{err}");

@@ -323,9 +323,7 @@ fn surge(count: u32, window_s: u64) -> CorrelationSettings {
 fn surge_declares_one_major_incident_within_the_window_only() {
     let r = rig();
     let rules = Rules::new(&surge(3, 600));
-    let open = |key: &str, cat: &str, at: i64| {
-        r.open_with(&new_incident(key, Severity::Medium, cat, ""), &rules, at)
-    };
+    let open = |key: &str, cat: &str, at: i64| r.open_with(&new_incident(key, Severity::Medium, cat, ""), &rules, at);
     // Two outages, then a third after the window of the first: 2 within 10 min, no surge.
     assert!(open("a", "outage", T0).major.is_none());
     assert!(open("b", "outage", T0 + 300 * S).major.is_none());
@@ -360,10 +358,16 @@ fn repeat_caller_joins_the_open_incident_and_raises_it() {
     let first = call("call-1", T0);
     assert_eq!(first.created, 1);
     let second = call("call-2", T0 + 10 * 60 * S);
-    assert_eq!((second.id.as_str(), second.created, second.repeat_calls, second.raised), (first.id.as_str(), 0, Some(1), None));
+    assert_eq!(
+        (second.id.as_str(), second.created, second.repeat_calls, second.raised),
+        (first.id.as_str(), 0, Some(1), None)
+    );
     // The window runs from the caller's last call: 29 minutes after the second still repeats.
     let third = call("call-3", T0 + 39 * 60 * S);
-    assert_eq!((third.id.as_str(), third.repeat_calls, third.raised), (first.id.as_str(), Some(2), Some(Severity::High)));
+    assert_eq!(
+        (third.id.as_str(), third.repeat_calls, third.raised),
+        (first.id.as_str(), Some(2), Some(Severity::High))
+    );
     let rec = r.record(&first.id);
     assert_eq!((rec.severity, rec.repeat_calls), (Severity::High, 2));
     // The same call re-sent is the same incident, not a repeat.

@@ -18,8 +18,8 @@
 use std::fmt;
 
 use crate::domain::call::{CallEvent, EventKind};
-use crate::domain::ivr::IvrPath;
 use crate::domain::incident::Source;
+use crate::domain::ivr::IvrPath;
 
 /// Largest message (all its lines, terminators included) the reader keeps.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -925,7 +925,10 @@ Message: Authentication failed\r\n\
             }
             ev(&p)
         };
-        assert_eq!(with(Some("Received")), Some(call(EventKind::Dtmf, "9.0", |e| e.ivr_path = IvrPath::from_selections(["#"]))));
+        assert_eq!(
+            with(Some("Received")),
+            Some(call(EventKind::Dtmf, "9.0", |e| e.ivr_path = IvrPath::from_selections(["#"])))
+        );
         assert_eq!(with(Some("Sent")), None);
         assert_eq!(with(None), None);
         assert_eq!(ev(&[("Event", "DTMFEnd"), ("Linkedid", "9.0"), ("Direction", "Received")]), None);

@@ -57,8 +57,8 @@
 use std::fmt;
 
 use crate::domain::call::{CallEvent, EventKind};
-use crate::domain::ivr::IvrPath;
 use crate::domain::incident::Source;
+use crate::domain::ivr::IvrPath;
 
 /// Largest envelope header block accepted (a real one is ~100 bytes).
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;

@@ -106,8 +106,7 @@ pub async fn connect(address: &str) -> Result<TcpStream, FeedError> {
         .await
         .map_err(|_| FeedError::ConnectTimeout)?
         .map_err(FeedError::Connect)?;
-    let ka =
-        socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(Duration::from_secs(5)).with_retries(3);
+    let ka = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(Duration::from_secs(5)).with_retries(3);
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "TCP keepalive not set");
     }

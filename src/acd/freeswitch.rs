@@ -130,7 +130,9 @@ async fn session(
     loop {
         match c.next_by(deadline).await? {
             EslMessage::CommandReply(r) if r.is_ok() => break,
-            EslMessage::CommandReply(r) => return Err(FeedError::Subscribe(crate::domain::call::clean(&r.reply_text, 80))),
+            EslMessage::CommandReply(r) => {
+                return Err(FeedError::Subscribe(crate::domain::call::clean(&r.reply_text, 80)));
+            }
             EslMessage::DisconnectNotice(_) => return Err(FeedError::Closed),
             _ => {}
         }

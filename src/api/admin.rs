@@ -214,7 +214,8 @@ async fn caller_status(State(st): State<ApiState>, number: Result<Path<String>, 
     let Some(number) = caller_number(number) else { return error(StatusCode::BAD_REQUEST, "bad caller number") };
     match st.intake.caller_status(&number).await {
         Ok(Some(CallerStatus { incident_id, state, eta_s })) => {
-            let mut body = json!({"state": state.as_str(), "incident_id": incident_id, "message": spoken(state, eta_s)});
+            let mut body =
+                json!({"state": state.as_str(), "incident_id": incident_id, "message": spoken(state, eta_s)});
             if let Some(eta) = eta_s {
                 body["eta_s"] = json!(eta);
             }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::ivr::IvrPath;
 use super::incident::Severity;
+use super::ivr::IvrPath;
 
 /// One row of the IVR map (`[[ivr]]`): a path prefix and what it means.
 #[derive(Debug, Clone, Deserialize)]

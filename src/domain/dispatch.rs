@@ -48,7 +48,10 @@ pub struct Release {
 pub enum Answer {
     /// Acknowledged now (`offer_age_ms`: how long the offer waited for it), or
     /// again (a repeated ack of the same dispatch).
-    Acknowledged { offer_age_ms: Option<i64>, repeated: bool },
+    Acknowledged {
+        offer_age_ms: Option<i64>,
+        repeated: bool,
+    },
     Declined(Release),
     /// `unknown_dispatch` or `stale_dispatch`.
     Refused(String),

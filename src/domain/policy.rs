@@ -157,4 +157,3 @@ pub struct CorrelationSettings {
     pub abandon_storm: StormRule,
     pub surge: SurgeRule,
 }
-

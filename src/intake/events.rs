@@ -9,9 +9,9 @@ use serde_json::json;
 
 use super::{Intake, Result};
 use crate::domain::call::{CallEvent, CallFacts, EventKind};
-use crate::domain::ivr::IvrPath;
 use crate::domain::classify::Classification;
 use crate::domain::incident::{NewIncident, Severity, Source};
+use crate::domain::ivr::IvrPath;
 use crate::domain::timeline::{Entry, Event};
 use crate::store::At;
 use crate::store::intake::{EventWrite, Rules, Storm};

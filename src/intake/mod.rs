@@ -229,7 +229,11 @@ impl Intake {
             age_ms: 0,
             timeline: vec![
                 Entry::new(Event::Opened, "api", json!({"source": "api"})),
-                Entry::new(Event::Classified, "api", json!({"category": category, "severity": severity, "rule": "api"})),
+                Entry::new(
+                    Event::Classified,
+                    "api",
+                    json!({"category": category, "severity": severity, "rule": "api"}),
+                ),
                 Entry::new(Event::Queued, "dispatchd", json!({"severity": severity})),
             ],
         };

@@ -93,7 +93,6 @@ impl Sessions {
         self.lock().get(rid).is_some_and(|h| h.tx.try_send(Out::Text(text)).is_ok())
     }
 
-
     /// Writes a `dispatch` frame unless this connection already has it.
     /// Returns true when it was written now.
     pub fn send_dispatch(&self, rid: &str, dispatch_id: &str, text: String) -> bool {

@@ -33,7 +33,6 @@ use crate::domain::call::{CallEnd, CallFacts};
 use crate::intake::Intake;
 use crate::telemetry::metric;
 
-
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, INFO, OPTIONS, MESSAGE";
 const ACCEPT_INFO: &str = "application/dtmf-relay, application/dtmf";
 
@@ -249,8 +248,7 @@ impl Uas {
                     tx.peer.send(&ringing);
                     tx.last = ringing;
                     tx.dialog = Some(dk.clone());
-                    let data =
-                        Ringing { incident: opened.id.clone(), facts: facts.clone(), lock: Arc::default() };
+                    let data = Ringing { incident: opened.id.clone(), facts: facts.clone(), lock: Arc::default() };
                     st.dialogs.insert(dk, super::transaction::Dialog { invite: key.clone(), data });
                     None
                 }

@@ -13,8 +13,8 @@
 
 use super::wire::Message;
 use crate::domain::call::{CallEvent, EventKind};
-use crate::domain::ivr::IvrPath;
 use crate::domain::incident::Source;
+use crate::domain::ivr::IvrPath;
 
 /// Why a MESSAGE cannot be applied; answered `400 <reason>` with a `Warning`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

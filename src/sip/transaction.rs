@@ -256,7 +256,15 @@ impl<C: Send + 'static, D> Transactions<C, D> {
 
     /// A new INVITE transaction whose provisional response `last` was sent,
     /// kept until `ring_limit` + 2·LINGER at most. False when the table is full.
-    pub fn begin_invite(&self, key: TxKey, peer: Peer, reply: Reply, last: Bytes, ring_limit: Duration, call: C) -> bool {
+    pub fn begin_invite(
+        &self,
+        key: TxKey,
+        peer: Peer,
+        reply: Reply,
+        last: Bytes,
+        ring_limit: Duration,
+        call: C,
+    ) -> bool {
         let mut st = self.lock();
         if st.is_full() {
             return false;

@@ -22,7 +22,9 @@ const SWEEP_STEPS: usize = 20;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Closed {
     /// Done. `held`: the responder it was offered to or in the hands of, now free.
-    Done { held: Option<Release> },
+    Done {
+        held: Option<Release>,
+    },
     NotFound,
     /// Already resolved or cancelled.
     Conflict,

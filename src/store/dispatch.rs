@@ -263,8 +263,7 @@ impl Store {
         }
         let (s, us): (i64, i64) = Self::decode(v.remove(0))?;
         let now = s * 1000 + us / 1000;
-        let rows: Vec<(Option<String>, Option<String>)> =
-            v.into_iter().map(Self::decode).collect::<Result<_>>()?;
+        let rows: Vec<(Option<String>, Option<String>)> = v.into_iter().map(Self::decode).collect::<Result<_>>()?;
         Ok(rows
             .into_iter()
             .map(|(lease, availability)| Presence {

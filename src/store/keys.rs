@@ -24,16 +24,8 @@ pub enum Key {
 }
 
 impl Key {
-    pub const ALL: [Key; 8] = [
-        Key::Seq,
-        Key::Incidents,
-        Key::Queue,
-        Key::Deadlines,
-        Key::Idle,
-        Key::Roster,
-        Key::Closed,
-        Key::ClosedCursor,
-    ];
+    pub const ALL: [Key; 8] =
+        [Key::Seq, Key::Incidents, Key::Queue, Key::Deadlines, Key::Idle, Key::Roster, Key::Closed, Key::ClosedCursor];
 
     /// (name in the scripts, suffix after the prefix)
     pub fn names(self) -> (&'static str, &'static str) {

@@ -24,8 +24,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde::de::DeserializeOwned;
 
-use crate::domain::ivr::IvrPath;
 use crate::domain::incident::{Incident, ListFilter, Severity, Source, State};
+use crate::domain::ivr::IvrPath;
 use crate::domain::timeline::{TimelineEntry, timestamp_ms};
 use crate::telemetry::metric;
 

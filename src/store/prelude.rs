@@ -87,7 +87,8 @@ mod tests {
             }
             for (i, _) in body.match_indices("tl(") {
                 let before = body[..i].chars().next_back().unwrap_or(' ');
-                if body[..i].ends_with("function ") || before == '.' || before.is_ascii_alphanumeric() || before == '_' {
+                if body[..i].ends_with("function ") || before == '.' || before.is_ascii_alphanumeric() || before == '_'
+                {
                     continue;
                 }
                 let args: String = body[i + 3..].chars().take_while(|c| *c != ')').collect();
@@ -109,8 +110,8 @@ mod tests {
             for (i, _) in body.match_indices("K.") {
                 let word: String =
                     body[i + 2..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-                let known = Key::ALL.iter().any(|k| k.names().0 == word)
-                    || Family::ALL.iter().any(|f| f.names().0 == word);
+                let known =
+                    Key::ALL.iter().any(|k| k.names().0 == word) || Family::ALL.iter().any(|f| f.names().0 == word);
                 assert!(known, "{name}: K.{word} is not a key of store/keys.rs");
             }
         }
