@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::keys::{Family, Key};
+use super::prelude::Script;
 use super::{At, Result, Store, StoreError};
 use crate::domain::dispatch::Release;
 use crate::domain::incident::State;
@@ -52,7 +53,7 @@ impl Store {
         if !to.is_closed() {
             return Err(StoreError::Corrupt(id.into(), "close to an open state"));
         }
-        let mut inv = self.op(&self.admin, "close", at);
+        let mut inv = self.op(Script::Admin, "close", at);
         inv.arg(id).arg(to.as_str()).arg(note).arg(millis(retention));
         let row: CloseRow = self.run_json(&inv, id).await?;
         Ok(match row {
@@ -91,7 +92,7 @@ impl Store {
             found.extend(ids.into_iter().zip(callers).filter(|(_, n)| n.as_deref() == Some(number)).map(|(id, _)| id));
             start += page;
         }
-        let mut inv = self.op(&self.admin, "erase", at);
+        let mut inv = self.op(Script::Admin, "erase", at);
         inv.arg(number).arg(pseudonym);
         for id in &found {
             inv.arg(id);
@@ -111,7 +112,7 @@ impl Store {
     pub async fn sweep(&self, retention: Duration, at: At) -> Result<u64> {
         let mut removed = 0;
         for _ in 0..SWEEP_STEPS {
-            let mut inv = self.op(&self.admin, "sweep", at);
+            let mut inv = self.op(Script::Admin, "sweep", at);
             inv.arg(millis(retention)).arg(SWEEP_BATCH);
             let (gone, _set, more): (u64, u64, u64) = self.run(&inv).await?;
             removed += gone;

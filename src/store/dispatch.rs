@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::keys::Family;
+use super::prelude::Script;
 use super::{At, Result, Store, StoreError, seq};
 use crate::domain::dispatch::{Answer, Offer, Release};
 use crate::domain::incident::{Severity, State};
@@ -79,8 +80,8 @@ pub struct Presence {
 }
 
 impl Store {
-    fn dispatch_op(&self, op: &str, at: At) -> redis::ScriptInvocation<'_> {
-        self.op(&self.dispatch, op, at)
+    fn dispatch_op(&self, op: &str, at: At) -> redis::Cmd {
+        self.op(Script::Dispatch, op, at)
     }
 
     /// Writes the roster (tier and skills of each responder) for the matcher.

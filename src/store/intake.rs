@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::keys::Family;
+use super::prelude::Script;
 use super::{At, CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, Result, Store};
 use crate::domain::incident::{NewIncident, Severity, State};
 use crate::domain::policy::CorrelationSettings;
@@ -208,7 +209,7 @@ impl Store {
         at: At,
         what: &str,
     ) -> Result<T> {
-        let mut inv = self.op(&self.intake, op, at);
+        let mut inv = self.op(Script::Intake, op, at);
         inv.arg(args.to_string());
         if let Some(o) = open {
             inv.arg(o.fields.len());

@@ -21,7 +21,9 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use std::sync::Arc;
+
+use redis::AsyncCommands;
 use serde::de::DeserializeOwned;
 
 use crate::domain::incident::{Incident, ListFilter, Severity, Source, State};
@@ -38,6 +40,7 @@ pub mod pubsub;
 pub mod report;
 
 use keys::{Family, Key, Keys};
+use prelude::{Library, Script};
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
@@ -108,9 +111,7 @@ pub struct Store {
     conn: ConnectionManager,
     url: String,
     keys: Keys,
-    intake: Script,
-    dispatch: Script,
-    admin: Script,
+    lib: Arc<Library>,
 }
 
 impl Store {
@@ -123,14 +124,7 @@ impl Store {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store {
-            conn,
-            url: url.to_string(),
-            keys: Keys::new(prefix),
-            intake: Script::new(&prelude::script(include_str!("scripts/intake.lua"))),
-            dispatch: Script::new(&prelude::script(include_str!("scripts/dispatch.lua"))),
-            admin: Script::new(&prelude::script(include_str!("scripts/admin.lua"))),
-        })
+        Ok(Store { conn, url: url.to_string(), keys: Keys::new(prefix), lib: Arc::new(Library::new()) })
     }
 
     fn key(&self, k: Key) -> String {
@@ -153,21 +147,31 @@ impl Store {
         Self::counted(redis::from_redis_value(v).map_err(redis::RedisError::from))
     }
 
-    /// An invocation of `script` for `op` at `at`; the op's own arguments follow.
-    fn op<'a>(&self, script: &'a Script, op: &str, at: At) -> redis::ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        inv.arg(op).arg(self.keys.prefix()).arg(at.arg());
-        inv
+    /// A call of `script`'s operation `op` at `at`; the op's own arguments follow.
+    fn op(&self, script: Script, op: &str, at: At) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(self.lib.function(script)).arg(0).arg(op).arg(self.keys.prefix()).arg(at.arg());
+        cmd
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T> {
+    /// Runs a call of the library, loading the library first when this Redis
+    /// does not have it (a new server, a flushed one, another version's).
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut c = self.conn.clone();
-        Self::counted(inv.invoke_async(&mut c).await)
+        match cmd.query_async(&mut c).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                let mut load = redis::cmd("FUNCTION");
+                load.arg("LOAD").arg("REPLACE").arg(&self.lib.code);
+                Self::counted(load.query_async::<String>(&mut c).await)?;
+                Self::counted(cmd.query_async(&mut c).await)
+            }
+            r => Self::counted(r),
+        }
     }
 
     /// Runs an operation whose answer is a JSON object, decoded as `T`.
-    async fn run_json<T: DeserializeOwned>(&self, inv: &redis::ScriptInvocation<'_>, what: &str) -> Result<T> {
-        let text: String = self.run(inv).await?;
+    async fn run_json<T: DeserializeOwned>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
+        let text: String = self.run(cmd).await?;
         serde_json::from_str(&text).map_err(|_| StoreError::Corrupt(what.to_string(), "unexpected script answer"))
     }
 

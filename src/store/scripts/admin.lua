@@ -41,105 +41,108 @@ local function expire_closed(id, ttl)
   redis.call('PEXPIRE', idx, keep)
 end
 
-if op == 'close' then
-  -- ARGV[4] id, ARGV[5] resolved|cancelled, ARGV[6] note, ARGV[7] retention (ms)
-  -- Returns {ok = true, held = Release?} (held: the responder it was offered to
-  --   or in the hands of, now free) | {error = 'not_found'|'conflict'}
-  local id, to, note, retention = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
-  local k = K.inc(id)
-  local f = redis.call('HMGET', k, 'state', 'assigned_to', 'dispatch_id')
-  if not f[1] then return cjson.encode({error = 'not_found'}) end
-  if closed_state(f[1]) then return cjson.encode({error = 'conflict'}) end
-  local out = {ok = true}
-  local detail = {}
-  if note ~= '' then detail.note = note end
-  local rid = f[2]
-  local held = false
-  if not empty(rid) then
-    local rk = K.resp(rid)
-    local r = redis.call('HMGET', rk, 'offer', 'assignment', 'daemon')
-    if r[1] == id then redis.call('HSET', rk, 'offer', ''); held = true end
-    if r[2] == id then redis.call('HSET', rk, 'assignment', ''); held = true end
-    if held then
-      if refresh_idle(rid) then redis.call('HSET', rk, 'since', now) end
-      out.held = {responder = rid, dispatch_id = f[3] or '', daemon = r[3] or '', reason = 'incident_cancelled'}
-      if f[1] ~= 'offered' then detail.responder = rid end
-    end
-  end
-  redis.call('HSET', k, 'state', to, to .. '_ms', now, 'ack_by_ms', '')
-  if f[1] == 'offered' then redis.call('HSET', k, 'assigned_to', '') end
-  redis.call('ZREM', K.queue, id)
-  redis.call('ZREM', K.deadlines, id)
-  tl(id, EV[to], 'api', detail)
-  if held and f[1] == 'offered' then
-    tl(id, EV.withdrawn, 'dispatchd', {responder = rid, dispatch_id = f[3], reason = 'incident_cancelled'})
-  end
-  redis.call('ZADD', K.closed, now, id)
-  expire_closed(id, retention)
-  return cjson.encode(out)
-
-elseif op == 'erase' then
-  -- ARGV[4] number, ARGV[5] its pseudonym, ARGV[6..] more incident ids that may be its
-  -- Returns how many records had the number (and now have neither number nor name).
-  local number, idx = ARGV[4], K.caller(ARGV[5])
-  local ids = redis.call('SMEMBERS', idx)
-  for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
-  local seen, n = {}, 0
-  for _, id in ipairs(ids) do
-    if not seen[id] then
-      seen[id] = true
-      local k = K.inc(id)
-      if redis.call('HGET', k, 'caller') == number then
-        redis.call('HSET', k, 'caller', '', 'caller_name', '', 'caller_pseudonym', '')
-        tl(id, EV.note, 'api', {caller = 'erased'})
-        n = n + 1
+-- The operation ARGV[1] names, with the arguments after it.
+local function handle()
+  if op == 'close' then
+    -- ARGV[4] id, ARGV[5] resolved|cancelled, ARGV[6] note, ARGV[7] retention (ms)
+    -- Returns {ok = true, held = Release?} (held: the responder it was offered to
+    --   or in the hands of, now free) | {error = 'not_found'|'conflict'}
+    local id, to, note, retention = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+    local k = K.inc(id)
+    local f = redis.call('HMGET', k, 'state', 'assigned_to', 'dispatch_id')
+    if not f[1] then return cjson.encode({error = 'not_found'}) end
+    if closed_state(f[1]) then return cjson.encode({error = 'conflict'}) end
+    local out = {ok = true}
+    local detail = {}
+    if note ~= '' then detail.note = note end
+    local rid = f[2]
+    local held = false
+    if not empty(rid) then
+      local rk = K.resp(rid)
+      local r = redis.call('HMGET', rk, 'offer', 'assignment', 'daemon')
+      if r[1] == id then redis.call('HSET', rk, 'offer', ''); held = true end
+      if r[2] == id then redis.call('HSET', rk, 'assignment', ''); held = true end
+      if held then
+        if refresh_idle(rid) then redis.call('HSET', rk, 'since', now) end
+        out.held = {responder = rid, dispatch_id = f[3] or '', daemon = r[3] or '', reason = 'incident_cancelled'}
+        if f[1] ~= 'offered' then detail.responder = rid end
       end
     end
-  end
-  -- Calls intake still remembers with this caller (intake.lua), incident or not.
-  local calls = K.callercalls(ARGV[5])
-  for _, ck in ipairs(redis.call('SMEMBERS', calls)) do redis.call('DEL', K.acall(ck)) end
-  redis.call('DEL', idx, calls, K.repeats(ARGV[5]))
-  return n
-
-elseif op == 'sweep' then
-  -- ARGV[4] retention (ms), ARGV[5] most incidents to handle per part
-  -- 1. closed longer ago than the retention: whatever is left of it goes;
-  -- 2. closed since the last sweep without an expiry (resolved by a
-  --    responder, see the 'status' op of dispatch.lua): its expiry is set.
-  -- Returns {removed, expiries set, 1 when there is more to do else 0}
-  local retention, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local removed, set, more = 0, 0, 0
-  local old = redis.call('ZRANGEBYSCORE', K.closed, '-inf', now - retention, 'LIMIT', 0, limit)
-  for _, id in ipairs(old) do
-    local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
-    if not empty(ps) then redis.call('SREM', K.caller(ps), id) end
-    redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id))
-    redis.call('ZREM', K.incidents, id)
-    redis.call('ZREM', K.closed, id)
-    removed = removed + 1
-  end
-  if #old == limit then more = 1 end
-  -- Records closed while an earlier sweep ran may sort just before the cursor: look back a little.
-  local cursor = (tonumber(redis.call('GET', K.closed_cursor)) or 0) - 300000
-  local recent = redis.call('ZRANGEBYSCORE', K.closed, string.format('%.0f', cursor), '+inf',
-    'WITHSCORES', 'LIMIT', 0, limit)
-  local upto = now
-  for i = 1, #recent, 2 do
-    local id, closed = recent[i], tonumber(recent[i + 1])
-    if redis.call('PTTL', K.inc(id)) == -1 then
-      local left = closed + retention - now
-      if left < 1 then left = 1 end
-      expire_closed(id, left)
-      set = set + 1
+    redis.call('HSET', k, 'state', to, to .. '_ms', now, 'ack_by_ms', '')
+    if f[1] == 'offered' then redis.call('HSET', k, 'assigned_to', '') end
+    redis.call('ZREM', K.queue, id)
+    redis.call('ZREM', K.deadlines, id)
+    tl(id, EV[to], 'api', detail)
+    if held and f[1] == 'offered' then
+      tl(id, EV.withdrawn, 'dispatchd', {responder = rid, dispatch_id = f[3], reason = 'incident_cancelled'})
     end
+    redis.call('ZADD', K.closed, now, id)
+    expire_closed(id, retention)
+    return cjson.encode(out)
+
+  elseif op == 'erase' then
+    -- ARGV[4] number, ARGV[5] its pseudonym, ARGV[6..] more incident ids that may be its
+    -- Returns how many records had the number (and now have neither number nor name).
+    local number, idx = ARGV[4], K.caller(ARGV[5])
+    local ids = redis.call('SMEMBERS', idx)
+    for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
+    local seen, n = {}, 0
+    for _, id in ipairs(ids) do
+      if not seen[id] then
+        seen[id] = true
+        local k = K.inc(id)
+        if redis.call('HGET', k, 'caller') == number then
+          redis.call('HSET', k, 'caller', '', 'caller_name', '', 'caller_pseudonym', '')
+          tl(id, EV.note, 'api', {caller = 'erased'})
+          n = n + 1
+        end
+      end
+    end
+    -- Calls intake still remembers with this caller (intake.lua), incident or not.
+    local calls = K.callercalls(ARGV[5])
+    for _, ck in ipairs(redis.call('SMEMBERS', calls)) do redis.call('DEL', K.acall(ck)) end
+    redis.call('DEL', idx, calls, K.repeats(ARGV[5]))
+    return n
+
+  elseif op == 'sweep' then
+    -- ARGV[4] retention (ms), ARGV[5] most incidents to handle per part
+    -- 1. closed longer ago than the retention: whatever is left of it goes;
+    -- 2. closed since the last sweep without an expiry (resolved by a
+    --    responder, see the 'status' op of dispatch.lua): its expiry is set.
+    -- Returns {removed, expiries set, 1 when there is more to do else 0}
+    local retention, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+    local removed, set, more = 0, 0, 0
+    local old = redis.call('ZRANGEBYSCORE', K.closed, '-inf', now - retention, 'LIMIT', 0, limit)
+    for _, id in ipairs(old) do
+      local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
+      if not empty(ps) then redis.call('SREM', K.caller(ps), id) end
+      redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id))
+      redis.call('ZREM', K.incidents, id)
+      redis.call('ZREM', K.closed, id)
+      removed = removed + 1
+    end
+    if #old == limit then more = 1 end
+    -- Records closed while an earlier sweep ran may sort just before the cursor: look back a little.
+    local cursor = (tonumber(redis.call('GET', K.closed_cursor)) or 0) - 300000
+    local recent = redis.call('ZRANGEBYSCORE', K.closed, string.format('%.0f', cursor), '+inf',
+      'WITHSCORES', 'LIMIT', 0, limit)
+    local upto = now
+    for i = 1, #recent, 2 do
+      local id, closed = recent[i], tonumber(recent[i + 1])
+      if redis.call('PTTL', K.inc(id)) == -1 then
+        local left = closed + retention - now
+        if left < 1 then left = 1 end
+        expire_closed(id, left)
+        set = set + 1
+      end
+    end
+    if #recent == 2 * limit then
+      upto = tonumber(recent[#recent]) + 300000
+      if upto > now then upto = now end
+      more = 1
+    end
+    redis.call('SET', K.closed_cursor, string.format('%.0f', upto))
+    return {removed, set, more}
   end
-  if #recent == 2 * limit then
-    upto = tonumber(recent[#recent]) + 300000
-    if upto > now then upto = now end
-    more = 1
-  end
-  redis.call('SET', K.closed_cursor, string.format('%.0f', upto))
-  return {removed, set, more}
+  return redis.error_reply('unknown op ' .. tostring(op))
 end
-return redis.error_reply('unknown op ' .. tostring(op))

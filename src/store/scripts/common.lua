@@ -1,15 +1,39 @@
--- Shared by every script: each is loaded as the prelude generated from Rust
--- (store/prelude.rs: RANK, SEVERITY, EV, the id alphabets, key names), this
--- file, then its own text, so they agree on arguments, names and helpers.
+-- Shared by the three scripts (intake, dispatch, admin). They are loaded into
+-- Redis once, as one function library (store/prelude.rs): the prelude
+-- generated from the Rust types (RANK, SEVERITY, PROGRESS, EV, the id
+-- alphabets, `new_keys`), this file, then each script in a block of its own
+-- with its `handle()` registered as a function. What is defined here is made
+-- once when the library loads, not on every call.
 --
--- ARGV[1] op   ARGV[2] prefix (p)   ARGV[3] now in ms, or '' for Redis's own clock
--- One clock serves every daemon sharing this Redis: deadlines, leases and
--- timeline times are all judged by `TIME` here (tests pass an explicit time).
-local op, p = ARGV[1], ARGV[2]
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Every call: ARGV[1] op   ARGV[2] prefix (p)   ARGV[3] now in ms, or '' for
+-- Redis's own clock. One clock serves every daemon sharing this Redis:
+-- deadlines, leases and timeline times are all judged by `TIME` here (tests
+-- pass an explicit time).
+local ARGV, op, p, now, now_text, K
+local keys_of = {}
+local strict = false
+
+-- @keys@ (generated: new_keys(prefix), the table of every key name of store/keys.rs: K.queue, K.inc(id), …)
+
+-- The start of every call: its arguments, the time, the keys of its prefix.
+-- (The first call also makes EV strict: the library's load has no globals.)
+local function begin(args)
+  if not strict then
+    setmetatable(EV, STRICT)
+    strict = true
+  end
+  ARGV, op, p = args, args[1], args[2]
+  now = tonumber(args[3])
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  now_text = nil
+  K = keys_of[p]
+  if not K then
+    K = new_keys(p)
+    keys_of[p] = K
+  end
 end
 
 -- Milliseconds since the epoch → RFC 3339 UTC with milliseconds (the civil
@@ -33,9 +57,12 @@ local function iso(ms)
   return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
     math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, milli)
 end
-local now_iso = iso(now)
 
--- @keys@ (generated: K.queue, K.inc(id), … — every key name of store/keys.rs)
+-- `now` as text, made once per call and only when an entry needs it.
+local function now_iso()
+  if not now_text then now_text = iso(now) end
+  return now_text
+end
 
 -- Milliseconds in 13 digits: the queue score is a severity rank followed by this.
 local function pad13(ms)
@@ -45,12 +72,12 @@ end
 
 -- Appends one entry to an incident's timeline.
 local function tl(id, event, actor, detail)
-  redis.call('RPUSH', K.tl(id), cjson.encode({at = now_iso, event = event, actor = actor, detail = detail}))
+  redis.call('RPUSH', K.tl(id), cjson.encode({at = now_iso(), event = event, actor = actor, detail = detail}))
 end
 
 -- An entry written by Rust without its time (`{"event":…}`), stamped: `{"at":…,"event":…}`.
 local function stamped(entry, at_iso)
-  return '{"at":"' .. (at_iso or now_iso) .. '",' .. string.sub(entry, 2)
+  return '{"at":"' .. (at_iso or now_iso()) .. '",' .. string.sub(entry, 2)
 end
 
 local function empty(v) return v == false or v == nil or v == '' end

@@ -170,129 +170,132 @@ local function match(pol, offers, exhausted)
 end
 
 -- ---------------------------------------------------------------------------
-if op == 'roster' then
-  -- ARGV[4] n, then n × (rid, tier, skills ",a,b," or "*")
-  local n = tonumber(ARGV[4])
-  redis.call('DEL', K.roster)
-  for i = 0, n - 1 do
-    local rid, tier, skills = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
-    redis.call('SADD', K.roster, rid)
-    redis.call('HSET', K.resp(rid), 'tier', tier, 'skills', skills)
-  end
-  -- Responders that left the roster can no longer be offered anything.
-  for _, rid in ipairs(redis.call('ZRANGE', K.idle, 0, -1)) do refresh_idle(rid) end
-  for i = 0, n - 1 do refresh_idle(ARGV[5 + 3 * i]) end
-  return n
-
-elseif op == 'connect' then
-  -- ARGV[4] rid, ARGV[5] daemon, ARGV[6] lease (ms from now)
-  -- Returns the incident offered to it and not yet answered, or ''.
-  local rid, daemon = ARGV[4], ARGV[5]
-  local k = K.resp(rid)
-  local was = refresh_idle(rid)
-  if empty(redis.call('HGET', k, 'availability')) then
-    redis.call('HSET', k, 'availability', 'available')
-  end
-  redis.call('HSET', k, 'daemon', daemon, 'lease', now + tonumber(ARGV[6]))
-  if refresh_idle(rid) and not was then redis.call('HSET', k, 'since', now) end
-  return redis.call('HGET', k, 'offer') or ''
-
-elseif op == 'lease' then
-  -- ARGV[4] daemon, ARGV[5] lease (ms from now), ARGV[6..] rids connected here
-  local until_ms = now + tonumber(ARGV[5])
-  for i = 6, #ARGV do
-    local k = K.resp(ARGV[i])
-    if redis.call('HGET', k, 'daemon') == ARGV[4] then
-      redis.call('HSET', k, 'lease', until_ms)
-      refresh_idle(ARGV[i])
+-- The operation ARGV[1] names, with the arguments after it.
+local function handle()
+  if op == 'roster' then
+    -- ARGV[4] n, then n × (rid, tier, skills ",a,b," or "*")
+    local n = tonumber(ARGV[4])
+    redis.call('DEL', K.roster)
+    for i = 0, n - 1 do
+      local rid, tier, skills = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+      redis.call('SADD', K.roster, rid)
+      redis.call('HSET', K.resp(rid), 'tier', tier, 'skills', skills)
     end
-  end
-  return 1
+    -- Responders that left the roster can no longer be offered anything.
+    for _, rid in ipairs(redis.call('ZRANGE', K.idle, 0, -1)) do refresh_idle(rid) end
+    for i = 0, n - 1 do refresh_idle(ARGV[5 + 3 * i]) end
+    return n
 
-elseif op == 'disconnect' then
-  -- ARGV[4] rid, ARGV[5] daemon
-  local k = K.resp(ARGV[4])
-  if redis.call('HGET', k, 'daemon') == ARGV[5] then
-    redis.call('HSET', k, 'daemon', '', 'lease', '0')
-    refresh_idle(ARGV[4])
-  end
-  return 1
-
-elseif op == 'availability' then
-  -- ARGV[4] rid, ARGV[5] available|busy|off_duty
-  local rid, status = ARGV[4], ARGV[5]
-  local was = refresh_idle(rid)
-  redis.call('HSET', K.resp(rid), 'availability', status)
-  if refresh_idle(rid) and not was then redis.call('HSET', K.resp(rid), 'since', now) end
-  return 1
-
-elseif op == 'step' then
-  -- One pass of the dispatcher: withdraw offers past their deadline, then pair
-  -- waiting incidents with free responders, then say when the next deadline is.
-  -- ARGV[4] the policy, JSON: {max, ack_timeout_ms [4], max_rounds [4], daemon}
-  --   (lists per severity rank, most severe first)
-  -- Returns {releases [Release], offers [offer + daemon, escalated], exhausted
-  --   [{incident_id, severity}], next_deadline_ms (absent: none), now}
-  local pol = cjson.decode(ARGV[4])
-  local out = {releases = {}, offers = {}, exhausted = {}, now = now}
-  expire(out.releases)
-  match(pol, out.offers, out.exhausted)
-  local nxt = redis.call('ZRANGE', K.deadlines, 0, 0, 'WITHSCORES')
-  out.next_deadline_ms = tonumber(nxt[2])
-  return cjson.encode(out)
-
-elseif op == 'answer' then
-  -- ARGV[4] rid, ARGV[5] dispatch_id, ARGV[6] 'ack'|'decline', ARGV[7] reason
-  -- Returns {acknowledged = true, offer_age_ms?, repeated?} | {release = …} | {error = code}
-  local rid, dispatch_id, kind = ARGV[4], ARGV[5], ARGV[6]
-  local id, attempt = string.match(dispatch_id, '^(.+)%.(%d+)$')
-  if not id or redis.call('EXISTS', K.inc(id)) == 0 then return cjson.encode({error = 'unknown_dispatch'}) end
-  local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to', 'dispatch_id', 'offered_ms', 'attempts')
-  if tonumber(attempt) > (tonumber(f[5]) or 0) then return cjson.encode({error = 'unknown_dispatch'}) end
-  if f[3] ~= dispatch_id or f[2] ~= rid then return cjson.encode({error = 'stale_dispatch'}) end
-  if f[1] ~= 'offered' then
-    if kind == 'ack' and f[1] ~= 'queued' and f[1] ~= 'cancelled' then
-      return cjson.encode({acknowledged = true, repeated = true})
+  elseif op == 'connect' then
+    -- ARGV[4] rid, ARGV[5] daemon, ARGV[6] lease (ms from now)
+    -- Returns the incident offered to it and not yet answered, or ''.
+    local rid, daemon = ARGV[4], ARGV[5]
+    local k = K.resp(rid)
+    local was = refresh_idle(rid)
+    if empty(redis.call('HGET', k, 'availability')) then
+      redis.call('HSET', k, 'availability', 'available')
     end
-    return cjson.encode({error = 'stale_dispatch'})
-  end
-  if kind == 'ack' then
-    redis.call('HSET', K.inc(id), 'state', 'acknowledged', 'acked_ms', now, 'ack_by_ms', '')
-    redis.call('ZREM', K.deadlines, id)
-    redis.call('HSET', K.resp(rid), 'offer', '', 'assignment', id)
-    refresh_idle(rid)
-    tl(id, EV.acknowledged, rid, {responder = rid, dispatch_id = dispatch_id})
-    local offered = tonumber(f[4])
-    return cjson.encode({acknowledged = true, offer_age_ms = offered and (now - offered)})
-  end
-  return cjson.encode({release = withdraw(id, rid, dispatch_id, EV.declined, rid,
-    {responder = rid, dispatch_id = dispatch_id, reason = ARGV[7]})})
+    redis.call('HSET', k, 'daemon', daemon, 'lease', now + tonumber(ARGV[6]))
+    if refresh_idle(rid) and not was then redis.call('HSET', k, 'since', now) end
+    return redis.call('HGET', k, 'offer') or ''
 
-elseif op == 'status' then
-  -- ARGV[4] rid, ARGV[5] incident id, ARGV[6] en_route|on_scene|resolved, ARGV[7] note,
-  -- ARGV[8] eta in seconds ('' = none given): kept as eta_ms for the caller status
-  -- Returns {ok = new state} | {error = code}
-  local rid, id, status = ARGV[4], ARGV[5], ARGV[6]
-  local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to')
-  if f[2] ~= rid or not PROGRESS[f[1]] or f[1] == 'resolved' then return cjson.encode({error = 'not_allowed'}) end
-  if not PROGRESS[status] or PROGRESS[status] <= PROGRESS[f[1]] then return cjson.encode({error = 'not_allowed'}) end
-  redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now)
-  local detail = {responder = rid}
-  if ARGV[7] ~= '' then detail.note = ARGV[7] end
-  if tonumber(ARGV[8]) then
-    detail.eta_s = tonumber(ARGV[8])
-    redis.call('HSET', K.inc(id), 'eta_ms', now + 1000 * tonumber(ARGV[8]))
-  elseif status ~= 'en_route' then
-    -- On scene or resolved: the journey is over.
-    redis.call('HDEL', K.inc(id), 'eta_ms')
+  elseif op == 'lease' then
+    -- ARGV[4] daemon, ARGV[5] lease (ms from now), ARGV[6..] rids connected here
+    local until_ms = now + tonumber(ARGV[5])
+    for i = 6, #ARGV do
+      local k = K.resp(ARGV[i])
+      if redis.call('HGET', k, 'daemon') == ARGV[4] then
+        redis.call('HSET', k, 'lease', until_ms)
+        refresh_idle(ARGV[i])
+      end
+    end
+    return 1
+
+  elseif op == 'disconnect' then
+    -- ARGV[4] rid, ARGV[5] daemon
+    local k = K.resp(ARGV[4])
+    if redis.call('HGET', k, 'daemon') == ARGV[5] then
+      redis.call('HSET', k, 'daemon', '', 'lease', '0')
+      refresh_idle(ARGV[4])
+    end
+    return 1
+
+  elseif op == 'availability' then
+    -- ARGV[4] rid, ARGV[5] available|busy|off_duty
+    local rid, status = ARGV[4], ARGV[5]
+    local was = refresh_idle(rid)
+    redis.call('HSET', K.resp(rid), 'availability', status)
+    if refresh_idle(rid) and not was then redis.call('HSET', K.resp(rid), 'since', now) end
+    return 1
+
+  elseif op == 'step' then
+    -- One pass of the dispatcher: withdraw offers past their deadline, then pair
+    -- waiting incidents with free responders, then say when the next deadline is.
+    -- ARGV[4] the policy, JSON: {max, ack_timeout_ms [4], max_rounds [4], daemon}
+    --   (lists per severity rank, most severe first)
+    -- Returns {releases [Release], offers [offer + daemon, escalated], exhausted
+    --   [{incident_id, severity}], next_deadline_ms (absent: none), now}
+    local pol = cjson.decode(ARGV[4])
+    local out = {releases = {}, offers = {}, exhausted = {}, now = now}
+    expire(out.releases)
+    match(pol, out.offers, out.exhausted)
+    local nxt = redis.call('ZRANGE', K.deadlines, 0, 0, 'WITHSCORES')
+    out.next_deadline_ms = tonumber(nxt[2])
+    return cjson.encode(out)
+
+  elseif op == 'answer' then
+    -- ARGV[4] rid, ARGV[5] dispatch_id, ARGV[6] 'ack'|'decline', ARGV[7] reason
+    -- Returns {acknowledged = true, offer_age_ms?, repeated?} | {release = …} | {error = code}
+    local rid, dispatch_id, kind = ARGV[4], ARGV[5], ARGV[6]
+    local id, attempt = string.match(dispatch_id, '^(.+)%.(%d+)$')
+    if not id or redis.call('EXISTS', K.inc(id)) == 0 then return cjson.encode({error = 'unknown_dispatch'}) end
+    local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to', 'dispatch_id', 'offered_ms', 'attempts')
+    if tonumber(attempt) > (tonumber(f[5]) or 0) then return cjson.encode({error = 'unknown_dispatch'}) end
+    if f[3] ~= dispatch_id or f[2] ~= rid then return cjson.encode({error = 'stale_dispatch'}) end
+    if f[1] ~= 'offered' then
+      if kind == 'ack' and f[1] ~= 'queued' and f[1] ~= 'cancelled' then
+        return cjson.encode({acknowledged = true, repeated = true})
+      end
+      return cjson.encode({error = 'stale_dispatch'})
+    end
+    if kind == 'ack' then
+      redis.call('HSET', K.inc(id), 'state', 'acknowledged', 'acked_ms', now, 'ack_by_ms', '')
+      redis.call('ZREM', K.deadlines, id)
+      redis.call('HSET', K.resp(rid), 'offer', '', 'assignment', id)
+      refresh_idle(rid)
+      tl(id, EV.acknowledged, rid, {responder = rid, dispatch_id = dispatch_id})
+      local offered = tonumber(f[4])
+      return cjson.encode({acknowledged = true, offer_age_ms = offered and (now - offered)})
+    end
+    return cjson.encode({release = withdraw(id, rid, dispatch_id, EV.declined, rid,
+      {responder = rid, dispatch_id = dispatch_id, reason = ARGV[7]})})
+
+  elseif op == 'status' then
+    -- ARGV[4] rid, ARGV[5] incident id, ARGV[6] en_route|on_scene|resolved, ARGV[7] note,
+    -- ARGV[8] eta in seconds ('' = none given): kept as eta_ms for the caller status
+    -- Returns {ok = new state} | {error = code}
+    local rid, id, status = ARGV[4], ARGV[5], ARGV[6]
+    local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to')
+    if f[2] ~= rid or not PROGRESS[f[1]] or f[1] == 'resolved' then return cjson.encode({error = 'not_allowed'}) end
+    if not PROGRESS[status] or PROGRESS[status] <= PROGRESS[f[1]] then return cjson.encode({error = 'not_allowed'}) end
+    redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now)
+    local detail = {responder = rid}
+    if ARGV[7] ~= '' then detail.note = ARGV[7] end
+    if tonumber(ARGV[8]) then
+      detail.eta_s = tonumber(ARGV[8])
+      redis.call('HSET', K.inc(id), 'eta_ms', now + 1000 * tonumber(ARGV[8]))
+    elseif status ~= 'en_route' then
+      -- On scene or resolved: the journey is over.
+      redis.call('HDEL', K.inc(id), 'eta_ms')
+    end
+    tl(id, EV[status], rid, detail)
+    if status == 'resolved' then
+      redis.call('HSET', K.resp(rid), 'assignment', '')
+      if refresh_idle(rid) then redis.call('HSET', K.resp(rid), 'since', now) end
+      -- Closed: the retention sweep (admin.lua) sets its expiry.
+      redis.call('ZADD', K.closed, now, id)
+    end
+    return cjson.encode({ok = status})
   end
-  tl(id, EV[status], rid, detail)
-  if status == 'resolved' then
-    redis.call('HSET', K.resp(rid), 'assignment', '')
-    if refresh_idle(rid) then redis.call('HSET', K.resp(rid), 'since', now) end
-    -- Closed: the retention sweep (admin.lua) sets its expiry.
-    redis.call('ZADD', K.closed, now, id)
-  end
-  return cjson.encode({ok = status})
+  return redis.error_reply('unknown op ' .. tostring(op))
 end
-return redis.error_reply('unknown op ' .. tostring(op))

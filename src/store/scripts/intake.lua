@@ -26,7 +26,6 @@
 --   p:storm:<queue>        string  the open abandon-storm incident of a queue
 --   p:inc:<id>:members     set     a major incident's members
 -- (now, iso, K, EV, RANK, SEVERITY, CROCKFORD, CHECK, pad13, tl, stamped, empty: prelude and common.lua.)
-local a = cjson.decode(ARGV[4])
 
 local function is_open(id)
   local s = redis.call('HGET', K.inc(id), 'state')
@@ -214,104 +213,108 @@ local function remember(call_key, state, ttl, pseudonym)
   end
 end
 
-if op == 'open' then
-  local n = tonumber(ARGV[5])
-  a.fields = {unpack(ARGV, 6, 5 + 2 * n)}
-  a.timeline = {unpack(ARGV, 6 + 2 * n)}
-  local out = open(a, a.rules or {})
-  remember(a.call_key, a.state, a.state_ttl, a.pseudonym)
-  return cjson.encode(out)
+-- The operation ARGV[1] names, with the arguments after it.
+local function handle()
+  local a = cjson.decode(ARGV[4])
+  if op == 'open' then
+    local n = tonumber(ARGV[5])
+    a.fields = {unpack(ARGV, 6, 5 + 2 * n)}
+    a.timeline = {unpack(ARGV, 6 + 2 * n)}
+    local out = open(a, a.rules or {})
+    remember(a.call_key, a.state, a.state_ttl, a.pseudonym)
+    return cjson.encode(out)
 
-elseif op == 'event' then
-  -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entries (JSON text, for the
-  --    call's incident), changes {field = value} and own_entries: a reclassification,
-  --    applied only when the incident is this call's own — a repeat call attached
-  --    to the caller's incident records its IVR input but does not reclassify it,
-  --    callback (an `open` argument: the incident to open when the call has none),
-  --    storm {queue, count, window_ms, severity, instructions}
-  -- Returns {id ('' when the call has no incident), duplicate?, callback?, storm?, storm_created?, …}
-  if not empty(a.dedup) then
-    local dk = K.dedup(a.dedup)
-    if redis.call('EXISTS', dk) == 1 then
-      return cjson.encode({id = redis.call('GET', K.call(a.call_key)) or '', duplicate = true})
-    end
-    redis.call('SET', dk, '1', 'EX', a.dedup_ttl)
-  end
-  remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
-  local id = redis.call('GET', K.call(a.call_key))
-  local out = {id = id or ''}
-  if id and redis.call('EXISTS', K.inc(id)) == 1 then
-    local own = redis.call('HGET', K.inc(id), 'call_key') == a.call_key
-    out.own = own
-    if a.changes and own then
-      local hset = {K.inc(id)}
-      for k, v in pairs(a.changes) do
-        hset[#hset + 1] = k
-        hset[#hset + 1] = tostring(v)
+  elseif op == 'event' then
+    -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entries (JSON text, for the
+    --    call's incident), changes {field = value} and own_entries: a reclassification,
+    --    applied only when the incident is this call's own — a repeat call attached
+    --    to the caller's incident records its IVR input but does not reclassify it,
+    --    callback (an `open` argument: the incident to open when the call has none),
+    --    storm {queue, count, window_ms, severity, instructions}
+    -- Returns {id ('' when the call has no incident), duplicate?, callback?, storm?, storm_created?, …}
+    if not empty(a.dedup) then
+      local dk = K.dedup(a.dedup)
+      if redis.call('EXISTS', dk) == 1 then
+        return cjson.encode({id = redis.call('GET', K.call(a.call_key)) or '', duplicate = true})
       end
-      if #hset > 1 then redis.call('HSET', unpack(hset)) end
-      if a.changes.severity and redis.call('ZSCORE', K.queue, id) then
-        local opened = tonumber(redis.call('HGET', K.inc(id), 'opened_ms')) or 0
-        redis.call('ZADD', K.queue, 'XX', (RANK[a.changes.severity] or 2) .. pad13(opened), id)
+      redis.call('SET', dk, '1', 'EX', a.dedup_ttl)
+    end
+    remember(a.call_key, a.state, a.call_ttl, a.pseudonym)
+    local id = redis.call('GET', K.call(a.call_key))
+    local out = {id = id or ''}
+    if id and redis.call('EXISTS', K.inc(id)) == 1 then
+      local own = redis.call('HGET', K.inc(id), 'call_key') == a.call_key
+      out.own = own
+      if a.changes and own then
+        local hset = {K.inc(id)}
+        for k, v in pairs(a.changes) do
+          hset[#hset + 1] = k
+          hset[#hset + 1] = tostring(v)
+        end
+        if #hset > 1 then redis.call('HSET', unpack(hset)) end
+        if a.changes.severity and redis.call('ZSCORE', K.queue, id) then
+          local opened = tonumber(redis.call('HGET', K.inc(id), 'opened_ms')) or 0
+          redis.call('ZADD', K.queue, 'XX', (RANK[a.changes.severity] or 2) .. pad13(opened), id)
+        end
+      end
+      if a.entries then
+        for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
+      end
+      if a.own_entries and own then
+        for _, e in ipairs(a.own_entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
+      end
+    elseif a.callback then
+      local cb = open(a.callback, a.callback.rules or {})
+      out.id = cb.id
+      out.callback = cb
+      if cb.created == 0 and a.entries then
+        -- Attached to the caller's open incident (repeat rule): the abandon is on its timeline too.
+        for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(cb.id), stamped(e)) end
       end
     end
-    if a.entries then
-      for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
-    end
-    if a.own_entries and own then
-      for _, e in ipairs(a.own_entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
-    end
-  elseif a.callback then
-    local cb = open(a.callback, a.callback.rules or {})
-    out.id = cb.id
-    out.callback = cb
-    if cb.created == 0 and a.entries then
-      -- Attached to the caller's open incident (repeat rule): the abandon is on its timeline too.
-      for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(cb.id), stamped(e)) end
-    end
-  end
-  if a.storm then
-    local s = a.storm
-    local zk = K.abandons(s.queue)
-    redis.call('ZADD', zk, now, a.call_key)
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - s.window_ms))
-    redis.call('PEXPIRE', zk, s.window_ms)
-    local sk = K.storm(s.queue)
-    local storm = redis.call('GET', sk)
-    if storm and is_open(storm) then
-      tl(storm, EV.abandoned, a.source or 'dispatchd', {queue = s.queue, call_ref = a.call_key,
-        wait_seconds = s.wait_seconds, abandons = redis.call('ZCARD', zk)})
-      out.storm = storm
-    else
-      local n = redis.call('ZCARD', zk)
-      if n >= s.count then
-        local m = {severity = s.severity, category = 'abandon_storm', rule = 'abandon_storm', queue = s.queue,
-          window_ms = s.window_ms, instructions = s.instructions or '',
-          summary = 'Abandon storm: ' .. n .. ' callers abandoned queue ' .. s.queue .. ' within ' ..
-            math.floor(s.window_ms / 1000) .. 's'}
-        storm = declare_major(m, n, a.source or 'dispatchd')
-        redis.call('HSET', K.inc(storm), 'abandons', n)
-        redis.call('SET', sk, storm)
-        redis.call('DEL', zk)
+    if a.storm then
+      local s = a.storm
+      local zk = K.abandons(s.queue)
+      redis.call('ZADD', zk, now, a.call_key)
+      redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - s.window_ms))
+      redis.call('PEXPIRE', zk, s.window_ms)
+      local sk = K.storm(s.queue)
+      local storm = redis.call('GET', sk)
+      if storm and is_open(storm) then
+        tl(storm, EV.abandoned, a.source or 'dispatchd', {queue = s.queue, call_ref = a.call_key,
+          wait_seconds = s.wait_seconds, abandons = redis.call('ZCARD', zk)})
         out.storm = storm
-        out.storm_created = true
-        out.storm_severity = s.severity
+      else
+        local n = redis.call('ZCARD', zk)
+        if n >= s.count then
+          local m = {severity = s.severity, category = 'abandon_storm', rule = 'abandon_storm', queue = s.queue,
+            window_ms = s.window_ms, instructions = s.instructions or '',
+            summary = 'Abandon storm: ' .. n .. ' callers abandoned queue ' .. s.queue .. ' within ' ..
+              math.floor(s.window_ms / 1000) .. 's'}
+          storm = declare_major(m, n, a.source or 'dispatchd')
+          redis.call('HSET', K.inc(storm), 'abandons', n)
+          redis.call('SET', sk, storm)
+          redis.call('DEL', zk)
+          out.storm = storm
+          out.storm_created = true
+          out.storm_severity = s.severity
+        end
       end
     end
-  end
-  return cjson.encode(out)
+    return cjson.encode(out)
 
-elseif op == 'append' then
-  -- a: a flat list {id, entry, id, entry, …}: entries (JSON text without their
-  -- time) that need no other change, e.g. `delivered`, a call's end. An entry
-  -- for a record that no longer exists is dropped (a timeline never outlives it).
-  local n = 0
-  for i = 1, #a, 2 do
-    if redis.call('EXISTS', K.inc(a[i])) == 1 then
-      redis.call('RPUSH', K.tl(a[i]), stamped(a[i + 1]))
-      n = n + 1
+  elseif op == 'append' then
+    -- a: a flat list {id, entry, id, entry, …}: entries (JSON text without their
+    -- time) that need no other change, e.g. `delivered`, a call's end. An entry
+    -- for a record that no longer exists is dropped (a timeline never outlives it).
+    local n = 0
+    for i = 1, #a, 2 do
+      if redis.call('EXISTS', K.inc(a[i])) == 1 then
+        redis.call('RPUSH', K.tl(a[i]), stamped(a[i + 1]))
+        n = n + 1
+      end
     end
+    return cjson.encode({appended = n})
   end
-  return cjson.encode({appended = n})
+  return redis.error_reply('unknown op ' .. tostring(op))
 end
-return redis.error_reply('unknown op ' .. tostring(op))
