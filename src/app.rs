@@ -25,7 +25,7 @@ use crate::intake::Intake;
 use crate::responders::{self, Gateway, Roster, Sessions};
 use crate::sip::line::Uas;
 use crate::sip::transport::{self, AllowList, TcpLimits};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::telemetry::{self, metric};
 use crate::{reload, shutdown, systemd};
 
@@ -41,7 +41,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
 
     let store =
         Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout).context("redis.url")?;
-    if !wait_for_redis(&store, &token).await {
+    if !wait_for_redis(&store, &token).await? {
         systemd::stopping();
         tracing::info!("dispatchd stopped before it was ready");
         return Ok(());
@@ -178,16 +178,18 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     Ok(())
 }
 
-/// Waits until Redis answers; false when shutdown came first.
-async fn wait_for_redis(store: &Store, token: &CancellationToken) -> bool {
+/// Waits until Redis answers and has the scripts loaded; false when shutdown
+/// came first, an error when this Redis cannot run them.
+async fn wait_for_redis(store: &Store, token: &CancellationToken) -> anyhow::Result<bool> {
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match store.ping().await {
-            Ok(()) => return true,
+        match store.load_library().await {
+            Ok(()) => return Ok(true),
+            Err(e @ StoreError::TooOld) => return Err(e.into()),
             Err(e) => tracing::warn!(error = %e, "waiting for Redis"),
         }
         if backoff.wait(token).await {
-            return false;
+            return Ok(false);
         }
     }
 }

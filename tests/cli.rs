@@ -91,3 +91,40 @@ fn version_prints() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// A Redis without function libraries (as before 7.0: here the FUNCTION
+/// command is renamed away): the daemon stops at start and says why, rather
+/// than answering calls it could not store.
+#[test]
+fn redis_without_functions_is_refused_at_start() {
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--rename-command", "FUNCTION", ""])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    common::wait_until("redis", std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let (sip, http, ws) = (common::free_port(), common::free_port(), common::free_port());
+    let path = dir.path().join("d.toml");
+    let toml = format!(
+        "[sip]\nudp = \"127.0.0.1:{sip}\"\ntcp = \"\"\n[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n\
+         [responders]\nlisten = \"127.0.0.1:{ws}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n"
+    );
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(common::bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("DISPATCHD__PRIVACY__CALLER_KEY", common::CALLER_KEY)
+        .output()
+        .unwrap();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("Redis 7.0 or later"), "{text}");
+}

@@ -58,6 +58,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("corrupt record {0}: {1}")]
     Corrupt(String, &'static str),
+    #[error("this Redis has no function libraries (FUNCTION LOAD): dispatchd needs Redis 7.0 or later")]
+    TooOld,
 }
 
 impl StoreError {
@@ -75,7 +77,7 @@ impl StoreError {
                     // Out of memory, failing to persist, busy with a script: it passes.
                     || matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY" | "LOADING" | "READONLY"))
             }
-            StoreError::Corrupt(..) => false,
+            StoreError::Corrupt(..) | StoreError::TooOld => false,
         }
     }
 }
@@ -160,9 +162,7 @@ impl Store {
         let mut c = self.conn.clone();
         match cmd.query_async(&mut c).await {
             Err(e) if e.to_string().contains("Function not found") => {
-                let mut load = redis::cmd("FUNCTION");
-                load.arg("LOAD").arg("REPLACE").arg(&self.lib.code);
-                Self::counted(load.query_async::<String>(&mut c).await)?;
+                self.load_library().await?;
                 Self::counted(cmd.query_async(&mut c).await)
             }
             r => Self::counted(r),
@@ -173,6 +173,19 @@ impl Store {
     async fn run_json<T: DeserializeOwned>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let text: String = self.run(cmd).await?;
         serde_json::from_str(&text).map_err(|_| StoreError::Corrupt(what.to_string(), "unexpected script answer"))
+    }
+
+    /// Loads the scripts into Redis (at startup; again whenever a call finds
+    /// them missing). Redis 7.0 or later is needed for function libraries.
+    pub async fn load_library(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(&self.lib.code);
+        match load.query_async::<String>(&mut c).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("unknown command") => Err(StoreError::TooOld),
+            Err(e) => Self::counted(Err(e)),
+        }
     }
 
     /// Whether Redis answers right now.
