@@ -49,7 +49,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let redis_up = Arc::new(AtomicBool::new(true));
     let listening = Arc::new(AtomicBool::new(false));
 
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(settings.responders.heartbeat));
     let dispatch = Dispatch::new(store.clone(), &settings, sessions.clone());
     dispatch.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
     let wake = dispatch.clone();
@@ -126,6 +126,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         sessions: sessions.clone(),
         roster: roster.clone(),
         heartbeat: settings.responders.heartbeat,
+        preauth: Default::default(),
     });
     tokio::spawn(responders::serve(ws, gateway, token.clone()));
     let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));

@@ -414,6 +414,9 @@ fn join(path: &str, field: &str) -> String {
     if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
 }
 
+/// SHA-256 of the empty string: a token nobody should be able to sign in with.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 fn is_hex_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -493,6 +496,9 @@ impl Settings {
         if !admin.is_empty() && !is_hex_sha256(admin) {
             return Err(err("http.admin_token_sha256", "must be 64 hex digits (sha256 of the token)"));
         }
+        if admin.eq_ignore_ascii_case(EMPTY_SHA256) {
+            return Err(err("http.admin_token_sha256", "is the SHA-256 of the empty token"));
+        }
 
         if self.privacy.caller_key.expose().len() < 16 {
             return Err(err("privacy.caller_key", "must be set, at least 16 characters"));
@@ -509,6 +515,7 @@ impl Settings {
         }
 
         let mut ids = HashSet::new();
+        let mut hashes = std::collections::HashMap::new();
         for (i, r) in self.roster.iter().enumerate() {
             let k = |f: &str| format!("responder[{i}].{f}");
             if r.id.is_empty() || r.id.len() > 64 || r.id.bytes().any(|b| !b.is_ascii_graphic()) {
@@ -519,6 +526,16 @@ impl Settings {
             }
             if !is_hex_sha256(&r.token_sha256) {
                 return Err(err(k("token_sha256"), "must be 64 hex digits (sha256 of the token)"));
+            }
+            let hash = r.token_sha256.to_ascii_lowercase();
+            if hash == EMPTY_SHA256 {
+                return Err(err(k("token_sha256"), "is the SHA-256 of the empty token"));
+            }
+            if hash == admin.to_ascii_lowercase() {
+                return Err(err(k("token_sha256"), "is the admin token's hash (http.admin_token_sha256)"));
+            }
+            if let Some(other) = hashes.insert(hash, r.id.as_str()) {
+                return Err(err(k("token_sha256"), format!("the same token as responder {other:?}")));
             }
             if r.skills.is_empty() {
                 return Err(err(k("skills"), "must list at least one category, or \"*\""));

@@ -260,8 +260,12 @@ impl Reloader {
         // The IVR map: calls classified from now on use the new one; calls
         // already being stored keep the map they started with.
         self.intake.reconfigure(&settings);
-        // Tokens: checked when a responder connects; open connections stay.
+        // Tokens: checked when a responder connects; an open connection whose
+        // token the new roster no longer gives to that responder is closed (4401).
         let roster = Roster::new(&settings.roster);
+        for rid in self.sessions.revoke(&roster) {
+            tracing::warn!(responder = %rid, "token revoked by the reload: closing its connection");
+        }
         match self.roster.write() {
             Ok(mut r) => *r = roster,
             Err(p) => *p.into_inner() = roster,

@@ -34,6 +34,9 @@ pub mod metric {
     pub const ACD_CONNECTED: &str = "dispatchd_acd_connected";
     /// Extension: PBX feed messages that could not be used, by source and reason.
     pub const ACD_ERRORS: &str = "dispatchd_acd_errors_total";
+    /// Extension: connections refused or ended before signing in, on the
+    /// responders' and the ops listeners, by listener and reason.
+    pub const CONNECTIONS_REFUSED: &str = "dispatchd_connections_refused_total";
 }
 
 /// Installs the tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
@@ -108,6 +111,9 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     for s in Severity::ALL {
         metrics::counter!(metric::ESCALATIONS, "severity" => s.as_str()).absolute(0);
         metrics::gauge!(metric::QUEUE_DEPTH, "severity" => s.as_str()).set(0.0);
+    }
+    for (l, r) in [("responders", "preauth_limit"), ("http", "limit")] {
+        metrics::counter!(metric::CONNECTIONS_REFUSED, "listener" => l, "reason" => r).absolute(0);
     }
     for r in ["repeat_call", "severity_raised", "callback", "abandon_storm", "surge"] {
         metrics::counter!(metric::CORRELATIONS, "rule" => r).absolute(0);

@@ -128,3 +128,34 @@ fn redis_without_functions_is_refused_at_start() {
     assert_ne!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("Redis 7.0 or later"), "{text}");
 }
+
+/// Secrets an operator could get wrong while rotating them, and durations so
+/// long they would overflow: each refused, naming the key.
+#[test]
+fn unsafe_tokens_and_absurd_durations_exit_78() {
+    let hash = |t: &str| common::sha256_hex(t);
+    let responder = |id: &str, token: &str| {
+        format!("[[responder]]\nid = \"{id}\"\ntoken_sha256 = \"{}\"\nskills = [\"*\"]\n", hash(token))
+    };
+    let cases = [
+        (responder("r-a", "same") + &responder("r-b", "same"), "responder[1].token_sha256"),
+        (
+            format!("[http]\nadmin_token_sha256 = \"{}\"\n", hash("shared")) + &responder("r-a", "shared"),
+            "responder[0].token_sha256",
+        ),
+        (responder("r-a", ""), "responder[0].token_sha256"),
+        (format!("[http]\nadmin_token_sha256 = \"{}\"\n", hash("")), "http.admin_token_sha256"),
+        ("[escalation.critical]\nack_timeout = \"100000000y\"\n".to_string(), "escalation.critical.ack_timeout"),
+        ("[privacy]\nretention = \"11y\"\n".to_string(), "privacy.retention"),
+        ("[sip]\nmax_ring = \"18446744073709551615s\"\n".to_string(), "sip.max_ring"),
+    ];
+    for (toml, key) in cases {
+        let (code, text) = check_config(&toml);
+        assert_eq!(code, 78, "{toml}: {text}");
+        assert!(text.contains(key), "{toml}: expected {key} in {text}");
+        assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    }
+    // Upper case hex is the same hash.
+    let upper = responder("r-a", "x") + &responder("r-b", "x").replace(&hash("x"), &hash("x").to_uppercase());
+    assert_eq!(check_config(&upper).0, 78);
+}

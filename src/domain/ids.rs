@@ -40,7 +40,9 @@ pub fn normalize_id(input: &str) -> Option<String> {
     if let Some(rest) = s.strip_prefix("INC") {
         s = rest.to_string();
     }
-    if s.len() < 5 || s.len() > 14 {
+    // Ids are ASCII: anything else (an accented letter, a zero-width space
+    // pasted with the id) is not one, and is never split inside a character.
+    if !s.is_ascii() || s.len() < 5 || s.len() > 14 {
         return None;
     }
     let (body, check) = s.split_at(s.len() - 1);
@@ -104,6 +106,9 @@ mod tests {
         wrong[6] = b'9';
         assert_eq!(normalize_id(std::str::from_utf8(&wrong).unwrap()), None);
         assert_eq!(normalize_id("INC-"), None);
+        for hostile in ["0000é", "INC-0001\u{200b}", "é", "INC-ÉÉÉÉÉ", "\u{1F6A8}\u{1F6A8}", "00000\u{0301}"] {
+            assert_eq!(normalize_id(hostile), None, "{hostile:?}");
+        }
         assert_eq!(normalize_id("../../etc/passwd"), None);
     }
 

@@ -9,9 +9,18 @@ use serde::{Deserialize, Deserializer};
 
 use super::incident::Severity;
 
-/// Parses `"2s"`, `"500ms"`, `"10m"`, `"90d"`.
+/// Longest duration any setting takes: ten years (a retention is the
+/// longest there is). Anything longer is a typo, and would overflow the
+/// arithmetic of deadlines and timestamps.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// Parses `"2s"`, `"500ms"`, `"10m"`, `"90d"`, at most ten years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is longer than ten years"));
+    }
+    Ok(d)
 }
 
 /// Serde: a duration written as text (`"30s"`).

@@ -15,7 +15,8 @@ pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -39,37 +40,97 @@ struct Handle {
     tx: mpsc::Sender<Out>,
     /// Dispatch ids already written to this connection.
     sent: HashSet<String>,
+    /// The SHA-256 of the token it signed in with: a reload that takes the
+    /// token away closes the connection.
+    token: [u8; 32],
+    /// When the peer was last heard from (ms since `Sessions::epoch`).
+    seen: Arc<AtomicU64>,
 }
 
 /// Responders connected to this daemon.
-#[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Handle>>,
     next: AtomicU64,
     /// The session tasks, waited for on shutdown (their 1001 close frames).
     pub tasks: TaskTracker,
+    /// A connection not heard from for this long is not reachable: its
+    /// presence lease is not renewed, so no offer waits on it.
+    alive_within: Duration,
+    epoch: Instant,
+}
+
+/// One connection's place in [`Sessions`]; it leaves when this is dropped,
+/// however its session ended.
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    pub rid: String,
+    pub conn: u64,
+    seen: Arc<AtomicU64>,
+    /// Run once when the registration was the current one of its responder.
+    on_leave: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+impl Registration {
+    /// The peer was heard from now.
+    pub fn seen(&self) {
+        self.seen.store(self.sessions.now_ms(), Ordering::Relaxed);
+    }
+
+    /// What to do once this connection has left (store that the responder
+    /// is gone), unless a newer connection of the same responder replaced it.
+    pub fn on_leave(&mut self, f: impl FnOnce(String) + Send + 'static) {
+        self.on_leave = Some(Box::new(f));
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.sessions.unregister(&self.rid, self.conn)
+            && let Some(f) = self.on_leave.take()
+        {
+            f(std::mem::take(&mut self.rid));
+        }
+    }
 }
 
 impl Sessions {
+    /// `heartbeat`: a connection silent for two of them is no longer counted as reachable.
+    pub fn new(heartbeat: Duration) -> Sessions {
+        Sessions {
+            map: Mutex::default(),
+            next: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            alive_within: heartbeat * 2,
+            epoch: Instant::now(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Handle>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new connection of `rid`; an older one of the same responder is closed.
-    pub fn register(&self, rid: &str, tx: mpsc::Sender<Out>) -> u64 {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Registers a new connection of `rid`, signed in with the token whose
+    /// SHA-256 is `token`; an older one of the same responder is closed.
+    pub fn register(self: &Arc<Self>, rid: &str, token: [u8; 32], tx: mpsc::Sender<Out>) -> Registration {
         let conn = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = self.lock().insert(rid.to_string(), Handle { conn, tx, sent: HashSet::new() });
+        let seen = Arc::new(AtomicU64::new(self.now_ms()));
+        let handle = Handle { conn, tx, sent: HashSet::new(), token, seen: seen.clone() };
+        let old = self.lock().insert(rid.to_string(), handle);
         match old {
             Some(h) => {
                 let _ = h.tx.try_send(Out::Close(4409, "replaced by a newer connection"));
             }
             None => metrics::gauge!(metric::RESPONDERS_CONNECTED).increment(1.0),
         }
-        conn
+        Registration { sessions: self.clone(), rid: rid.to_string(), conn, seen, on_leave: None }
     }
 
     /// Forgets a connection (only if it is still the current one). True when it was.
-    pub fn unregister(&self, rid: &str, conn: u64) -> bool {
+    fn unregister(&self, rid: &str, conn: u64) -> bool {
         let mut m = self.lock();
         if m.get(rid).is_some_and(|h| h.conn == conn) {
             m.remove(rid);
@@ -121,11 +182,28 @@ impl Sessions {
             let _ = h.tx.try_send(Out::Close(code, reason));
         }
     }
+
+    /// Closes (4401) every connection whose token `roster` no longer gives to
+    /// its responder: a token revoked or replaced by a reload. Returns them.
+    pub fn revoke(&self, roster: &Roster) -> Vec<String> {
+        let m = self.lock();
+        let revoked: Vec<String> =
+            m.iter().filter(|(rid, h)| roster.holder(&h.token) != Some(rid.as_str())).map(|(r, _)| r.clone()).collect();
+        for rid in &revoked {
+            if let Some(h) = m.get(rid) {
+                let _ = h.tx.try_send(Out::Close(4401, "token revoked"));
+            }
+        }
+        revoked
+    }
 }
 
 impl Notifier for Sessions {
+    /// Connections heard from within two heartbeats: a session that stopped
+    /// reading (or a task that is gone) is not kept alive by its lease.
     fn reachable(&self) -> Vec<String> {
-        self.connected()
+        let since = self.now_ms().saturating_sub(u64::try_from(self.alive_within.as_millis()).unwrap_or(u64::MAX));
+        self.lock().iter().filter(|(_, h)| h.seen.load(Ordering::Relaxed) >= since).map(|(r, _)| r.clone()).collect()
     }
 
     fn has_offer(&self, rid: &str, dispatch_id: &str) -> bool {
@@ -159,11 +237,64 @@ impl Roster {
         Roster { by_hash }
     }
 
-    /// The responder a token belongs to.
-    pub fn authenticate(&self, token: &str) -> Option<String> {
+    /// The responder a token belongs to, and the token's SHA-256.
+    pub fn authenticate(&self, token: &str) -> Option<(String, [u8; 32])> {
         let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.by_hash.get(&h).cloned()
+        self.by_hash.get(&h).map(|rid| (rid.clone(), h))
+    }
+
+    /// The responder whose token has this SHA-256.
+    pub fn holder(&self, token_sha256: &[u8; 32]) -> Option<&str> {
+        self.by_hash.get(token_sha256).map(String::as_str)
     }
 }
 
 pub use session::{Gateway, serve};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_leave_when_dropped_and_only_live_ones_are_reachable() {
+        let sessions = Arc::new(Sessions::new(Duration::from_millis(50)));
+        let (tx, _rx) = mpsc::channel(4);
+        let left = Arc::new(Mutex::new(Vec::new()));
+        let mut reg = sessions.register("r-a", [1; 32], tx.clone());
+        let l = left.clone();
+        reg.on_leave(move |rid| l.lock().unwrap().push(rid));
+        assert_eq!(sessions.reachable(), ["r-a"]);
+        // Not heard from for two heartbeats: registered, but not reachable (no lease renewal).
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(sessions.is_connected("r-a") && sessions.reachable().is_empty());
+        reg.seen();
+        assert_eq!(sessions.reachable(), ["r-a"]);
+        // A newer connection replaces it: the old one's drop does not report a leave.
+        let newer = sessions.register("r-a", [1; 32], tx);
+        drop(reg);
+        assert!(sessions.is_connected("r-a") && left.lock().unwrap().is_empty());
+        drop(newer);
+        assert!(!sessions.is_connected("r-a"));
+    }
+
+    #[test]
+    fn a_reload_revokes_connections_whose_token_changed_hands() {
+        let sessions = Arc::new(Sessions::new(Duration::from_secs(15)));
+        let (ta, mut ra) = mpsc::channel(4);
+        let (tb, mut rb) = mpsc::channel(4);
+        let token = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
+        let _a = sessions.register("r-a", token("ta"), ta);
+        let _b = sessions.register("r-b", token("tb"), tb);
+        let cfg = |id: &str, t: &str| ResponderConfig {
+            id: id.into(),
+            name: String::new(),
+            token_sha256: hex::encode(token(t)),
+            skills: vec!["*".into()],
+            tier: 1,
+        };
+        let revoked = sessions.revoke(&Roster::new(&[cfg("r-a", "new"), cfg("r-b", "tb")]));
+        assert_eq!(revoked, ["r-a"]);
+        assert!(matches!(ra.try_recv(), Ok(Out::Close(4401, _))));
+        assert!(rb.try_recv().is_err());
+    }
+}

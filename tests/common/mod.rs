@@ -363,6 +363,29 @@ drain = "5s"
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal (`-HUP`, `-TERM`, …) to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Rewrites its configuration file with `edit`, sends SIGHUP and waits
+    /// until the log says the reload happened (or was refused).
+    pub fn reload_with(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, edit(text)).unwrap();
+        let before = self.log().matches("configuration reloaded").count();
+        self.signal("-HUP");
+        wait_until("the reload", Duration::from_secs(10), || {
+            self.log().matches("configuration reloaded").count() > before
+        });
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

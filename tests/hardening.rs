@@ -1,0 +1,167 @@
+//! Issue 10: dispatchd tried as a hostile peer and as an operator rotating
+//! secrets would. Each test here failed before its fix, through the real
+//! binary: nothing crashes, nothing is folded away, nobody stays connected
+//! who was let out, and work from the network is bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const S5: Duration = Duration::from_secs(5);
+
+fn responders(d: &Daemon) -> Vec<Value> {
+    let (status, body) = http_get(d.http_port, "/v1/responders", Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["responders"].as_array().cloned().unwrap()
+}
+
+fn connected(d: &Daemon, id: &str) -> bool {
+    responders(d).iter().any(|r| r["id"] == id && r["connected"] == true)
+}
+
+// ---- 1. a 30-byte frame ----------------------------------------------------------
+
+/// An incident id ending in a non-ASCII character (or a zero-width space
+/// pasted with it) used to panic the session task, which then never left the
+/// registry: a phantom responder, connected for ever. Now: an error reply,
+/// the session goes on, and it leaves when the client does.
+#[test]
+fn non_ascii_incident_ids_get_an_error_and_leave_no_phantom() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options { extra: roster(&[("r-a", 1, &["*"])]), ..Options::default() });
+    let mut a = Responder::connect(&d, "r-a");
+    for (i, id) in ["0000é", "INC-0001\u{200b}", "\u{1F6A8}", "é"].iter().enumerate() {
+        let reply = a.request(json!({"type": "status", "incident_id": id, "status": "en_route"}), &format!("s{i}"));
+        assert_eq!(reply["type"], "error", "{id:?}: {reply}");
+    }
+    // Still in service on the same socket.
+    let ok = a.request(json!({"type": "availability", "status": "available"}), "alive");
+    assert_eq!(ok["type"], "ok", "{ok}");
+    // The same ids on the ops plane: a JSON 404, not a dropped connection.
+    for path in ["/v1/incidents/0000%C3%A9", "/v1/incidents/INC-0001%E2%80%8B", "/v1/incidents/%F0%9F%9A%A8"] {
+        let (status, body) = http_get(d.http_port, path, Some(ADMIN_TOKEN));
+        assert_eq!((status, body.contains("not_found")), (404, true), "{path}: {status} {body}");
+    }
+    assert!(connected(&d, "r-a"));
+    drop(a);
+    wait_until("the responder to leave", S5, || !connected(&d, "r-a"));
+    assert_still_serving(&d, "after-ids");
+}
+
+// ---- 3. revoked tokens -----------------------------------------------------------
+
+/// A token taken away by a reload closes the connection that signed in with
+/// it (4401); a responder whose token did not change stays.
+#[test]
+fn a_token_revoked_by_a_reload_closes_its_connection() {
+    let redis = Redis::start();
+    let d = Daemon::start(
+        &redis,
+        Options { heartbeat: "10s", extra: roster(&[("r-a", 1, &["*"]), ("r-b", 1, &["*"])]), ..Options::default() },
+    );
+    let mut a = Responder::connect(&d, "r-a");
+    let mut b = Responder::connect(&d, "r-b");
+    let old = sha256_hex("token-r-a");
+    d.reload_with(|text| text.replace(&old, &sha256_hex("rotated-token-r-a")));
+    assert_eq!(a.close_code(S5), Some(4401), "the old token's connection is closed");
+    assert_eq!(b.request(json!({"type": "availability", "status": "busy"}), "b")["type"], "ok");
+    // The old token no longer signs in; the new one does.
+    assert_eq!(Responder::connect_raw(&d, Some("token-r-a")).close_code(S5), Some(4401));
+    let mut again = Responder::connect_raw(&d, Some("rotated-token-r-a"));
+    assert_eq!(again.recv(S5).expect("welcome")["responder_id"], "r-a");
+}
+
+// ---- 4. bounded work before signing in ---------------------------------------------
+
+fn upgrade_request(port: u16) -> String {
+    format!(
+        "GET /v1/responders/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Reads until EOF or an error; true when the server closed within `wait`.
+fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let end = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Before `welcome`, a connection cannot make the daemon read a big frame,
+/// nor can one address hold more than a few such connections; a responder
+/// still signs in once they are gone.
+#[test]
+fn unauthenticated_connections_are_capped_and_cannot_send_much() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options { extra: roster(&[("r-a", 1, &["*"])]), ..Options::default() });
+
+    // A 1 MiB frame where `hello` belongs: the connection is dropped, not read.
+    let mut s = TcpStream::connect(("127.0.0.1", d.ws_port)).unwrap();
+    s.write_all(upgrade_request(d.ws_port).as_bytes()).unwrap();
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"), "upgraded");
+    // A masked text frame header announcing 1 MiB, then the data.
+    let len: u64 = 1 << 20;
+    let mut frame = vec![0x81, 0xFF];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    let _ = s.write_all(&frame);
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    for _ in 0..16 {
+        match s.write_all(&chunk) {
+            Ok(()) => sent += chunk.len(),
+            Err(_) => break,
+        }
+    }
+    assert!(closed_within(&mut s, S5), "dropped after {sent} bytes");
+
+    // Many idle connections from one address: only a few are kept waiting.
+    let idle: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(("127.0.0.1", d.ws_port)).unwrap()).collect();
+    let mut refused = 0;
+    for mut c in idle {
+        if closed_within(&mut c, Duration::from_millis(300)) {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 40 - 16, "at most 16 unauthenticated connections per address: {refused} of 40 refused");
+    let m = d.metrics();
+    assert!(metric_value(&m, "dispatchd_connections_refused_total", "preauth_limit") >= 24.0, "counted");
+    // Those are gone now; a responder signs in as usual.
+    wait_until("room for a responder", S5, || {
+        let mut r = Responder::connect_raw(&d, Some("token-r-a"));
+        r.recv(Duration::from_secs(1)).is_some_and(|w| w["type"] == "welcome")
+    });
+}
+
+/// A connection that upgrades and then says nothing is closed within the
+/// 5 s of contract §4; one that never finishes its upgrade request too.
+#[test]
+fn silent_unauthenticated_connections_are_closed_within_five_seconds() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options::default());
+    let mut upgraded = TcpStream::connect(("127.0.0.1", d.ws_port)).unwrap();
+    upgraded.write_all(upgrade_request(d.ws_port).as_bytes()).unwrap();
+    let mut half = TcpStream::connect(("127.0.0.1", d.ws_port)).unwrap();
+    half.write_all(b"GET /v1/responders/ws HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // 5 s, and 2 s of slack for a loaded machine.
+    assert!(closed_within(&mut upgraded, Duration::from_secs(7)), "silent after the upgrade");
+    assert!(closed_within(&mut half, Duration::from_secs(7)), "an upgrade request never finished");
+}
