@@ -115,7 +115,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     for (l, r) in [("responders", "preauth_limit"), ("http", "limit")] {
         metrics::counter!(metric::CONNECTIONS_REFUSED, "listener" => l, "reason" => r).absolute(0);
     }
-    for r in ["repeat_call", "severity_raised", "callback", "abandon_storm", "surge"] {
+    for r in ["repeat_call", "severity_raised", "related", "callback", "abandon_storm", "surge"] {
         metrics::counter!(metric::CORRELATIONS, "rule" => r).absolute(0);
     }
     for h in [metric::CALL_TO_OFFER, metric::OFFER_TO_ACK, metric::INTAKE_SECONDS] {

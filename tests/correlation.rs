@@ -345,7 +345,8 @@ fn a_repeat_calls_ivr_input_is_recorded_but_does_not_reclassify() {
     let d = daemon(&redis, rules("window = \"30m\"\nraise_after = 0", "", "", ""), String::new());
     let caller = "+15550007701";
     let first = call_from(&d, caller, "rc-own", "2,1"); // outage / critical
-    assert_eq!(call_from(&d, caller, "rc-repeat", "9"), first);
+    // A repeat of the same category (issue 10: another category opens its own incident).
+    assert_eq!(call_from(&d, caller, "rc-repeat", "2"), first);
     let classified = |inc: &Value| timeline_of(inc, "classified").len();
     let before = d.incident(&first);
 

@@ -165,3 +165,66 @@ fn silent_unauthenticated_connections_are_closed_within_five_seconds() {
     assert!(closed_within(&mut upgraded, Duration::from_secs(7)), "silent after the upgrade");
     assert!(closed_within(&mut half, Duration::from_secs(7)), "an upgrade request never finished");
 }
+
+// ---- 2. a repeat caller reporting another kind of incident ---------------------------
+
+/// Calls from one number; the Request-URI user and IVR path choose the kind.
+fn call_as(d: &Daemon, call_id: &str, uri_user: &str, ivr: Option<&str>) -> String {
+    let p = UdpPeer::new(d);
+    let extra = ivr.map(|i| format!("X-IVR-Path: {i}\r\n")).unwrap_or_default();
+    let inv = invite(p.port(), call_id, &extra).replacen("INVITE sip:incident@", &format!("INVITE sip:{uri_user}@"), 1);
+    p.send(inv.as_bytes());
+    let resp = p.recv_final(S5).expect("answer");
+    p.send(ack_for(&resp, p.port(), call_id).as_bytes());
+    header_of(&resp, "X-Incident-Id").unwrap_or_else(|| panic!("{resp}")).to_string()
+}
+
+/// A caller with an open outage who calls again about a security matter gets
+/// a security incident of its own (dispatched like any other), linked to the
+/// outage both ways; a repeat of the outage, or a call that chose nothing,
+/// still joins an open incident.
+#[test]
+fn a_repeat_caller_of_another_category_gets_its_own_incident() {
+    let redis = Redis::start();
+    let d = Daemon::start(
+        &redis,
+        Options {
+            correlation: String::new(),
+            extra: roster(&[("r-a", 1, &["*"]), ("r-b", 1, &["*"])]),
+            ..Options::default()
+        },
+    );
+    let outage = call_as(&d, "rep-1", "incident", Some("2"));
+    let security = call_as(&d, "rep-2", "incident-security", None);
+    assert_ne!(outage, security, "another category is not folded into the open outage");
+    let (o, s) = (d.incident(&outage), d.incident(&security));
+    assert_eq!((o["category"].as_str(), s["category"].as_str()), (Some("outage"), Some("security")));
+    assert_eq!(o["related"], json!([security.clone()]), "{o}");
+    assert_eq!(s["related"], json!([outage.clone()]), "{s}");
+    for (rec, other) in [(&o, &security), (&s, &outage)] {
+        let note = rec["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "note" && e["detail"]["related"] == *other);
+        assert!(note, "a note naming the other on each timeline: {rec}");
+    }
+    assert_eq!(s["repeat_calls"], 0);
+    // Both are dispatched, one to each responder.
+    let mut offered: Vec<String> = ["r-a", "r-b"]
+        .iter()
+        .map(|id| {
+            let mut r = Responder::connect(&d, id);
+            r.recv_type("dispatch", S5).expect("a dispatch")["incident_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    offered.sort();
+    let mut both = vec![outage.clone(), security.clone()];
+    both.sort();
+    assert_eq!(offered, both);
+    // A call that chose nothing joins the latest (security); a repeat of the outage joins the outage.
+    assert_eq!(call_as(&d, "rep-3", "incident", None), security);
+    assert_eq!(call_as(&d, "rep-4", "incident", Some("2,1")), outage);
+    assert_eq!(d.incident(&outage)["repeat_calls"], 1);
+    assert_eq!(d.incident(&security)["repeat_calls"], 1);
+}

@@ -68,6 +68,7 @@ fn new_incident(call_key: &str, severity: Severity, category: &str, pseudonym: &
             Entry::new(Event::Opened, "sip", json!({})),
             Entry::new(Event::Queued, "dispatchd", json!({"severity": severity})),
         ],
+        generic: false,
     }
 }
 
@@ -373,16 +374,27 @@ fn repeat_caller_joins_the_open_incident_and_raises_it() {
     // The same call re-sent is the same incident, not a repeat.
     let again = call("call-3", T0 + 40 * 60 * S);
     assert_eq!((again.id.as_str(), again.repeat_calls), (first.id.as_str(), None));
+    // The same caller about another category: its own incident, related both ways.
+    let security =
+        r.open_with(&new_incident("call-s", Severity::High, "security", "caller-1"), &rules, T0 + 40 * 60 * S);
+    assert_eq!((security.created, security.related.as_deref()), (1, Some(first.id.as_str())));
+    assert_eq!(r.record(&first.id).related, [security.id.clone()]);
+    assert_eq!(r.record(&security.id).related, [first.id.clone()]);
+    // A call that chose nothing joins the latest; the category's own repeat joins its incident.
+    let mut generic = new_incident("call-g", Severity::Medium, "triage", "caller-1");
+    generic.generic = true;
+    assert_eq!(r.open_with(&generic, &rules, T0 + 40 * 60 * S).id, security.id);
+    assert_eq!(call("call-o", T0 + 40 * 60 * S).id, first.id);
     // Another caller is not folded in.
     let other = r.open_with(&new_incident("call-9", Severity::Medium, "outage", "caller-2"), &rules, T0 + 40 * 60 * S);
     assert_eq!(other.created, 1);
     // After the window, a new incident.
-    let late = call("call-4", T0 + 70 * 60 * S);
+    let late = call("call-4", T0 + 71 * 60 * S);
     assert_eq!(late.created, 1);
     assert_ne!(late.id, first.id);
     // Once the incident is closed, the next call opens a new one too.
-    r.block(r.store.close(&late.id, State::Resolved, "", Duration::from_secs(3600), At::Ms(T0 + 71 * 60 * S))).unwrap();
-    assert_eq!(call("call-5", T0 + 72 * 60 * S).created, 1);
+    r.block(r.store.close(&late.id, State::Resolved, "", Duration::from_secs(3600), At::Ms(T0 + 72 * 60 * S))).unwrap();
+    assert_eq!(call("call-5", T0 + 73 * 60 * S).created, 1);
     assert_timeline_in_vocabulary(&r, &first.id);
 }
 

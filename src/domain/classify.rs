@@ -68,6 +68,11 @@ pub struct Classifier {
     default: Classification,
 }
 
+impl Classification {
+    /// The rule of a call that matched nothing: `[ivr_default]`.
+    pub const DEFAULT_RULE: &'static str = "default";
+}
+
 impl Classifier {
     /// The map of `[[ivr]]`, `[categories]` and `[ivr_default]`.
     pub fn new(ivr: &[IvrRule], known: &BTreeMap<String, Severity>, d: &IvrDefault) -> Self {
@@ -95,7 +100,7 @@ impl Classifier {
                 category: d.category.clone(),
                 severity: d.severity,
                 instructions: d.instructions.clone(),
-                rule: "default".into(),
+                rule: Classification::DEFAULT_RULE.into(),
             },
         }
     }

@@ -178,6 +178,10 @@ pub struct Incident {
     pub members: Vec<String>,
     /// Extension: calls of the same caller attached to this incident (repeat rule).
     pub repeat_calls: u32,
+    /// Extension: incidents of the same caller of another category, opened while
+    /// this one was open (only in `GET /v1/incidents/{id}`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub related: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Vec<TimelineEntry>>,
 }
@@ -214,6 +218,10 @@ pub struct NewIncident {
     pub age_ms: u64,
     /// The first timeline entries (opened, classified, queued), stamped with the opening time.
     pub timeline: Vec<Entry>,
+    /// Classified by `[ivr_default]` alone (the caller chose nothing more
+    /// specific): a repeat call of such joins the caller's latest open incident
+    /// whatever its category.
+    pub generic: bool,
 }
 
 #[cfg(test)]

@@ -236,6 +236,7 @@ impl Intake {
                 ),
                 Entry::new(Event::Queued, "dispatchd", json!({"severity": severity})),
             ],
+            generic: false,
         };
         self.open(&new, &c, &Rules::new(&self.live().correlation), &[]).await
     }
@@ -269,6 +270,7 @@ impl Intake {
                 classified_entry(actor, c, facts),
                 Entry::new(Event::Queued, "dispatchd", json!({"severity": c.severity})),
             ],
+            generic: c.rule == Classification::DEFAULT_RULE,
         }
     }
 
@@ -301,6 +303,10 @@ impl Intake {
                 caller = %new.caller_pseudonym,
                 "incident opened"
             );
+            if let Some(other) = &o.related {
+                metrics::counter!(metric::CORRELATIONS, "rule" => "related").increment(1);
+                tracing::info!(incident_id = %o.id, related = %other, caller = %new.caller_pseudonym, "the caller's open incident is of another category: both linked as related");
+            }
         } else if let Some(n) = o.repeat_calls {
             metrics::counter!(metric::CORRELATIONS, "rule" => "repeat_call").increment(1);
             tracing::info!(incident_id = %o.id, repeat_calls = n, caller = %new.caller_pseudonym, "repeat call attached to the caller's open incident");

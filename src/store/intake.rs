@@ -74,6 +74,9 @@ pub struct Opened {
     /// The severity the incident was raised to by this repeat.
     #[serde(default)]
     pub raised: Option<Severity>,
+    /// The caller's open incident of another category, now linked to this new one.
+    #[serde(default)]
+    pub related: Option<String>,
     /// The major incident the new incident belongs to (surge rule).
     #[serde(default)]
     pub major: Option<String>,
@@ -177,6 +180,7 @@ fn open_args(n: &NewIncident, rules: &Rules, state: &[(&'static str, String)]) -
             "state_ttl": CALL_STATE_TTL_S,
             "pseudonym": n.caller_pseudonym,
             "age_ms": n.age_ms,
+            "generic": n.generic,
             "state": state_map(state),
             "rules": rules,
         }),

@@ -65,6 +65,10 @@ pub enum Family {
     Dedup,
     /// A caller's open incident for the repeat rule (by pseudonym).
     Repeat,
+    /// A caller's open incident of each category for the repeat rule (hash, by pseudonym).
+    RepeatOf,
+    /// Incidents of the same caller and another category (set).
+    Related,
     /// Recent incidents of a category (surge rule).
     Surge,
     /// The open major incident of a category.
@@ -80,7 +84,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 16] = [
+    pub const ALL: [Family; 18] = [
         Family::Inc,
         Family::Timeline,
         Family::Tried,
@@ -91,6 +95,8 @@ impl Family {
         Family::CallerCalls,
         Family::Dedup,
         Family::Repeat,
+        Family::RepeatOf,
+        Family::Related,
         Family::Surge,
         Family::Major,
         Family::Abandons,
@@ -112,6 +118,8 @@ impl Family {
             Family::CallerCalls => ("callercalls", "callercalls", ""),
             Family::Dedup => ("dedup", "dedup", ""),
             Family::Repeat => ("repeats", "repeat", ""),
+            Family::RepeatOf => ("repeat_of", "repeatc", ""),
+            Family::Related => ("related", "inc", ":related"),
             Family::Surge => ("surge", "surge", ""),
             Family::Major => ("major", "major", ""),
             Family::Abandons => ("abandons", "abandons", ""),

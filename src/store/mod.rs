@@ -204,11 +204,13 @@ impl Store {
     /// One incident with its timeline.
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
         let mut c = self.conn.clone();
-        let (fields, tl, mut members): (Vec<(String, String)>, Vec<String>, Vec<String>) = Self::counted(
+        type Parts = (Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>);
+        let (fields, tl, mut members, mut related): Parts = Self::counted(
             redis::pipe()
                 .hgetall(self.of(Family::Inc, id))
                 .lrange(self.of(Family::Timeline, id), 0, -1)
                 .smembers(self.of(Family::Members, id))
+                .smembers(self.of(Family::Related, id))
                 .query_async(&mut c)
                 .await,
         )?;
@@ -218,6 +220,8 @@ impl Store {
         let mut inc = record(id, fields)?;
         members.sort();
         inc.members = members;
+        related.sort();
+        inc.related = related;
         let timeline = tl
             .iter()
             .map(|t| serde_json::from_str(t).map_err(|_| StoreError::Corrupt(id.to_string(), "timeline entry")))
@@ -316,6 +320,7 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
         major_incident: None,
         members: Vec::new(),
         repeat_calls: 0,
+        related: Vec::new(),
         timeline: None,
     };
     for (k, v) in fields {

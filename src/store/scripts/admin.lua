@@ -17,7 +17,7 @@ local function closed_state(s) return s == 'resolved' or s == 'cancelled' end
 -- A closed record expires in ttl ms; so does its caller's index once none of
 -- that caller's incidents is open (index entries of vanished records are dropped).
 local function expire_closed(id, ttl)
-  for _, key in ipairs({K.inc(id), K.tl(id), K.tried(id), K.members(id)}) do
+  for _, key in ipairs({K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id)}) do
     redis.call('PEXPIRE', key, ttl)
   end
   local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
@@ -101,7 +101,7 @@ local function handle()
     -- Calls intake still remembers with this caller (intake.lua), incident or not.
     local calls = K.callercalls(ARGV[5])
     for _, ck in ipairs(redis.call('SMEMBERS', calls)) do redis.call('DEL', K.acall(ck)) end
-    redis.call('DEL', idx, calls, K.repeats(ARGV[5]))
+    redis.call('DEL', idx, calls, K.repeats(ARGV[5]), K.repeat_of(ARGV[5]))
     return n
 
   elseif op == 'sweep' then
@@ -116,7 +116,7 @@ local function handle()
     for _, id in ipairs(old) do
       local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
       if not empty(ps) then redis.call('SREM', K.caller(ps), id) end
-      redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id))
+      redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id))
       redis.call('ZREM', K.incidents, id)
       redis.call('ZREM', K.closed, id)
       removed = removed + 1

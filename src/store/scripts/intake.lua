@@ -18,8 +18,10 @@
 --   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure;
 --                                  it lives as long as the newest of those hashes)
 --   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
---   p:repeat:<pseudonym>   string  the caller's open incident and the time (ms) of their
---                                  last call, '<id> <ms>'; expires `repeat.window` after it
+--   p:repeat:<pseudonym>   string  the caller's latest incident and the time (ms) of the
+--                                  call, '<id> <ms>'; expires `repeat.window` after it
+--   p:repeatc:<pseudonym>  hash    the same per category (category → '<id> <ms>')
+--   p:inc:<id>:related     set     incidents of the same caller of another category
 --   p:surge:<category>     zset    recent incidents of a category (score: opened ms)
 --   p:major:<category>     string  the open major incident declared for a surge
 --   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
@@ -151,39 +153,67 @@ local function surge(id, category, opened, source, r, out)
   out.members = #members
 end
 
+-- The caller's last incident as the repeat rule keeps it ('<id> <ms of the
+-- call>'), when that call was within the window (judged by the operation's
+-- clock; the keys' expiry only clears them away later) and it is still open.
+local function recent(value, window_ms)
+  local id, last = string.match(value or '', '^(%S+) ?(%d*)$')
+  if id and (last == '' or now - tonumber(last) <= window_ms) and is_open(id) then return id end
+  return nil
+end
+
 -- Opens the incident of a call, or finds it (same call key), or attaches the
--- call to the caller's open incident (repeat rule). Then the surge rule.
+-- call to the caller's open incident (repeat rule): the one of the same
+-- category, or (a call that chose nothing more specific than the default)
+-- the latest. A call of another category opens its own incident, and the two
+-- are linked as related. Then the surge rule.
 -- o: call_key, call_ttl, pseudonym, age_ms (opened that long before now), fields (flat list),
---    timeline [JSON text], state {…}
+--    timeline [JSON text], state {…}, generic (classified by [ivr_default] only)
 -- r: the rules in force {rep = {window_ms, raise_after}, surge = {count, window_ms, severity}} (absent = off)
--- Returns {id, created (0|1), repeat_calls?, raised?, major?, major_created?, members?}
+-- Returns {id, created (0|1), repeat_calls?, raised?, related?, major?, major_created?, members?}
 local function open(o, r)
   local callkey = K.call(o.call_key)
   local existing = redis.call('GET', callkey)
   if existing then return {id = existing, created = 0} end
-  local rk = (r.rep and not empty(o.pseudonym)) and K.repeats(o.pseudonym) or nil
-  if rk then
-    -- '<id> <ms of the caller's last call>': the window is judged by the
-    -- operation's clock; the key's own expiry only clears it away later.
-    local prev, last = string.match(redis.call('GET', rk) or '', '^(%S+) ?(%d*)$')
-    local within = prev and (last == '' or now - tonumber(last) <= r.rep.window_ms)
-    if within and is_open(prev) then
-      redis.call('SET', callkey, prev, 'EX', o.call_ttl)
-      redis.call('SET', rk, prev .. ' ' .. string.format('%.0f', now), 'PX', r.rep.window_ms)
-      local n = redis.call('HINCRBY', K.inc(prev), 'repeat_calls', 1)
-      local source = get(o.fields, 'source')
-      tl(prev, EV.repeat_call, source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
-        ivr_path = get(o.fields, 'ivr_path'), queue = get(o.fields, 'queue')})
-      local out = {id = prev, created = 0, repeat_calls = n}
-      if r.rep.raise_after > 0 and n % r.rep.raise_after == 0 then out.raised = raise(prev, 'repeat_call') end
-      return out
-    end
+  local category = get(o.fields, 'category')
+  local rep = (r.rep and not empty(o.pseudonym)) and r.rep or nil
+  local latest, same
+  if rep then
+    latest = recent(redis.call('GET', K.repeats(o.pseudonym)), rep.window_ms)
+    same = o.generic and latest or recent(redis.call('HGET', K.repeat_of(o.pseudonym), category), rep.window_ms)
+  end
+  local stamp = string.format('%.0f', now)
+  local function remember_call(id, cat)
+    redis.call('SET', K.repeats(o.pseudonym), id .. ' ' .. stamp, 'PX', rep.window_ms)
+    redis.call('HSET', K.repeat_of(o.pseudonym), cat, id .. ' ' .. stamp)
+    redis.call('PEXPIRE', K.repeat_of(o.pseudonym), rep.window_ms)
+  end
+  if same then
+    redis.call('SET', callkey, same, 'EX', o.call_ttl)
+    remember_call(same, redis.call('HGET', K.inc(same), 'category') or category)
+    local n = redis.call('HINCRBY', K.inc(same), 'repeat_calls', 1)
+    local source = get(o.fields, 'source')
+    tl(same, EV.repeat_call, source, {repeat_calls = n, call_id = get(o.fields, 'call_id'), source = source,
+      ivr_path = get(o.fields, 'ivr_path'), queue = get(o.fields, 'queue')})
+    local out = {id = same, created = 0, repeat_calls = n}
+    if rep.raise_after > 0 and n % rep.raise_after == 0 then out.raised = raise(same, 'repeat_call') end
+    return out
   end
   local opened = now - (tonumber(o.age_ms) or 0)
   local id = create(o.fields, o.timeline, o.call_key, o.call_ttl, o.pseudonym, opened)
-  if rk then redis.call('SET', rk, id .. ' ' .. string.format('%.0f', now), 'PX', r.rep.window_ms) end
   local out = {id = id, created = 1}
-  surge(id, get(o.fields, 'category'), opened, get(o.fields, 'source'), r.surge, out)
+  if rep then
+    remember_call(id, category)
+    if latest then
+      -- The same caller, another kind of incident: its own record, linked both ways.
+      redis.call('SADD', K.related(id), latest)
+      redis.call('SADD', K.related(latest), id)
+      tl(id, EV.note, 'dispatchd', {related = latest, reason = 'same_caller'})
+      tl(latest, EV.note, 'dispatchd', {related = id, reason = 'same_caller'})
+      out.related = latest
+    end
+  end
+  surge(id, category, opened, get(o.fields, 'source'), r.surge, out)
   return out
 end
 
