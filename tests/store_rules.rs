@@ -378,8 +378,8 @@ fn repeat_caller_joins_the_open_incident_and_raises_it() {
     let security =
         r.open_with(&new_incident("call-s", Severity::High, "security", "caller-1"), &rules, T0 + 40 * 60 * S);
     assert_eq!((security.created, security.related.as_deref()), (1, Some(first.id.as_str())));
-    assert_eq!(r.record(&first.id).related, [security.id.clone()]);
-    assert_eq!(r.record(&security.id).related, [first.id.clone()]);
+    assert_eq!(r.record(&first.id).related, std::slice::from_ref(&security.id));
+    assert_eq!(r.record(&security.id).related, std::slice::from_ref(&first.id));
     // A call that chose nothing joins the latest; the category's own repeat joins its incident.
     let mut generic = new_incident("call-g", Severity::Medium, "triage", "caller-1");
     generic.generic = true;
