@@ -287,10 +287,13 @@ fn assert_clean_log(d: &Daemon, caller: &str) {
 }
 
 /// The whole life of the call of `ami_queue_call.txt` / `esl_callcenter.txt`.
-fn assert_call_life(d: &Daemon, source: &str, caller: &str, queue: &str) {
+fn assert_call_life(d: &Daemon, redis: &Redis, source: &str, caller: &str, queue: &str) {
     let all = wait_incidents(d, 1);
     let id = all[0]["id"].as_str().expect("id").to_string();
     let inc = wait_event(d, &id, "caller_hangup");
+    // After every event of the call (digits and hang-ups included), the
+    // caller's number is in the incident record and nowhere else (contract §7).
+    assert_eq!(redis.keys_holding(caller), [format!("t:inc:{id}")]);
     assert_eq!(inc["source"], source, "{inc:#}");
     assert_eq!(inc["caller"], caller);
     assert_eq!(inc["queue"], queue);
@@ -332,7 +335,7 @@ fn ami_call_life_opens_reclassifies_answers_and_hangs_up() {
     wait_until("ami connected", WAIT, || connected(&d, "ami") == 1.0);
 
     ami.send_all(&blocks("ami_queue_call.txt"));
-    assert_call_life(&d, "ami", AMI_CALLER, "incident");
+    assert_call_life(&d, &redis, "ami", AMI_CALLER, "incident");
     let m = d.metrics();
     // Join, two digits, connect, complete, the caller's hang-up (not the agent leg's digit or hang-up).
     assert_eq!(metric_value(&m, "dispatchd_call_events_total", "source=\"ami\""), 6.0, "{m}");
@@ -423,7 +426,7 @@ fn ami_garbage_does_not_stop_the_feed() {
 
     // The feed is still reading the same connection.
     ami.send_all(&blocks("ami_queue_call.txt"));
-    assert_call_life(&d, "ami", AMI_CALLER, "incident");
+    assert_call_life(&d, &redis, "ami", AMI_CALLER, "incident");
     assert!(errors(&d, "ami", "framing") >= 2.0, "{}", d.metrics());
     assert!(pbx.try_accept(Duration::from_millis(300)).is_none(), "garbage must not cost the connection");
     assert!(d.alive_check());
@@ -459,7 +462,7 @@ fn ami_events_arriving_while_redis_is_down_are_applied_after_it_returns() {
     ami.send_all(&blocks("ami_queue_call.txt"));
     wait_until("the feed noticed Redis is away", Duration::from_secs(20), || d.log().contains("PBX feed paused"));
     redis.restart();
-    assert_call_life(&d, "ami", AMI_CALLER, "incident");
+    assert_call_life(&d, &redis, "ami", AMI_CALLER, "incident");
 }
 
 // ---- FreeSWITCH ESL -----------------------------------------------------------
@@ -473,7 +476,7 @@ fn esl_call_life_opens_reclassifies_answers_and_hangs_up() {
     wait_until("esl connected", WAIT, || connected(&d, "esl") == 1.0);
 
     esl.send_all(&blocks("esl_callcenter.txt"));
-    assert_call_life(&d, "esl", ESL_CALLER, "incident@default");
+    assert_call_life(&d, &redis, "esl", ESL_CALLER, "incident@default");
     let inc = d.incident(d.incidents("")[0]["id"].as_str().expect("id"));
     assert_eq!(inc["caller_name"], "Jane Döe", "URL-decoded");
     assert_clean_log(&d, ESL_CALLER);
@@ -555,7 +558,7 @@ fn esl_garbage_does_not_stop_the_feed() {
     let mut esl2 = Esl::accept(&pbx).login(true).expect("logged in a third time");
     drop(esl);
     esl2.send_all(&blocks("esl_callcenter.txt"));
-    assert_call_life(&d, "esl", ESL_CALLER, "incident@default");
+    assert_call_life(&d, &redis, "esl", ESL_CALLER, "incident@default");
     assert!(d.alive_check());
 }
 

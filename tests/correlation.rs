@@ -329,7 +329,9 @@ fn erasure_forgets_callers_known_only_from_call_events() {
     );
     assert_eq!(status_of(&event(&d, "er-join", &join)), 202);
     assert!(d.incidents("").is_empty(), "a join of an ordinary queue opens nothing");
-    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller"]).trim(), caller, "remembered for the call's later events");
+    // Remembered for the call's later events by pseudonym only, never the number (issue 10).
+    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller"]).trim(), "");
+    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller_pseudonym"]).trim().len(), 16);
 
     let path = format!("/v1/callers/{}", caller.replace('+', "%2B"));
     let (code, body) = http(d.http_port, "DELETE", &path, Some(ADMIN_TOKEN), None);

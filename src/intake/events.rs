@@ -46,8 +46,11 @@ fn facts_of(ev: &CallEvent, state: &HashMap<String, String>) -> CallFacts {
     CallFacts {
         call_id: if ev.call_id.is_empty() { ev.call_ref.clone() } else { ev.call_id.clone() },
         call_key: ev.call_ref.clone(),
-        caller: pick(&ev.caller, "caller"),
-        caller_name: pick(&ev.caller_name, "caller_name"),
+        // The caller's number and name only as this event carries them: what
+        // is remembered of a call keeps the caller's pseudonym, never the
+        // number (contract §7: the number lives only in the incident record).
+        caller: ev.caller.clone(),
+        caller_name: ev.caller_name.clone(),
         ivr_path,
         queue: pick(&ev.queue, "queue"),
         wait_seconds: ev.wait_seconds,
@@ -107,17 +110,14 @@ impl Intake {
                 "caller_known": !facts.caller.is_empty(),
             });
             let new = self.new_incident(&facts, ev.source, &c, detail);
-            // What the call's later events need: who, where, the path so far,
-            // and (for a join) when, for the wait of a later abandon.
-            let mut state: Vec<(&'static str, String)> = [
-                ("caller", facts.caller.clone()),
-                ("caller_name", facts.caller_name.clone()),
-                ("queue", facts.queue.clone()),
-                ("ivr_path", facts.ivr_path.to_string()),
-            ]
-            .into_iter()
-            .filter(|(_, v)| !v.is_empty())
-            .collect();
+            // What the call's later events need: where, the path so far, and
+            // (for a join) when, for the wait of a later abandon. Who: by
+            // pseudonym only (the script keeps it with the call).
+            let mut state: Vec<(&'static str, String)> =
+                [("queue", facts.queue.clone()), ("ivr_path", facts.ivr_path.to_string())]
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect();
             if ev.kind == EventKind::QueueJoin {
                 state.push(("joined_ms", now.to_string()));
             }
@@ -138,8 +138,6 @@ impl Intake {
                 w.state.push((k, v.to_string()));
             }
         };
-        remember(&mut w, "caller", &ev.caller);
-        remember(&mut w, "caller_name", &ev.caller_name);
         remember(&mut w, "queue", &ev.queue);
         let entry = |event: Event, detail: serde_json::Value| Entry::new(event, actor, detail);
         let mut callback_class = None;

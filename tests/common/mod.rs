@@ -84,6 +84,39 @@ impl Redis {
         }
     }
 
+    /// Every key whose name or value (any type, any field or member) holds `needle`.
+    pub fn keys_holding(&self, needle: &str) -> Vec<String> {
+        const SCRIPT: &str = r#"
+local needle, found, cursor = ARGV[1], {}, '0'
+local function has(v) return v and string.find(v, needle, 1, true) ~= nil end
+repeat
+  local r = redis.call('SCAN', cursor, 'COUNT', 1000)
+  cursor = r[1]
+  for _, k in ipairs(r[2]) do
+    local t = redis.call('TYPE', k).ok
+    local vals = {k}
+    if t == 'string' then vals[2] = redis.call('GET', k)
+    elseif t == 'hash' then for _, v in ipairs(redis.call('HGETALL', k)) do vals[#vals + 1] = v end
+    elseif t == 'list' then for _, v in ipairs(redis.call('LRANGE', k, 0, -1)) do vals[#vals + 1] = v end
+    elseif t == 'set' then for _, v in ipairs(redis.call('SMEMBERS', k)) do vals[#vals + 1] = v end
+    elseif t == 'zset' then for _, v in ipairs(redis.call('ZRANGE', k, 0, -1)) do vals[#vals + 1] = v end
+    end
+    for _, v in ipairs(vals) do if has(v) then found[#found + 1] = k; break end end
+  end
+until cursor == '0'
+return found
+"#;
+        let mut keys: Vec<String> = self
+            .cli(&["EVAL", SCRIPT, "0", needle])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "--raw"])

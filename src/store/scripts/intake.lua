@@ -13,8 +13,8 @@
 --
 -- Keys (p = prefix; names in store/keys.rs), besides those described in dispatch.lua:
 --   p:call:<call key>      string  call key (X-Call-Ref, Linkedid, Call-ID) → incident id
---   p:acall:<call key>     hash    what is known of a call: caller, caller_name, queue,
---                                  ivr_path, joined_ms, caller_pseudonym (expires after 6 h)
+--   p:acall:<call key>     hash    what is known of a call: queue, ivr_path, joined_ms,
+--                                  caller_pseudonym (expires after 6 h; never the number)
 --   p:callercalls:<pseudonym> set  call keys whose p:acall holds that caller (for erasure;
 --                                  it lives as long as the newest of those hashes)
 --   p:dedup:<key>          string  a MESSAGE (Call-ID + CSeq) already applied
@@ -217,19 +217,19 @@ local function open(o, r)
   return out
 end
 
--- What is known of the call, for later events of it. A call whose caller is
--- known is listed under the caller's pseudonym (kept in the hash) for as long
--- as the hash lives, so erasure finds it whichever event wrote the number.
+-- What is known of the call, for later events of it: never the caller's
+-- number (contract §7), only its pseudonym; a call whose caller is known is
+-- listed under that pseudonym for as long as the hash lives, so erasure finds it.
 local function remember(call_key, state, ttl, pseudonym)
-  if not state then return end
   local ak = K.acall(call_key)
   local hset = {ak}
-  for k, v in pairs(state) do
+  for k, v in pairs(state or {}) do
     hset[#hset + 1] = k
     hset[#hset + 1] = tostring(v)
   end
+  -- Nothing to remember (an INVITE's call: its record has it all): nothing written.
   if #hset == 1 then return end
-  if state.caller and not empty(pseudonym) then
+  if not empty(pseudonym) then
     hset[#hset + 1] = 'caller_pseudonym'
     hset[#hset + 1] = pseudonym
   end
