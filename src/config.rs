@@ -94,6 +94,10 @@ pub struct SipSettings {
     pub retry_after_s: u32,
     /// Extension: SO_RCVBUF asked for the UDP socket, bytes.
     pub udp_recv_buffer: usize,
+    /// Extension: new INVITE and MESSAGE transactions per second from one
+    /// source address (a burst of one second's worth is allowed); beyond it,
+    /// 503 + Retry-After. 0 = no limit.
+    pub rate_limit: u32,
 }
 
 impl Default for SipSettings {
@@ -110,6 +114,7 @@ impl Default for SipSettings {
             max_inflight: 2048,
             retry_after_s: 5,
             udp_recv_buffer: 8 * 1024 * 1024,
+            rate_limit: 1000,
         }
     }
 }

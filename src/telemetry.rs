@@ -14,6 +14,8 @@ pub mod metric {
     pub const SIP_DROPPED: &str = "dispatchd_sip_dropped_total";
     /// Extension: TCP connections open now.
     pub const SIP_TCP_CONNECTIONS: &str = "dispatchd_sip_tcp_connections";
+    /// Extension: server transactions remembered (INVITE and others).
+    pub const SIP_TRANSACTIONS: &str = "dispatchd_sip_transactions";
     pub const INCIDENTS_OPENED: &str = "dispatchd_incidents_opened_total";
     pub const QUEUE_DEPTH: &str = "dispatchd_queue_depth";
     pub const DISPATCH_OFFERS: &str = "dispatchd_dispatch_offers_total";

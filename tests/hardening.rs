@@ -228,3 +228,79 @@ fn a_repeat_caller_of_another_category_gets_its_own_incident() {
     assert_eq!(d.incident(&outage)["repeat_calls"], 1);
     assert_eq!(d.incident(&security)["repeat_calls"], 1);
 }
+
+// ---- 4. bounded SIP work -----------------------------------------------------------
+
+/// `sip.rate_limit` new INVITEs per second from one address: beyond a
+/// second's worth, 503 with Retry-After; the line serves again a moment later.
+#[test]
+fn a_source_over_the_rate_limit_gets_503_with_retry_after() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options { sip: "rate_limit = 5".into(), ..Options::default() });
+    let p = UdpPeer::new(&d);
+    for i in 0..20 {
+        p.send(invite(p.port(), &format!("rl-{i}"), "").as_bytes());
+    }
+    // One final answer per call (a 603 over UDP is retransmitted until ACKed).
+    let mut finals = std::collections::BTreeMap::new();
+    for r in p.recv_all(Duration::from_secs(2)).into_iter().filter(|r| !r.starts_with("SIP/2.0 100 ")) {
+        finals.insert(header_of(&r, "Call-ID").unwrap_or("").to_string(), r);
+    }
+    let declined = finals.values().filter(|r| status_of(r) == 603).count();
+    let limited: Vec<&String> = finals.values().filter(|r| status_of(r) == 503).collect();
+    assert!((5..=6).contains(&declined), "a second's worth stored: {declined}");
+    assert!(limited.len() >= 14, "{} of 20 got 503", limited.len());
+    assert!(limited.iter().all(|r| header_of(r, "Retry-After").is_some()), "{limited:?}");
+    assert!(metric_value(&d.metrics(), "dispatchd_sip_dropped_total", "rate_limit") >= 14.0);
+    wait_until("the bucket to refill", S5, || {
+        let q = UdpPeer::new(&d);
+        q.send(invite(q.port(), &format!("rl-after-{}", q.port()), "").as_bytes());
+        q.recv_final(Duration::from_secs(1)).is_some_and(|r| status_of(&r) == 603)
+    });
+}
+
+/// A request with more Vias than any real path has: 400, and the response
+/// copies a bounded number of them.
+#[test]
+fn too_many_vias_get_400() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options::default());
+    let p = UdpPeer::new(&d);
+    let vias: String =
+        (0..200).map(|i| format!("Via: SIP/2.0/UDP 10.0.{}.{};branch=z9hG4bK{i}\r\n", i / 250, i % 250)).collect();
+    let req = format!(
+        "OPTIONS sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bK-top\r\n{vias}\
+         Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:incident@127.0.0.1>\r\nCall-ID: vias\r\n\
+         CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        p.port()
+    );
+    p.send(req.as_bytes());
+    let resp = p.recv_final(S5).expect("an answer");
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(resp.contains("Too Many Via"), "{resp}");
+    assert!(resp.matches("\r\nVia:").count() <= 70, "{resp}");
+    assert_still_serving(&d, "after-vias");
+}
+
+/// An INVITE sent over TCP one byte per segment is framed and answered.
+#[test]
+fn tcp_one_byte_per_segment_is_answered() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, Options::default());
+    let mut s = TcpStream::connect(("127.0.0.1", d.sip_port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    let port = s.local_addr().unwrap().port();
+    let pad = "p".repeat(8000);
+    let inv = invite(port, "one-byte", &format!("X-Pad: {pad}\r\n")).replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    for b in inv.as_bytes() {
+        s.write_all(std::slice::from_ref(b)).unwrap();
+    }
+    s.set_read_timeout(Some(S5)).unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains("SIP/2.0 603") {
+        let n = s.read(&mut buf).expect("an answer");
+        assert!(n > 0, "closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}

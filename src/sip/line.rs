@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use super::call::{DtmfError, dtmf_digit, facts_of_invite};
 use super::message::event_of;
+use super::rate::RateLimit;
 use super::transaction::{
     DialogKey, Peer, Transactions, TxKey, build, dialog_key, method_label, new_tag, tag_of, tx_key,
 };
@@ -62,6 +63,7 @@ pub struct Uas {
     max_ring: Duration,
     retry_after: String,
     permits: Arc<Semaphore>,
+    rate: RateLimit,
     redis_up: Arc<AtomicBool>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -93,6 +95,7 @@ impl Uas {
             max_ring: settings.max_ring,
             retry_after: settings.retry_after_s.to_string(),
             permits: Arc::new(Semaphore::new(settings.max_inflight)),
+            rate: RateLimit::new(settings.rate_limit),
             redis_up,
             tasks: TaskTracker::new(),
             shutdown,
@@ -125,6 +128,10 @@ impl Uas {
             let unsupported = required.join(", ");
             let r = build(&reply, 420, "Bad Extension", Some(&new_tag()), &[("Unsupported", unsupported.as_str())]);
             return self.txs.finish(key, &peer, r);
+        }
+        if matches!(method.as_str(), "INVITE" | "MESSAGE") && !self.rate.allow(peer.addr().ip(), Instant::now()) {
+            metrics::counter!(metric::SIP_DROPPED, "reason" => "rate_limit").increment(1);
+            return self.txs.finish(key, &peer, self.unavailable(&reply, Some(&new_tag())));
         }
         match method.as_str() {
             "INVITE" => self.on_invite(msg, peer, key),
@@ -368,12 +375,17 @@ impl Uas {
                 return self.txs.finish(key, &peer, build(&reply, 400, "Bad DTMF Body", None, &[]));
             }
         };
+        // Admitted like an INVITE: Redis up, not draining, a permit.
+        let Some(permit) = self.admit() else {
+            return self.txs.finish(key, &peer, self.unavailable(&reply, None));
+        };
         // Absorb retransmissions while the digit is being stored.
         if !self.txs.working(key.clone()) {
             return peer.send(&self.unavailable(&reply, None));
         }
         let this = self.clone();
         self.tasks.spawn(async move {
+            let _permit = permit;
             let _serial = dlock.lock().await;
             let current = {
                 let st = this.txs.lock();
@@ -445,9 +457,10 @@ impl Uas {
         );
     }
 
-    /// Forgets finished transactions; run every second.
+    /// Forgets finished transactions and idle sources; run every second.
     pub fn sweep(&self) {
         self.txs.sweep();
+        self.rate.sweep(Instant::now());
     }
 
     /// On shutdown: end every ringing call with 503, so no PBX leg rings on.

@@ -7,6 +7,7 @@
 pub mod call;
 pub mod line;
 pub mod message;
+pub mod rate;
 pub mod transaction;
 pub mod transport;
 pub mod wire;

@@ -32,8 +32,14 @@ const T2: Duration = Duration::from_secs(4);
 const T4: Duration = Duration::from_secs(5);
 /// How long a finished transaction is remembered (Timer H / Timer J, 64·T1).
 pub const LINGER: Duration = Duration::from_secs(32);
-/// Transactions remembered at once, at most; beyond that new ones get 503.
+/// INVITE transactions remembered at once, at most; beyond that new ones get 503.
 const MAX_TRANSACTIONS: usize = 500_000;
+/// Non-INVITE transactions (OPTIONS, BYE, CANCEL, INFO, MESSAGE, 405s …)
+/// remembered at once, and the bytes of their responses: beyond either, a
+/// new one is still answered but not remembered (a retransmission is then
+/// answered afresh; a MESSAGE is not applied twice, by its dedup key).
+const MAX_OTHER: usize = 100_000;
+const MAX_OTHER_BYTES: usize = 32 << 20;
 
 /// Where a response goes: back the way the request came.
 #[derive(Clone, Debug)]
@@ -43,6 +49,13 @@ pub enum Peer {
 }
 
 impl Peer {
+    /// Where the request came from.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Peer::Udp { addr, .. } | Peer::Tcp { addr, .. } => *addr,
+        }
+    }
+
     pub fn reliable(&self) -> bool {
         matches!(self, Peer::Tcp { .. })
     }
@@ -131,9 +144,34 @@ pub struct Dialog<D> {
 pub struct Table<C, D> {
     pub txs: HashMap<TxKey, Tx<C>>,
     pub dialogs: HashMap<DialogKey, Dialog<D>>,
+    /// Non-INVITE transactions in `txs`, and the bytes of their responses.
+    others: usize,
+    other_bytes: usize,
 }
 
 impl<C, D> Table<C, D> {
+    /// Remembers a non-INVITE transaction (its response, if it has one yet)
+    /// within the bounds; false (and nothing remembered) beyond them.
+    fn put_other(&mut self, key: TxKey, last: Option<Bytes>, expires: Instant) -> bool {
+        let size = |l: &Option<Bytes>| l.as_ref().map_or(0, Bytes::len);
+        let (others, bytes) = match self.txs.get(&key) {
+            Some(Tx::Other(old)) => (self.others, self.other_bytes - size(&old.last)),
+            Some(Tx::Invite(_)) => return false,
+            None => (self.others + 1, self.other_bytes),
+        };
+        if others > MAX_OTHER || bytes + size(&last) > MAX_OTHER_BYTES {
+            if let Some(Tx::Other(old)) = self.txs.remove(&key) {
+                self.others -= 1;
+                self.other_bytes -= size(&old.last);
+            }
+            return false;
+        }
+        self.other_bytes = bytes + size(&last);
+        self.others = others;
+        self.txs.insert(key, Tx::Other(OtherTx { last, expires }));
+        true
+    }
+
     pub fn invite(&mut self, key: &TxKey) -> Option<&mut InviteTx<C>> {
         match self.txs.get_mut(key) {
             Some(Tx::Invite(t)) => Some(t),
@@ -207,7 +245,8 @@ pub struct Transactions<C, D> {
 
 impl<C, D> Default for Transactions<C, D> {
     fn default() -> Self {
-        Transactions { table: Mutex::new(Table { txs: HashMap::new(), dialogs: HashMap::new() }) }
+        let table = Table { txs: HashMap::new(), dialogs: HashMap::new(), others: 0, other_bytes: 0 };
+        Transactions { table: Mutex::new(table) }
     }
 }
 
@@ -239,19 +278,14 @@ impl<C: Send + 'static, D> Transactions<C, D> {
     pub fn finish(&self, key: TxKey, peer: &Peer, resp: Bytes) {
         peer.send(&resp);
         let expires = Instant::now() + if peer.reliable() { Duration::ZERO } else { LINGER };
-        self.lock().txs.insert(key, Tx::Other(OtherTx { last: Some(resp), expires }));
+        self.lock().put_other(key, Some(resp), expires);
     }
 
     /// A non-INVITE request that takes a while: retransmissions are absorbed
     /// (without an answer) until [`Transactions::finish`]. False when the
     /// table is full.
     pub fn working(&self, key: TxKey) -> bool {
-        let mut st = self.lock();
-        if st.is_full() {
-            return false;
-        }
-        st.txs.insert(key, Tx::Other(OtherTx { last: None, expires: Instant::now() + LINGER }));
-        true
+        self.lock().put_other(key, None, Instant::now() + LINGER)
     }
 
     /// A new INVITE transaction whose provisional response `last` was sent,
@@ -337,10 +371,22 @@ impl<C: Send + 'static, D> Transactions<C, D> {
     /// Forgets finished transactions; run every second.
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.lock().txs.retain(|_, t| match t {
+        let mut st = self.lock();
+        let (mut others, mut bytes) = (0, 0);
+        st.txs.retain(|_, t| match t {
             Tx::Invite(t) => t.expires > now,
-            Tx::Other(t) => t.expires > now,
+            Tx::Other(t) => {
+                let keep = t.expires > now;
+                if keep {
+                    others += 1;
+                    bytes += t.last.as_ref().map_or(0, Bytes::len);
+                }
+                keep
+            }
         });
+        st.others = others;
+        st.other_bytes = bytes;
+        metrics::gauge!(metric::SIP_TRANSACTIONS).set(st.txs.len() as f64);
     }
 
     /// INVITE transactions still without a final response for which `f` holds.
@@ -366,6 +412,26 @@ mod tests {
             Verdict::Ok(m) => m,
             v => panic!("{v:?}"),
         }
+    }
+
+    #[test]
+    fn non_invite_transactions_are_bounded_by_count_and_bytes() {
+        let t: Transactions<(), ()> = Transactions::default();
+        let key = |i: usize| TxKey { branch: format!("b{i}"), method: "OPTIONS".into() };
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        let later = Instant::now() + LINGER;
+        let mut st = t.lock();
+        let kept = (0..64).filter(|i| st.put_other(key(*i), Some(big.clone()), later)).count();
+        assert_eq!(kept, MAX_OTHER_BYTES >> 20, "bytes bound");
+        assert!(st.other_bytes <= MAX_OTHER_BYTES);
+        // Working entries (no response yet) count too, and a finished one replaces its entry.
+        assert!(st.put_other(key(1000), None, later));
+        assert!(!st.put_other(key(1000), Some(big.clone()), later), "over the bytes: forgotten");
+        assert!(!st.txs.contains_key(&key(1000)));
+        drop(st);
+        t.sweep();
+        let st = t.lock();
+        assert_eq!((st.others, st.other_bytes), (kept, kept << 20), "the sweep recounts");
     }
 
     #[test]

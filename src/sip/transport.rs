@@ -173,6 +173,7 @@ async fn connection(stream: TcpStream, src: SocketAddr, uas: Arc<Uas>, idle: Dur
     });
     let peer = Peer::Tcp { tx: tx.clone(), addr: src };
     let mut buf = BytesMut::with_capacity(4096);
+    let mut framer = wire::Framer::default();
     'conn: loop {
         let read = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -187,7 +188,7 @@ async fn connection(stream: TcpStream, src: SocketAddr, uas: Arc<Uas>, idle: Dur
             Ok(Ok(_)) => {}
         }
         loop {
-            match wire::frame_stream(&buf) {
+            match framer.next(&buf) {
                 Ok(None) => {
                     if buf.len() > MAX_MESSAGE {
                         dropped("oversized");

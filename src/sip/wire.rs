@@ -140,6 +140,9 @@ impl Message {
         if self.headers("max-forwards").count() > 1 {
             return Some("Multiple Max-Forwards");
         }
+        if self.headers("via").map(|v| v.bytes().filter(|&b| b == b',').count() + 1).sum::<usize>() > MAX_VIAS {
+            return Some("Too Many Via Headers");
+        }
         let mut lengths = self.headers("content-length").map(parse_len);
         if let Some(first) = lengths.next()
             && lengths.any(|l| l != first)
@@ -215,15 +218,72 @@ pub fn parse_stream_message(buf: &[u8]) -> Verdict {
 /// missing, not a number, given twice with different values, or message over
 /// [`MAX_MESSAGE`]).
 ///
-/// Each call rescans the buffer: callers should read in reasonably large chunks.
+/// This looks at the whole buffer; a connection frames with a [`Framer`],
+/// which remembers how far it has looked.
 pub fn frame_stream(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
-    let keepalive = leading_crlf(buf);
-    if keepalive > 0 {
-        return Ok(Some(Frame::KeepAlive(keepalive)));
+    Framer::default().next(buf)
+}
+
+/// Frames one TCP stream incrementally: it remembers how far it searched for
+/// the end of the head and, once the head is read, how long the message is,
+/// so each byte is looked at about once however the stream is segmented (a
+/// message sent one byte per segment costs O(n), not O(n²)).
+///
+/// Call [`Framer::next`] with the connection's buffer after each read; after a
+/// frame is returned the caller removes those bytes from the front.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// Bytes at the front of the buffer known to hold no CRLFCRLF.
+    searched: usize,
+    /// The length of the message whose head was read.
+    total: Option<usize>,
+    /// Bytes looked at, in all (for the tests that keep this linear).
+    pub scanned: u64,
+}
+
+impl Framer {
+    /// The first frame of `buf`, as [`frame_stream`] says.
+    pub fn next(&mut self, buf: &[u8]) -> Result<Option<Frame>, FrameError> {
+        if let Some(total) = self.total {
+            return Ok(self.done_if(buf.len() >= total, Frame::Message(total)));
+        }
+        if self.searched == 0 {
+            let keepalive = leading_crlf(buf);
+            if keepalive > 0 {
+                return Ok(Some(Frame::KeepAlive(keepalive)));
+            }
+        }
+        // A CRLFCRLF may straddle what was searched and what is new.
+        let from = self.searched.saturating_sub(3).min(buf.len());
+        let fresh = buf.get(from..).unwrap_or_default();
+        self.scanned += fresh.len() as u64;
+        let Some(end) = find_head_end(fresh).map(|e| from + e) else {
+            self.searched = buf.len();
+            return if buf.len() > MAX_MESSAGE { Err(FrameError::TooLarge) } else { Ok(None) };
+        };
+        let total = message_length(buf, end)?;
+        self.scanned += end as u64;
+        if buf.len() >= total {
+            return Ok(self.done_if(true, Frame::Message(total)));
+        }
+        self.total = Some(total);
+        Ok(None)
     }
-    let Some(end) = find_head_end(buf) else {
-        return if buf.len() > MAX_MESSAGE { Err(FrameError::TooLarge) } else { Ok(None) };
-    };
+
+    /// `frame` when `ready` (and the framer starts over for the next message).
+    fn done_if(&mut self, ready: bool, frame: Frame) -> Option<Frame> {
+        if !ready {
+            return None;
+        }
+        self.searched = 0;
+        self.total = None;
+        Some(frame)
+    }
+}
+
+/// The length of the message whose head ends (CRLFCRLF) at `end`: the head,
+/// and the body its Content-Length announces.
+fn message_length(buf: &[u8], end: usize) -> Result<usize, FrameError> {
     let head_len = end.checked_add(4).ok_or(FrameError::TooLarge)?;
     if head_len > MAX_MESSAGE {
         return Err(FrameError::TooLarge);
@@ -248,7 +308,7 @@ pub fn frame_stream(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
     if total > MAX_MESSAGE {
         return Err(FrameError::TooLarge);
     }
-    Ok((buf.len() >= total).then_some(Frame::Message(total)))
+    Ok(total)
 }
 
 /// Builds a response: status line, the Via values (one per line, in order), From, To
@@ -494,14 +554,21 @@ fn take_body(headers: &[(String, String)], rest: &[u8], transport: Transport) ->
     }
 }
 
+/// Most Via values a response copies: 70, the hops Max-Forwards allows (RFC
+/// 4475's long request has 34). A request with more gets `400 Too Many Via
+/// Headers` (see [`Message::defect`]), and what a response keeps stays bounded.
+pub const MAX_VIAS: usize = 70;
+
 fn reply_from(headers: &[(String, String)]) -> Reply {
     let mut reply = Reply::default();
     for (name, value) in headers {
         match name.as_str() {
+            "via" if reply.vias.len() >= MAX_VIAS => {}
             "via" => {
                 let values = split_top_level(value, b',');
                 if values.iter().all(|v| parse_via(trim_ws(v)).is_ok()) {
-                    reply.vias.extend(values.into_iter().map(|v| trim_ws(v).to_string()));
+                    let room = MAX_VIAS - reply.vias.len();
+                    reply.vias.extend(values.into_iter().take(room).map(|v| trim_ws(v).to_string()));
                 } else if !value.is_empty() {
                     // Malformed: copy the line as it came rather than guess at its values.
                     reply.vias.push(value.clone());
@@ -1503,6 +1570,31 @@ mod tests {
         assert_eq!(frame_stream(b"\r\n\r\n").ok().flatten(), Some(Frame::KeepAlive(4)));
         assert_eq!(frame_stream(b"\r\n").ok().flatten(), Some(Frame::KeepAlive(2)));
         assert_eq!(frame_stream(b"").ok().flatten(), None);
+    }
+
+    /// A message arriving one byte per segment, framed after each byte: every
+    /// byte is looked at about once (it used to be the whole buffer each time).
+    #[test]
+    fn framing_byte_by_byte_is_linear() {
+        let body = "x".repeat(30_000);
+        let msg = format!(
+            "MESSAGE sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nX-Pad: {}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            "p".repeat(30_000),
+            body.len()
+        );
+        let mut f = Framer::default();
+        let mut framed = None;
+        for n in 1..=msg.len() {
+            if let Some(frame) = f.next(&msg.as_bytes()[..n]).expect("frames") {
+                framed = Some((n, frame));
+                break;
+            }
+        }
+        assert_eq!(framed, Some((msg.len(), Frame::Message(msg.len()))));
+        assert!(f.scanned < 4 * msg.len() as u64, "scanned {} bytes for a {}-byte message", f.scanned, msg.len());
+        // And the next message on the same connection starts from scratch.
+        assert_eq!(f.next(b"\r\n\r\n").ok().flatten(), Some(Frame::KeepAlive(4)));
         assert_eq!(frame_stream(b"OPTIONS sip:a").ok().flatten(), None);
         // CRLFs in front of a message are skipped, in a datagram and on a stream.
         let mut buf = b"\r\n\r\n".to_vec();

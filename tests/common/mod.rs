@@ -141,6 +141,8 @@ pub struct Options {
     pub max_ring: &'static str,
     pub tcp_idle_timeout: &'static str,
     pub heartbeat: &'static str,
+    /// More keys of the `[sip]` table (`rate_limit = 5`, …).
+    pub sip: String,
     /// More TOML: `[[responder]]` tables (see [`roster`]), `[escalation.*]`…
     pub extra: String,
     /// `[correlation.*]` tables. By default the repeat and surge rules are off
@@ -168,6 +170,7 @@ impl Default for Options {
             max_ring: "10m",
             tcp_idle_timeout: "5s",
             heartbeat: "2s",
+            sip: String::new(),
             extra: String::new(),
             correlation: CORRELATION_OFF.to_string(),
             env: Vec::new(),
@@ -297,6 +300,7 @@ mode = "{mode}"
 max_ring = "{max_ring}"
 tcp_idle_timeout = "{idle}"
 tcp_max_connections = 32
+{sip_extra}
 
 [redis]
 url = "{redis}"
@@ -338,6 +342,7 @@ drain = "5s"
             extra = o.extra,
             correlation = o.correlation,
             heartbeat = o.heartbeat,
+            sip_extra = o.sip,
         );
         std::fs::write(&self.config, text).unwrap();
     }
