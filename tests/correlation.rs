@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::call_event as event;
 use common::*;
 use serde_json::{Value, json};
 
@@ -38,24 +39,6 @@ fn call_from(d: &Daemon, caller: &str, call_id: &str, ivr_path: &str) -> String 
     p.send(ack_for(&resp, p.port(), call_id).as_bytes());
     assert_eq!(status_of(&resp), 603, "{resp}");
     header_of(&resp, "X-Incident-Id").unwrap_or_else(|| panic!("no incident id: {resp}")).to_string()
-}
-
-/// A SIP MESSAGE event from the dialplan; returns the final response.
-fn event(d: &Daemon, call_id: &str, headers: &str) -> String {
-    let p = UdpPeer::new(d);
-    let port = p.port();
-    let msg = format!(
-        "MESSAGE sip:incident@127.0.0.1 SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
-         Max-Forwards: 70\r\n\
-         From: <sip:dialplan@127.0.0.1>;tag=m-{call_id}\r\n\
-         To: <sip:incident@127.0.0.1>\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: 1 MESSAGE\r\n\
-         {headers}Content-Length: 0\r\n\r\n"
-    );
-    p.send(msg.as_bytes());
-    p.recv_final(S5).expect("answer to MESSAGE")
 }
 
 /// An abandon of `queue` by `caller` after `wait` seconds, for call `call_ref`.

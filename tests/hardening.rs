@@ -304,3 +304,34 @@ fn tcp_one_byte_per_segment_is_answered() {
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
 }
+
+/// An open storm incident takes an entry per abandon: its timeline is capped
+/// and what is left out is counted in the record.
+#[test]
+fn a_storm_incident_timeline_is_capped() {
+    let redis = Redis::start();
+    let storm = "[correlation.abandon_storm]\ncount = 3\nwindow = \"1h\"\n[correlation.repeat]\nenabled = false\n[correlation.surge]\nenabled = false\n[correlation.callback]\nenabled = false\n";
+    let d = Daemon::start(&redis, Options { correlation: storm.into(), ..Options::default() });
+    let n = dispatchd::domain::timeline::TIMELINE_CAP + 100;
+    let mut id = String::new();
+    for i in 0..n {
+        let resp = call_event(
+            &d,
+            &format!("ab-{i}"),
+            &format!("X-Event: queue-abandon\r\nX-Call-Ref: ab-{i}\r\nX-Queue: support\r\nX-Wait-Seconds: 5\r\n"),
+        );
+        assert_eq!(status_of(&resp), 202, "{resp}");
+        if i == 2 {
+            id = d.incidents("").into_iter().find(|inc| inc["category"] == "abandon_storm").expect("storm")["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+    }
+    let inc = d.incident(&id);
+    let tl = inc["timeline"].as_array().unwrap();
+    assert!(tl.len() <= dispatchd::domain::timeline::TIMELINE_CAP, "{}", tl.len());
+    let omitted = inc["timeline_omitted"]["abandoned"].as_u64().unwrap_or(0);
+    let kept = tl.iter().filter(|e| e["event"] == "abandoned").count() as u64;
+    assert_eq!(kept + omitted, (n - 3) as u64, "every later abandon is either on the timeline or counted");
+}

@@ -488,3 +488,53 @@ fn one_responder_at_a_time_under_concurrent_passes() {
     // The most severe were taken first.
     assert!(offers.iter().all(|o| o.offer.severity <= Severity::High), "critical and high first");
 }
+
+#[test]
+fn a_storm_timeline_is_capped_and_what_is_left_out_is_counted() {
+    let r = rig();
+    let cap = dispatchd::domain::timeline::TIMELINE_CAP;
+    let apply = |i: usize| {
+        r.block(r.store.apply_event(&abandon(&format!("s{i}"), "support", 3, 3600), At::Ms(T0 + i as i64))).unwrap()
+    };
+    let storm = (0..3).map(apply).last().unwrap().storm.expect("declared");
+    for i in 3..(cap + 200) {
+        apply(i);
+    }
+    let rec = r.record(&storm);
+    let tl = rec.timeline.clone().unwrap();
+    assert_eq!(tl.len(), cap, "capped");
+    let kept = tl.iter().filter(|e| e.event == "abandoned").count();
+    assert_eq!(
+        rec.timeline_omitted.get("abandoned").copied(),
+        Some((cap + 197 - kept) as u64),
+        "{:?}",
+        rec.timeline_omitted
+    );
+    // The dispatch's own entries still go on: closing it is on the timeline.
+    r.block(r.store.close(&storm, State::Cancelled, "", Duration::from_secs(60), At::Ms(T0 + 10 * S))).unwrap();
+    assert_eq!(r.events(&storm).last().map(String::as_str), Some("cancelled"));
+}
+
+/// Closing one of a caller's incidents is O(1), however many the caller had:
+/// no pass over the caller's whole history. The caller's index expires only
+/// once none of their incidents is open.
+#[test]
+fn closing_does_not_read_the_callers_history() {
+    let r = rig();
+    let rules = Rules::none();
+    let open = |key: &str| r.open_with(&new_incident(key, Severity::Low, "outage", "busy-caller"), &rules, T0).id;
+    let ids: Vec<String> = (0..300).map(|i| open(&format!("h{i}"))).collect();
+    let close = |id: &str| {
+        r.block(r.store.close(id, State::Resolved, "", Duration::from_secs(3600), At::Ms(T0 + S))).unwrap();
+    };
+    for id in &ids[..299] {
+        close(id);
+    }
+    assert_eq!(r.redis.cli(&["PTTL", "t:caller:busy-caller"]).trim(), "-1", "one is still open");
+    r.redis.cli(&["CONFIG", "RESETSTAT"]);
+    close(&ids[299]);
+    let stats = r.redis.cli(&["INFO", "commandstats"]);
+    assert!(!stats.contains("cmdstat_smembers"), "no read of the caller's incidents: {stats}");
+    let ttl: i64 = r.redis.cli(&["PTTL", "t:caller:busy-caller"]).trim().parse().unwrap();
+    assert!(ttl > 0, "the index expires with the last record: {ttl}");
+}

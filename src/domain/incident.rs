@@ -184,6 +184,10 @@ pub struct Incident {
     pub related: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Vec<TimelineEntry>>,
+    /// Extension: entries beyond the timeline's cap, counted by event (only
+    /// with the timeline, and only when some were left out).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty", default)]
+    pub timeline_omitted: std::collections::BTreeMap<String, u64>,
 }
 
 /// Filters of `GET /v1/incidents`.

@@ -61,7 +61,27 @@ events! {
     AckExpired = "ack_expired",
 }
 
+/// Entries of capped events kept on one timeline, at most (see [`Event::is_capped`]).
+pub const TIMELINE_CAP: usize = 500;
+
 impl Event {
+    /// Events a caller or the PBX can repeat without end (a storm's abandons,
+    /// repeat calls, IVR input and what follows it, notes, hang-ups): beyond
+    /// [`TIMELINE_CAP`] entries they are counted, not appended. The dispatch's
+    /// own events are bounded by the escalation matrix and always kept.
+    pub fn is_capped(self) -> bool {
+        matches!(
+            self,
+            Event::IvrInput
+                | Event::Classified
+                | Event::CallerHangup
+                | Event::Abandoned
+                | Event::AnsweredElsewhere
+                | Event::RepeatCall
+                | Event::Note
+        )
+    }
+
     pub fn parse(s: &str) -> Option<Event> {
         Event::ALL.iter().copied().find(|e| e.as_str() == s)
     }

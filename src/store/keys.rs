@@ -79,12 +79,16 @@ pub enum Family {
     Storm,
     /// A caller's incidents (by pseudonym), for erasure.
     Caller,
+    /// A caller's incidents not closed yet (by pseudonym).
+    CallerOpen,
+    /// Timeline entries beyond the cap, counted by event (hash).
+    Omitted,
     /// A pub/sub channel between daemons.
     Channel,
 }
 
 impl Family {
-    pub const ALL: [Family; 18] = [
+    pub const ALL: [Family; 20] = [
         Family::Inc,
         Family::Timeline,
         Family::Tried,
@@ -102,6 +106,8 @@ impl Family {
         Family::Abandons,
         Family::Storm,
         Family::Caller,
+        Family::CallerOpen,
+        Family::Omitted,
         Family::Channel,
     ];
 
@@ -125,6 +131,8 @@ impl Family {
             Family::Abandons => ("abandons", "abandons", ""),
             Family::Storm => ("storm", "storm", ""),
             Family::Caller => ("caller", "caller", ""),
+            Family::CallerOpen => ("caller_open", "calleropen", ""),
+            Family::Omitted => ("omitted", "inc", ":omitted"),
             Family::Channel => ("ch", "ch", ""),
         }
     }

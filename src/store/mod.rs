@@ -18,6 +18,7 @@
 //! The connection manager reconnects by itself; every failed command counts in
 //! `dispatchd_redis_errors_total` here and nowhere else.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -204,13 +205,14 @@ impl Store {
     /// One incident with its timeline.
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
         let mut c = self.conn.clone();
-        type Parts = (Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>);
-        let (fields, tl, mut members, mut related): Parts = Self::counted(
+        type Parts = (Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>, BTreeMap<String, u64>);
+        let (fields, tl, mut members, mut related, omitted): Parts = Self::counted(
             redis::pipe()
                 .hgetall(self.of(Family::Inc, id))
                 .lrange(self.of(Family::Timeline, id), 0, -1)
                 .smembers(self.of(Family::Members, id))
                 .smembers(self.of(Family::Related, id))
+                .hgetall(self.of(Family::Omitted, id))
                 .query_async(&mut c)
                 .await,
         )?;
@@ -222,6 +224,7 @@ impl Store {
         inc.members = members;
         related.sort();
         inc.related = related;
+        inc.timeline_omitted = omitted;
         let timeline = tl
             .iter()
             .map(|t| serde_json::from_str(t).map_err(|_| StoreError::Corrupt(id.to_string(), "timeline entry")))
@@ -322,6 +325,7 @@ fn record(id: &str, fields: Vec<(String, String)>) -> Result<Incident> {
         repeat_calls: 0,
         related: Vec::new(),
         timeline: None,
+        timeline_omitted: BTreeMap::new(),
     };
     for (k, v) in fields {
         match k.as_str() {

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::keys::{Family, Key};
 use crate::domain::ids::{CHECK, CROCKFORD};
 use crate::domain::incident::{Severity, State};
-use crate::domain::timeline::Event;
+use crate::domain::timeline::{Event, TIMELINE_CAP};
 
 const COMMON: &str = include_str!("scripts/common.lua");
 const KEYS_MARK: &str = "-- @keys@";
@@ -109,6 +109,9 @@ fn constants() -> String {
     let _ = writeln!(s, "local PROGRESS = {{{}}}", progress.join(", "));
     let events: Vec<String> = Event::ALL.iter().map(|e| format!("{0} = '{0}'", e.as_str())).collect();
     let _ = writeln!(s, "local EV = {{{}}}", events.join(", "));
+    let capped: Vec<String> =
+        Event::ALL.iter().filter(|e| e.is_capped()).map(|e| format!("{} = true", e.as_str())).collect();
+    let _ = writeln!(s, "local CAPPED, TIMELINE_CAP = {{{}}}, {}", capped.join(", "), TIMELINE_CAP);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let _ = writeln!(s, "local CROCKFORD, CHECK = '{}', '{}'", text(CROCKFORD), text(CHECK));
     s

@@ -694,6 +694,25 @@ pub fn assert_still_serving(d: &Daemon, call_id: &str) -> String {
     id
 }
 
+/// A SIP MESSAGE call event (`X-Event: …` and its headers) from a fresh
+/// UDP socket; returns the final answer.
+pub fn call_event(d: &Daemon, call_id: &str, headers: &str) -> String {
+    let p = UdpPeer::new(d);
+    let port = p.port();
+    let msg = format!(
+        "MESSAGE sip:incident@127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-{call_id}\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:dialplan@127.0.0.1>;tag=m-{call_id}\r\n\
+         To: <sip:incident@127.0.0.1>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 MESSAGE\r\n\
+         {headers}Content-Length: 0\r\n\r\n"
+    );
+    p.send(msg.as_bytes());
+    p.recv_final(Duration::from_secs(5)).expect("answer to MESSAGE")
+}
+
 /// The ACK for a non-2xx final response to [`invite`] (its To, with the tag).
 pub fn ack_for(resp: &str, port: u16, call_id: &str) -> String {
     let to = header_of(resp, "To").unwrap_or("<sip:incident@127.0.0.1>");

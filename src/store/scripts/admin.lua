@@ -10,35 +10,28 @@
 --   p:caller:<pseudonym> set     incident ids of one caller (the pseudonym, never the
 --                                number); it expires with the last of its records once
 --                                none is open
+--   p:calleropen:<pseudonym> set the caller's incidents not closed yet
 -- (now, K, EV, pad13, tl, empty, refresh_idle: prelude and common.lua.)
 
 local function closed_state(s) return s == 'resolved' or s == 'cancelled' end
 
 -- A closed record expires in ttl ms; so does its caller's index once none of
--- that caller's incidents is open (index entries of vanished records are dropped).
+-- that caller's incidents is open (p:calleropen:<pseudonym>, the open ones:
+-- O(1) however many incidents the caller had). The index lives at least as
+-- long as the record closed last: every closed record expires within
+-- `retention` of its close.
 local function expire_closed(id, ttl)
-  for _, key in ipairs({K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id)}) do
+  for _, key in ipairs({K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id), K.omitted(id)}) do
     redis.call('PEXPIRE', key, ttl)
   end
   local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
   if empty(ps) then return end
+  local open = K.caller_open(ps)
+  redis.call('SREM', open, id)
+  if redis.call('SCARD', open) > 0 then return end
   local idx = K.caller(ps)
-  local keep = ttl
-  for _, m in ipairs(redis.call('SMEMBERS', idx)) do
-    if m ~= id then
-      local st = redis.call('HGET', K.inc(m), 'state')
-      if not st then
-        redis.call('SREM', idx, m)
-      elseif not closed_state(st) then
-        return
-      else
-        local left = redis.call('PTTL', K.inc(m))
-        if left < 0 then return end -- no expiry yet: the sweep sets it, and this again
-        if left > keep then keep = left end
-      end
-    end
-  end
-  redis.call('PEXPIRE', idx, keep)
+  local left = redis.call('PTTL', idx)
+  if left == -1 or (left >= 0 and left < ttl) then redis.call('PEXPIRE', idx, ttl) end
 end
 
 -- The operation ARGV[1] names, with the arguments after it.
@@ -101,7 +94,7 @@ local function handle()
     -- Calls intake still remembers with this caller (intake.lua), incident or not.
     local calls = K.callercalls(ARGV[5])
     for _, ck in ipairs(redis.call('SMEMBERS', calls)) do redis.call('DEL', K.acall(ck)) end
-    redis.call('DEL', idx, calls, K.repeats(ARGV[5]), K.repeat_of(ARGV[5]))
+    redis.call('DEL', idx, calls, K.repeats(ARGV[5]), K.repeat_of(ARGV[5]), K.caller_open(ARGV[5]))
     return n
 
   elseif op == 'sweep' then
@@ -116,7 +109,7 @@ local function handle()
     for _, id in ipairs(old) do
       local ps = redis.call('HGET', K.inc(id), 'caller_pseudonym')
       if not empty(ps) then redis.call('SREM', K.caller(ps), id) end
-      redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id))
+      redis.call('DEL', K.inc(id), K.tl(id), K.tried(id), K.members(id), K.related(id), K.omitted(id))
       redis.call('ZREM', K.incidents, id)
       redis.call('ZREM', K.closed, id)
       removed = removed + 1

@@ -70,14 +70,33 @@ local function pad13(ms)
   return string.rep('0', 13 - string.len(s)) .. s
 end
 
+-- Appends one entry (JSON text) to an incident's timeline. Entries of events
+-- a caller or the PBX can repeat without end (CAPPED: abandons on a storm
+-- incident, repeat calls, IVR input, notes) are kept up to TIMELINE_CAP
+-- entries; beyond that they are only counted, by event, in p:inc:<id>:omitted.
+-- The dispatch's own entries (offers, answers, progress) are always kept.
+local function push(id, event, text)
+  local key = K.tl(id)
+  if CAPPED[event] and redis.call('LLEN', key) >= TIMELINE_CAP then
+    redis.call('HINCRBY', K.omitted(id), event, 1)
+  else
+    redis.call('RPUSH', key, text)
+  end
+end
+
 -- Appends one entry to an incident's timeline.
 local function tl(id, event, actor, detail)
-  redis.call('RPUSH', K.tl(id), cjson.encode({at = now_iso(), event = event, actor = actor, detail = detail}))
+  push(id, event, cjson.encode({at = now_iso(), event = event, actor = actor, detail = detail}))
 end
 
 -- An entry written by Rust without its time (`{"event":…}`), stamped: `{"at":…,"event":…}`.
 local function stamped(entry, at_iso)
   return '{"at":"' .. (at_iso or now_iso()) .. '",' .. string.sub(entry, 2)
+end
+
+-- Appends an entry written by Rust (its event is its first field), stamped now.
+local function push_entry(id, entry)
+  push(id, string.match(entry, '^{"event":"([%w_]+)"') or '', stamped(entry))
 end
 
 local function empty(v) return v == false or v == nil or v == '' end

@@ -71,6 +71,7 @@ local function create(fields, timeline, call_key, call_ttl, pseudonym, opened)
     local idx = K.caller(pseudonym)
     redis.call('SADD', idx, id)
     redis.call('PERSIST', idx)
+    redis.call('SADD', K.caller_open(pseudonym), id)
   end
   if #timeline > 0 then
     local at = iso(opened)
@@ -288,10 +289,10 @@ local function handle()
         end
       end
       if a.entries then
-        for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
+        for _, e in ipairs(a.entries) do push_entry(id, e) end
       end
       if a.own_entries and own then
-        for _, e in ipairs(a.own_entries) do redis.call('RPUSH', K.tl(id), stamped(e)) end
+        for _, e in ipairs(a.own_entries) do push_entry(id, e) end
       end
     elseif a.callback then
       local cb = open(a.callback, a.callback.rules or {})
@@ -299,7 +300,7 @@ local function handle()
       out.callback = cb
       if cb.created == 0 and a.entries then
         -- Attached to the caller's open incident (repeat rule): the abandon is on its timeline too.
-        for _, e in ipairs(a.entries) do redis.call('RPUSH', K.tl(cb.id), stamped(e)) end
+        for _, e in ipairs(a.entries) do push_entry(cb.id, e) end
       end
     end
     if a.storm then
@@ -340,7 +341,7 @@ local function handle()
     local n = 0
     for i = 1, #a, 2 do
       if redis.call('EXISTS', K.inc(a[i])) == 1 then
-        redis.call('RPUSH', K.tl(a[i]), stamped(a[i + 1]))
+        push_entry(a[i], a[i + 1])
         n = n + 1
       end
     end
