@@ -27,6 +27,7 @@ use crate::sip::line::Uas;
 use crate::sip::transport::{self, AllowList, TcpLimits};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{self, metric};
+use crate::tls::Tls;
 use crate::{reload, shutdown, systemd};
 
 /// Runs the daemon until SIGTERM/SIGINT. Logging is already set up.
@@ -77,6 +78,18 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
             Some(l)
         }
     };
+    let tls = match &settings.tls {
+        Some(t) => Some(Tls::new(&t.cert, &t.key).context("tls")?),
+        None => None,
+    };
+    let sip_tls = match settings.sip.tls.as_str() {
+        "" => None,
+        a => {
+            let l = TcpListener::bind(a).await.with_context(|| format!("binding SIP TLS {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "SIP TLS listening");
+            Some(l)
+        }
+    };
     let ws = TcpListener::bind(&settings.responders.listen)
         .await
         .with_context(|| format!("binding responders {}", settings.responders.listen))?;
@@ -99,7 +112,14 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
             max_connections: settings.sip.tcp_max_connections,
             idle_timeout: settings.sip.tcp_idle_timeout,
         };
-        tokio::spawn(transport::serve_tcp(l, allow.clone(), uas.clone(), limits, sip_token.clone()));
+        tokio::spawn(transport::serve_tcp(l, allow.clone(), uas.clone(), limits, None, sip_token.clone()));
+    }
+    if let Some(l) = sip_tls {
+        let limits = TcpLimits {
+            max_connections: settings.sip.tcp_max_connections,
+            idle_timeout: settings.sip.tcp_idle_timeout,
+        };
+        tokio::spawn(transport::serve_tcp(l, allow.clone(), uas.clone(), limits, tls.clone(), sip_token.clone()));
     }
     let admin_sha256 = api::admin_hash(&settings.http.admin_token_sha256);
     if admin_sha256.is_none() {
@@ -116,10 +136,12 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         redis_up: redis_up.clone(),
         admin_sha256,
     });
-    let http_token = token.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, router).with_graceful_shutdown(async move { http_token.cancelled().await }).await
-    });
+    let limits = api::server::Limits {
+        max_connections: settings.http.max_connections,
+        idle_timeout: settings.http.idle_timeout,
+    };
+    let http_tls = if settings.http.tls { tls.clone() } else { None };
+    let http_task = tokio::spawn(api::server::serve(http, router, http_tls, limits, token.clone()));
     let roster = Arc::new(std::sync::RwLock::new(Roster::new(&settings.roster)));
     let gateway = Arc::new(Gateway {
         dispatch: dispatch.clone(),
@@ -127,6 +149,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         roster: roster.clone(),
         heartbeat: settings.responders.heartbeat,
         preauth: Default::default(),
+        tls: if settings.responders_tls() { tls.clone() } else { None },
     });
     tokio::spawn(responders::serve(ws, gateway, token.clone()));
     let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));
@@ -147,6 +170,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         in_force.clone(),
         dispatch.clone(),
         sessions.clone(),
+        tls.clone(),
     );
     tokio::spawn(reloader.run(hangups, token.clone()));
 

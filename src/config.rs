@@ -94,6 +94,8 @@ pub struct SipSettings {
     pub retry_after_s: u32,
     /// Extension: SO_RCVBUF asked for the UDP socket, bytes.
     pub udp_recv_buffer: usize,
+    /// SIP over TLS (contract §9), framed like TCP; "" disables. Needs `[tls]`.
+    pub tls: String,
     /// Extension: new INVITE and MESSAGE transactions per second from one
     /// source address (a burst of one second's worth is allowed); beyond it,
     /// 503 + Retry-After. 0 = no limit.
@@ -115,6 +117,7 @@ impl Default for SipSettings {
             retry_after_s: 5,
             udp_recv_buffer: 8 * 1024 * 1024,
             rate_limit: 1000,
+            tls: String::new(),
         }
     }
 }
@@ -143,6 +146,8 @@ impl Default for RedisSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RespondersSettings {
     pub listen: String,
+    /// wss:// and https:// on `listen` (contract §9); default: on when `[tls]` is set.
+    pub tls: Option<bool>,
     /// Extension: websocket ping interval; a responder silent for two is dropped.
     #[serde(deserialize_with = "duration")]
     pub heartbeat: Duration,
@@ -150,7 +155,7 @@ pub struct RespondersSettings {
 
 impl Default for RespondersSettings {
     fn default() -> Self {
-        RespondersSettings { listen: "0.0.0.0:8080".into(), heartbeat: Duration::from_secs(15) }
+        RespondersSettings { listen: "0.0.0.0:8080".into(), tls: None, heartbeat: Duration::from_secs(15) }
     }
 }
 
@@ -160,12 +165,34 @@ pub struct HttpSettings {
     pub listen: String,
     /// Hex SHA-256 of the admin bearer token; empty = the /v1 API refuses everyone.
     pub admin_token_sha256: String,
+    /// https:// on `listen` (contract §9); needs `[tls]`.
+    pub tls: bool,
+    /// Extension: connections open at once, at most; more are closed at once.
+    pub max_connections: usize,
+    /// Extension: a connection that sends no complete request head for this
+    /// long (a slow client, or an idle keep-alive) is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        HttpSettings { listen: "127.0.0.1:9090".into(), admin_token_sha256: String::new() }
+        HttpSettings {
+            listen: "127.0.0.1:9090".into(),
+            admin_token_sha256: String::new(),
+            tls: false,
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(30),
+        }
     }
+}
+
+/// `[tls]` (contract §9): the certificate chain and key of every TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -325,6 +352,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub responders: RespondersSettings,
     pub http: HttpSettings,
+    /// TLS for the listeners (absent: plain TCP/UDP as in v1).
+    pub tls: Option<TlsSettings>,
     pub privacy: PrivacySettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
@@ -479,6 +508,20 @@ impl Settings {
         if sip.tcp_idle_timeout.is_zero() {
             return Err(err("sip.tcp_idle_timeout", "must be more than zero"));
         }
+        check_listen("sip.tls", &sip.tls, true)?;
+        if let Some(t) = &self.tls {
+            crate::tls::server_config(&t.cert, &t.key).map_err(|e| err(e.key, e.message))?;
+        }
+        let no_tls = self.tls.is_none();
+        if no_tls && !sip.tls.is_empty() {
+            return Err(err("sip.tls", "needs [tls] (cert and key)"));
+        }
+        if no_tls && self.responders.tls == Some(true) {
+            return Err(err("responders.tls", "needs [tls] (cert and key)"));
+        }
+        if no_tls && self.http.tls {
+            return Err(err("http.tls", "needs [tls] (cert and key)"));
+        }
 
         let url = self.redis.url.expose();
         if redis::Client::open(url).is_err() {
@@ -497,6 +540,12 @@ impl Settings {
             return Err(err("responders.heartbeat", "must be at least 100ms"));
         }
         check_listen("http.listen", &self.http.listen, false)?;
+        if self.http.max_connections == 0 {
+            return Err(err("http.max_connections", "must be at least 1"));
+        }
+        if self.http.idle_timeout < Duration::from_millis(100) {
+            return Err(err("http.idle_timeout", "must be at least 100ms"));
+        }
         let admin = &self.http.admin_token_sha256;
         if !admin.is_empty() && !is_hex_sha256(admin) {
             return Err(err("http.admin_token_sha256", "must be 64 hex digits (sha256 of the token)"));
@@ -634,6 +683,11 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Whether the responders' listener speaks TLS (wss, https): as set, else when `[tls]` is.
+    pub fn responders_tls(&self) -> bool {
+        self.responders.tls.unwrap_or(self.tls.is_some())
     }
 
     /// The parsed `sip.allow` networks (validated already).

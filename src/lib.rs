@@ -59,3 +59,4 @@ pub mod sip;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;

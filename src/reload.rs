@@ -26,6 +26,7 @@ use crate::intake::Intake;
 use crate::responders::Roster;
 use crate::responders::Sessions;
 use crate::systemd;
+use crate::tls::Tls;
 
 /// What a reload will put in force, worked out from the old and the new settings.
 #[derive(Debug)]
@@ -69,6 +70,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("sip.max_inflight", o.max_inflight != n.max_inflight);
     check("sip.retry_after_s", o.retry_after_s != n.retry_after_s);
     check("sip.udp_recv_buffer", o.udp_recv_buffer != n.udp_recv_buffer);
+    check("sip.tls", o.tls != n.tls);
+    check("sip.rate_limit", o.rate_limit != n.rate_limit);
     let (o, n) = (&old.redis, &new.redis);
     check("redis.url", o.url.expose() != n.url.expose());
     check("redis.prefix", o.prefix != n.prefix);
@@ -94,6 +97,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("log", differs(&old.log, &new.log)),
         // The feeds connect at start-up.
         ("acd", differs(&old.acd, &new.acd)),
+        // Where the certificate and key are read from (the files themselves are read again).
+        ("tls", differs(&old.tls, &new.tls)),
     ] {
         if changed && !keys.iter().any(|k| k.starts_with(section) && k.as_bytes().get(section.len()) == Some(&b'.')) {
             keys.push(section);
@@ -117,6 +122,7 @@ impl Plan {
         settings.privacy.caller_key = old.privacy.caller_key.clone();
         settings.log = old.log.clone();
         settings.acd = old.acd.clone();
+        settings.tls = old.tls.clone();
         settings.escalation = old.escalation.clone();
 
         let (before, after) = (roster_map(&old.roster), roster_map(&settings.roster));
@@ -163,6 +169,8 @@ pub struct Reloader {
     pub dispatch: Arc<Dispatch>,
     /// The responders connected here.
     pub sessions: Arc<Sessions>,
+    /// The TLS configuration of the listeners, read again on every reload.
+    pub tls: Option<Arc<Tls>>,
     /// Bumped on every applied reload, so an older roster retry gives up.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -190,8 +198,9 @@ impl Reloader {
         settings: Arc<RwLock<Arc<Settings>>>,
         dispatch: Arc<Dispatch>,
         sessions: Arc<Sessions>,
+        tls: Option<Arc<Tls>>,
     ) -> Reloader {
-        Reloader { config_path, intake, roster, settings, dispatch, sessions, generation: Arc::default() }
+        Reloader { config_path, intake, roster, settings, dispatch, sessions, tls, generation: Arc::default() }
     }
 
     /// The settings in force.
@@ -260,6 +269,15 @@ impl Reloader {
         // The IVR map: calls classified from now on use the new one; calls
         // already being stored keep the map they started with.
         self.intake.reconfigure(&settings);
+        // The certificate and key: new handshakes use them, open connections keep theirs.
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate and key read again"),
+                Err(e) => {
+                    tracing::error!(key = e.key, error = %e.message, "TLS files not reloaded; the old certificate stays")
+                }
+            }
+        }
         // Tokens: checked when a responder connects; an open connection whose
         // token the new roster no longer gives to that responder is closed (4401).
         let roster = Roster::new(&settings.roster);

@@ -335,3 +335,39 @@ fn a_storm_incident_timeline_is_capped() {
     let kept = tl.iter().filter(|e| e["event"] == "abandoned").count() as u64;
     assert_eq!(kept + omitted, (n - 3) as u64, "every later abandon is either on the timeline or counted");
 }
+
+// ---- 4. the ops plane --------------------------------------------------------------
+
+/// A client that sends half a request head and stops is closed after
+/// `http.idle_timeout` (so is an idle keep-alive); beyond `http.max_connections`
+/// a connection is closed at once; the plane answers again when they are gone.
+#[test]
+fn slow_and_surplus_http_clients_are_closed() {
+    let redis = Redis::start();
+    let d = Daemon::start(
+        &redis,
+        Options { http: "idle_timeout = \"3s\"\nmax_connections = 8".into(), ..Options::default() },
+    );
+    let mut slow = TcpStream::connect(("127.0.0.1", d.http_port)).unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut idle = TcpStream::connect(("127.0.0.1", d.http_port)).unwrap();
+    idle.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut first = [0u8; 512];
+    assert!(idle.read(&mut first).unwrap() > 0, "answered, and kept alive");
+    assert!(closed_within(&mut slow, S5), "a head never finished");
+    assert!(closed_within(&mut idle, S5), "an idle keep-alive");
+
+    let held: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(("127.0.0.1", d.http_port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut surplus = TcpStream::connect(("127.0.0.1", d.http_port)).unwrap();
+    // Well before the 3 s a held connection gets.
+    assert!(closed_within(&mut surplus, Duration::from_millis(1500)), "over the cap: closed at once");
+    // The held connections say nothing: they are closed after the idle timeout, and the plane answers again.
+    let mut m = String::new();
+    wait_until("the ops plane to answer again", Duration::from_secs(10), || {
+        m = d.metrics();
+        !m.is_empty()
+    });
+    drop(held);
+    assert!(metric_value(&m, "dispatchd_connections_refused_total", "listener=\"http\"") >= 1.0, "counted");
+}

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod report;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed") })
+        .layer(middleware::from_fn(server::within_time))
         .with_state(state)
 }
 

@@ -74,6 +74,8 @@ pub struct Gateway {
     pub roster: Arc<RwLock<Roster>>,
     pub heartbeat: Duration,
     pub preauth: PreAuth,
+    /// wss:// (and https://) when set.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Admission of connections that have not signed in yet.
@@ -197,8 +199,19 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellati
                     .increment(1);
                 return;
             };
-            let (stream, budget) = Metered::new(stream, PREAUTH_BYTES);
-            session(stream, budget, admitted, &gw2, shutdown).await
+            let deadline = tokio::time::Instant::now() + PREAUTH_WITHIN;
+            match &gw2.tls {
+                None => {
+                    let (stream, budget) = Metered::new(stream, PREAUTH_BYTES);
+                    session(stream, budget, admitted, deadline, &gw2, shutdown).await
+                }
+                Some(tls) => {
+                    let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream));
+                    let Ok(Ok(stream)) = handshake.await else { return };
+                    let (stream, budget) = Metered::new(stream, PREAUTH_BYTES);
+                    session(stream, budget, admitted, deadline, &gw2, shutdown).await
+                }
+            }
         });
     }
 }
@@ -251,12 +264,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     budget: Arc<AtomicUsize>,
     admitted: Admitted<'_>,
+    deadline: tokio::time::Instant,
     gw: &Gateway,
     shutdown: CancellationToken,
 ) {
     let (ctx, heartbeat) = (&gw.dispatch, gw.heartbeat);
     let write_within = write_within(heartbeat);
-    let deadline = tokio::time::Instant::now() + PREAUTH_WITHIN;
     let Some((who, ws)) = sign_in(stream, gw, deadline).await else { return };
     let (mut sink, mut frames) = ws.split();
     let Some((rid, token)) = who else {

@@ -475,7 +475,10 @@ impl Uas {
 fn contact_uri(facts: &CallFacts, transport: &str) -> String {
     let user = facts.ruri_user.as_deref().unwrap_or("dispatchd");
     let host = facts.ruri_host.as_deref().unwrap_or("127.0.0.1");
-    if transport == "tcp" { format!("sip:{user}@{host};transport=tcp") } else { format!("sip:{user}@{host}") }
+    match transport {
+        "tcp" | "tls" => format!("sip:{user}@{host};transport={transport}"),
+        _ => format!("sip:{user}@{host}"),
+    }
 }
 
 fn decline_reason(status: u16) -> &'static str {

@@ -44,8 +44,16 @@ const MAX_OTHER_BYTES: usize = 32 << 20;
 /// Where a response goes: back the way the request came.
 #[derive(Clone, Debug)]
 pub enum Peer {
-    Udp { sock: Arc<UdpSocket>, addr: SocketAddr },
-    Tcp { tx: mpsc::Sender<Bytes>, addr: SocketAddr },
+    Udp {
+        sock: Arc<UdpSocket>,
+        addr: SocketAddr,
+    },
+    /// A stream connection: TCP, or TLS when `tls`.
+    Tcp {
+        tx: mpsc::Sender<Bytes>,
+        addr: SocketAddr,
+        tls: bool,
+    },
 }
 
 impl Peer {
@@ -63,7 +71,8 @@ impl Peer {
     pub fn transport(&self) -> &'static str {
         match self {
             Peer::Udp { .. } => "udp",
-            Peer::Tcp { .. } => "tcp",
+            Peer::Tcp { tls: false, .. } => "tcp",
+            Peer::Tcp { tls: true, .. } => "tls",
         }
     }
 
@@ -276,9 +285,11 @@ impl<C: Send + 'static, D> Transactions<C, D> {
     /// Sends the final response of a non-INVITE transaction and remembers it
     /// (Timer J: for retransmissions over UDP).
     pub fn finish(&self, key: TxKey, peer: &Peer, resp: Bytes) {
-        peer.send(&resp);
+        // Remembered before it is sent: a retransmission that crosses the
+        // response must find it, not the transaction still at work.
         let expires = Instant::now() + if peer.reliable() { Duration::ZERO } else { LINGER };
-        self.lock().put_other(key, Some(resp), expires);
+        self.lock().put_other(key, Some(resp.clone()), expires);
+        peer.send(&resp);
     }
 
     /// A non-INVITE request that takes a while: retransmissions are absorbed

@@ -1,8 +1,9 @@
 //! SIP transports: UDP datagrams and TCP streams → checked messages → the UAS.
 //!
 //! The allow list is applied first: a source outside `sip.allow` gets nothing,
-//! not even a TCP connection that stays open. TCP is framed by Content-Length
-//! with a 64 KiB limit, an idle timeout and a connection limit.
+//! not even a TCP connection that stays open (nor a TLS handshake). TCP and
+//! TLS are framed by Content-Length with a 64 KiB limit, an idle timeout and a
+//! connection limit (one limit for both).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,7 @@ use super::line::Uas;
 use super::transaction::{Peer, build};
 use super::wire::{self, Frame, MAX_MESSAGE, Verdict};
 use crate::telemetry::metric;
+use crate::tls::Tls;
 
 /// Source networks allowed to talk to us.
 #[derive(Debug, Clone)]
@@ -115,12 +117,14 @@ pub struct TcpLimits {
     pub idle_timeout: Duration,
 }
 
-/// Accepts connections until shutdown.
+/// Accepts connections until shutdown; with `tls`, SIP over TLS (RFC 3261
+/// §26, framed like TCP): the allow list first, then the handshake.
 pub async fn serve_tcp(
     listener: TcpListener,
     allow: Arc<AllowList>,
     uas: Arc<Uas>,
     limits: TcpLimits,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -147,21 +151,33 @@ pub async fn serve_tcp(
             drop(stream);
             continue;
         };
-        let uas = uas.clone();
-        let shutdown = shutdown.clone();
+        let (uas, tls, shutdown) = (uas.clone(), tls.clone(), shutdown.clone());
         tokio::spawn(async move {
             metrics::gauge!(metric::SIP_TCP_CONNECTIONS).increment(1.0);
-            connection(stream, src, uas, limits.idle_timeout, shutdown).await;
+            let _ = stream.set_nodelay(true);
+            match tls {
+                None => connection(stream, src, false, uas, limits.idle_timeout, shutdown).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Some(s) => connection(s, src, true, uas, limits.idle_timeout, shutdown).await,
+                    None => dropped("tls_handshake"),
+                },
+            }
             metrics::gauge!(metric::SIP_TCP_CONNECTIONS).decrement(1.0);
             drop(slot);
         });
     }
 }
 
-/// One TCP connection: a writer task fed by a bounded channel, and this reader.
-async fn connection(stream: TcpStream, src: SocketAddr, uas: Arc<Uas>, idle: Duration, shutdown: CancellationToken) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+/// One TCP (or TLS) connection: a writer task fed by a bounded channel, and this reader.
+async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    src: SocketAddr,
+    tls: bool,
+    uas: Arc<Uas>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
     let writer = tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
@@ -171,7 +187,7 @@ async fn connection(stream: TcpStream, src: SocketAddr, uas: Arc<Uas>, idle: Dur
         }
         let _ = wr.shutdown().await;
     });
-    let peer = Peer::Tcp { tx: tx.clone(), addr: src };
+    let peer = Peer::Tcp { tx: tx.clone(), addr: src, tls };
     let mut buf = BytesMut::with_capacity(4096);
     let mut framer = wire::Framer::default();
     'conn: loop {

@@ -143,6 +143,9 @@ pub struct Options {
     pub heartbeat: &'static str,
     /// More keys of the `[sip]` table (`rate_limit = 5`, …).
     pub sip: String,
+    /// More keys of the `[http]` table, and of `[responders]`.
+    pub http: String,
+    pub responders: String,
     /// More TOML: `[[responder]]` tables (see [`roster`]), `[escalation.*]`…
     pub extra: String,
     /// `[correlation.*]` tables. By default the repeat and surge rules are off
@@ -171,6 +174,8 @@ impl Default for Options {
             tcp_idle_timeout: "5s",
             heartbeat: "2s",
             sip: String::new(),
+            http: String::new(),
+            responders: String::new(),
             extra: String::new(),
             correlation: CORRELATION_OFF.to_string(),
             env: Vec::new(),
@@ -265,11 +270,12 @@ impl Daemon {
         d
     }
 
-    /// True once /readyz answers 200; false as soon as the process exits.
+    /// True once /readyz answers 200 (or, with https on the ops plane, once
+    /// the log says it is ready); false as soon as the process exits.
     fn wait_ready_or_exit(&mut self) -> bool {
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
-            if http_get(self.http_port, "/readyz", None).0 == 200 {
+            if http_get(self.http_port, "/readyz", None).0 == 200 || self.log().contains("\"dispatchd ready\"") {
                 return true;
             }
             if !self.alive() {
@@ -310,10 +316,12 @@ timeout = "2s"
 [responders]
 listen = "127.0.0.1:{ws}"
 heartbeat = "{heartbeat}"
+{responders_extra}
 
 [http]
 listen = "127.0.0.1:{http}"
 admin_token_sha256 = "{admin}"
+{http_extra}
 
 [privacy]
 caller_key = "{key}"
@@ -343,6 +351,8 @@ drain = "5s"
             correlation = o.correlation,
             heartbeat = o.heartbeat,
             sip_extra = o.sip,
+            http_extra = o.http,
+            responders_extra = o.responders,
         );
         std::fs::write(&self.config, text).unwrap();
     }
