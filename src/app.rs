@@ -54,7 +54,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let dispatch = Dispatch::new(store.clone(), &settings, sessions.clone());
     dispatch.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
     let wake = dispatch.clone();
-    let intake = Arc::new(Intake::new(store.clone(), &settings).on_open(move || wake.wake()));
+    let intake = Arc::new(Intake::new(store.clone(), &settings).daemon(&dispatch.daemon).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
     crate::acd::spawn(&settings, intake.clone(), token.clone());
     let allow = Arc::new(AllowList::new(settings.allow_nets()));

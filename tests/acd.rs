@@ -127,9 +127,14 @@ struct Ami {
 impl Ami {
     /// Accepts and sends the banner.
     fn accept(pbx: &Pbx) -> Ami {
-        let mut a = Ami { s: pbx.accept(), buf: Vec::new() };
+        Ami::accept_within(pbx, WAIT).expect("the daemon did not connect")
+    }
+
+    /// Accepts a connection that comes within `wait`, and sends the banner.
+    fn accept_within(pbx: &Pbx, wait: Duration) -> Option<Ami> {
+        let mut a = Ami { s: pbx.try_accept(wait)?, buf: Vec::new() };
         a.send_raw(b"Asterisk Call Manager/5.0.2\r\n");
-        a
+        Some(a)
     }
 
     /// The next action, as `(key, value)` pairs.
@@ -612,4 +617,42 @@ fn ami_digits_reclassify_an_incident_the_invite_opened() {
     assert_eq!(inc["ivr_path"], json!(["2", "1"]), "{inc}");
     assert_eq!(inc["severity"], "critical");
     assert_eq!(d.incidents("").len(), 1, "no second incident for the AMI events");
+}
+
+// ---- several daemons, one feed ---------------------------------------------------
+
+/// Two daemons configured with the same PBX: one reads the feed (a lease in
+/// Redis), so each event is applied once; when it dies, the other takes the
+/// feed over within ten seconds and the events after that are applied once too.
+#[test]
+fn two_daemons_one_ami_feed_apply_each_event_once_and_fail_over() {
+    let redis = Redis::start();
+    let pbx = Pbx::new();
+    let mut daemons = vec![ami_daemon(&redis, &pbx), ami_daemon(&redis, &pbx)];
+    let mut ami = Ami::accept(&pbx).login(true).expect("logged in");
+    assert!(pbx.try_accept(Duration::from_secs(3)).is_none(), "a second daemon connected to the same feed");
+    wait_until("the holder to say so", WAIT, || daemons.iter().any(|d| connected(d, "ami") == 1.0));
+    let holder = daemons.iter().position(|d| connected(d, "ami") == 1.0).unwrap();
+    let standby = 1 - holder;
+    assert_eq!(connected(&daemons[standby], "ami"), 0.0);
+
+    ami.send_all(&blocks("ami_queue_call.txt"));
+    assert_call_life(&daemons[holder], &redis, "ami", AMI_CALLER, "incident");
+    let applied = |d: &Daemon| metric_value(&d.metrics(), "dispatchd_call_events_total", "source=\"ami\"");
+    assert_eq!(applied(&daemons[holder]) + applied(&daemons[standby]), 6.0, "each event applied by one daemon");
+
+    // The holder dies without a word: the other connects within ten seconds (and a little slack).
+    daemons[holder].kill9();
+    let taken = Ami::accept_within(&pbx, Duration::from_secs(15)).expect("the standby took the feed over");
+    let mut taken = taken.login(true).expect("logged in");
+    wait_until("the standby to say so", WAIT, || connected(&daemons[standby], "ami") == 1.0);
+    drop(ami);
+    taken.send_all(&blocks("ami_abandon.txt"));
+    let d = &daemons[standby];
+    // Two calls' joins and abandons, and a hang-up (a queue leave is not a call event).
+    wait_until("the abandons applied", WAIT, || applied(d) >= 5.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(applied(d), 5.0, "each once");
+    let incidents = d.incidents("");
+    assert_eq!(incidents.iter().filter(|i| i["category"] == "callback").count(), 1, "{incidents:#?}");
 }

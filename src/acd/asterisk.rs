@@ -51,7 +51,7 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Runs the AMI feed until `token` is cancelled.
 pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
     let backoff = feed::reconnect_backoff(max_backoff);
-    feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |attempt| {
+    feed::reconnecting(SOURCE, &cfg.address, &intake, &backoff, &token, |attempt| {
         session(&cfg, &intake, &token, &backoff, attempt, feed::KEEPALIVE)
     })
     .await

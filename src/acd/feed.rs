@@ -1,6 +1,7 @@
-//! What the two PBX connection loops share: reconnecting with backoff,
-//! connecting with TCP keepalive, delivering an event to intake until it is
-//! stored, and the feed's metrics.
+//! What the two PBX connection loops share: one reader per feed across
+//! daemons (a lease in Redis), reconnecting with backoff, connecting with TCP
+//! keepalive, delivering an event to intake until it is stored, and the
+//! feed's metrics.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::backoff::Backoff;
+use crate::backoff::cancelled_during;
 use crate::domain::call::CallEvent;
 use crate::domain::incident::Source;
 use crate::intake::Intake;
@@ -66,35 +68,102 @@ impl FeedError {
     }
 }
 
-/// Runs one connection after another until `token` is cancelled: each
-/// failure is counted and logged, then waited out with `backoff`. A session
-/// gets its attempt number (and resets `backoff` after a login), and
-/// answers `Ok` only when shutdown came.
+/// How long a feed's lease holds without renewal; it is renewed every
+/// [`LEASE_RENEW`], and a standby daemon tries to take it every
+/// [`LEASE_POLL`]: a feed whose daemon died is read again within
+/// `LEASE_TTL + LEASE_POLL` (9 s).
+pub const LEASE_TTL: Duration = Duration::from_secs(8);
+pub const LEASE_RENEW: Duration = Duration::from_secs(2);
+pub const LEASE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs one feed until `token` is cancelled. Several daemons may be
+/// configured with the same PBX: only the one holding the feed's lease in
+/// Redis reads it, so each event is applied once; when that daemon dies,
+/// another takes the lease within [`LEASE_TTL`] and connects.
+///
+/// While it holds the lease: one connection after another, each failure
+/// counted and logged, then waited out with `backoff`. A session gets its
+/// attempt number (and resets `backoff` after a login), and answers `Ok`
+/// only when shutdown came.
 pub async fn reconnecting<F: Future<Output = Result<(), FeedError>>>(
     source: Source,
     address: &str,
+    intake: &Intake,
     backoff: &Backoff,
     token: &CancellationToken,
     mut session: impl FnMut(u64) -> F,
 ) {
     let name = source.as_str().to_uppercase();
+    let lease = format!("{}:{address}", source.as_str());
     let mut attempt: u64 = 0;
     loop {
-        attempt = attempt.wrapping_add(1);
-        let result = tokio::select! {
-            _ = token.cancelled() => Ok(()),
-            r = session(attempt) => r,
+        if !take_lease(intake, &lease, &name, token).await {
+            break;
+        }
+        tracing::info!(%address, "{name} feed taken: this daemon reads it");
+        let held = tokio::select! {
+            lost = keep_lease(intake, &lease, token) => lost,
+            _ = async {
+                loop {
+                    attempt = attempt.wrapping_add(1);
+                    let result = session(attempt).await;
+                    set_connected(source, false);
+                    match result {
+                        Ok(()) => return,
+                        Err(e) => {
+                            count_error(source, e.reason());
+                            tracing::warn!(%address, reason = e.reason(), error = %e, "{name} connection lost; reconnecting");
+                            if backoff.wait(token).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            } => false,
         };
         set_connected(source, false);
-        if let Err(e) = result {
-            count_error(source, e.reason());
-            tracing::warn!(%address, reason = e.reason(), error = %e, "{name} connection lost; reconnecting");
-            if !backoff.wait(token).await {
-                continue;
-            }
+        if !held {
+            // Shutdown: give the feed to another daemon at once.
+            let _ = intake.release_feed(&lease).await;
+            break;
         }
-        tracing::info!(%address, "{name} feed stopped");
-        return;
+        tracing::warn!(%address, "{name} feed lease lost to another daemon; disconnected");
+    }
+    tracing::info!(%address, "{name} feed stopped");
+}
+
+/// Waits until this daemon holds the lease; false when shutdown came first.
+async fn take_lease(intake: &Intake, lease: &str, name: &str, token: &CancellationToken) -> bool {
+    let mut waiting = false;
+    loop {
+        match intake.hold_feed(lease, LEASE_TTL).await {
+            Ok(true) => return true,
+            Ok(false) if !waiting => {
+                waiting = true;
+                tracing::info!("{name} feed is read by another daemon; standing by");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "{name} feed lease not checked"),
+        }
+        if cancelled_during(LEASE_POLL, token).await {
+            return false;
+        }
+    }
+}
+
+/// Renews the lease until another daemon holds it (returns true) or shutdown
+/// (false). While Redis cannot be asked, the lease is kept: nobody can take
+/// it then, and no event could be stored anyway.
+async fn keep_lease(intake: &Intake, lease: &str, token: &CancellationToken) -> bool {
+    loop {
+        if cancelled_during(LEASE_RENEW, token).await {
+            return false;
+        }
+        match intake.hold_feed(lease, LEASE_TTL).await {
+            Ok(true) => {}
+            Ok(false) => return true,
+            Err(e) => tracing::debug!(error = %e, "feed lease not renewed"),
+        }
     }
 }
 

@@ -55,7 +55,7 @@ const PROBE: &str = "api uptime\n\n";
 /// Runs the ESL feed until `token` is cancelled.
 pub async fn run(cfg: FreeswitchSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
     let backoff = feed::reconnect_backoff(max_backoff);
-    feed::reconnecting(SOURCE, &cfg.address, &backoff, &token, |_attempt| {
+    feed::reconnecting(SOURCE, &cfg.address, &intake, &backoff, &token, |_attempt| {
         session(&cfg, &intake, &token, &backoff, feed::KEEPALIVE)
     })
     .await

@@ -67,13 +67,18 @@ pub struct Dispatch {
     resync_soon: AtomicBool,
 }
 
+/// A name for this daemon in Redis: host, pid and a random part.
+pub fn daemon_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand::random::<u16>())
+}
+
 impl Dispatch {
     pub fn new(store: Store, settings: &Settings, notifier: Arc<dyn Notifier>) -> Arc<Dispatch> {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         Arc::new(Dispatch {
             store,
             notifier,
-            daemon: format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand::random::<u16>()),
+            daemon: daemon_name(),
             policy: settings.escalation.matrix(),
             heartbeat: settings.responders.heartbeat,
             wake: Notify::new(),

@@ -92,6 +92,8 @@ impl Live {
 
 pub struct Intake {
     store: Store,
+    /// This daemon's name in Redis (a PBX feed's lease holder).
+    daemon: String,
     /// Called when an incident is opened (the dispatcher's wake-up).
     on_open: Option<Box<dyn Fn() + Send + Sync>>,
     live: RwLock<Arc<Live>>,
@@ -138,6 +140,7 @@ impl Intake {
         }
         Intake {
             store,
+            daemon: crate::dispatcher::daemon_name(),
             on_open: None,
             live: RwLock::new(Arc::new(Live::new(settings))),
             caller_key: settings.privacy.caller_key.expose().to_string(),
@@ -148,6 +151,23 @@ impl Intake {
     pub fn connect(settings: &Settings) -> Result<Intake> {
         let r = &settings.redis;
         Ok(Intake::new(Store::new(r.url.expose(), &r.prefix, r.timeout)?, settings))
+    }
+
+    /// This daemon's name in Redis (shared with the dispatcher).
+    pub fn daemon(mut self, name: &str) -> Self {
+        self.daemon = name.to_string();
+        self
+    }
+
+    /// Takes or keeps the lease of the PBX feed `name` (one daemon reads a
+    /// feed, however many are configured with it); true while this daemon holds it.
+    pub async fn hold_feed(&self, name: &str, ttl: Duration) -> Result<bool> {
+        self.store.feed_lease(name, &self.daemon, ttl, false).await
+    }
+
+    /// Gives the feed's lease up (at shutdown), so another daemon takes it at once.
+    pub async fn release_feed(&self, name: &str) -> Result<()> {
+        self.store.feed_lease(name, &self.daemon, Duration::ZERO, true).await.map(|_| ())
     }
 
     /// Runs `f` after every newly opened incident.

@@ -252,6 +252,19 @@ impl Store {
         Ok(())
     }
 
+    /// Takes or keeps the lease of the PBX feed `name` for `holder`, for
+    /// `ttl` from now (Redis's clock); with `release`, gives it up. Returns
+    /// whether `holder` holds it now.
+    pub async fn feed_lease(&self, name: &str, holder: &str, ttl: std::time::Duration, release: bool) -> Result<bool> {
+        #[derive(Deserialize)]
+        struct Lease {
+            held: bool,
+        }
+        let args = json!({"name": name, "holder": holder, "ttl_ms": ttl.as_millis() as u64, "release": release});
+        let lease: Lease = self.run_intake("lease", &args, None, At::Server, name).await?;
+        Ok(lease.held)
+    }
+
     /// One field of an incident's record.
     pub async fn field(&self, id: &str, name: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();

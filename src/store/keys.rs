@@ -85,10 +85,12 @@ pub enum Family {
     Omitted,
     /// A pub/sub channel between daemons.
     Channel,
+    /// The daemon holding a PBX feed (string, with a lease's expiry).
+    Feed,
 }
 
 impl Family {
-    pub const ALL: [Family; 20] = [
+    pub const ALL: [Family; 21] = [
         Family::Inc,
         Family::Timeline,
         Family::Tried,
@@ -109,6 +111,7 @@ impl Family {
         Family::CallerOpen,
         Family::Omitted,
         Family::Channel,
+        Family::Feed,
     ];
 
     /// (name in the scripts, family, suffix after the id)
@@ -134,6 +137,7 @@ impl Family {
             Family::CallerOpen => ("caller_open", "calleropen", ""),
             Family::Omitted => ("omitted", "inc", ":omitted"),
             Family::Channel => ("ch", "ch", ""),
+            Family::Feed => ("feed", "feed", ""),
         }
     }
 }

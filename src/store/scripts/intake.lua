@@ -4,7 +4,7 @@
 -- two incidents for one call, two storm incidents for one queue, or two major
 -- incidents for one surge.
 --
--- ARGV[1] op ('open' | 'event' | 'append')   ARGV[2] prefix
+-- ARGV[1] op ('open' | 'event' | 'append' | 'lease')   ARGV[2] prefix
 -- ARGV[3] now (ms, or '' for Redis's clock)   ARGV[4] the operation's arguments, JSON
 -- 'open' only: ARGV[5] n, then n record field name/value pairs, then the first
 -- timeline entries (JSON text without their time) — kept out of the JSON, which
@@ -27,6 +27,7 @@
 --   p:abandons:<queue>     zset    recent abandons of a queue (member: call key)
 --   p:storm:<queue>        string  the open abandon-storm incident of a queue
 --   p:inc:<id>:members     set     a major incident's members
+--   p:feed:<source>:<address> string the daemon reading that PBX feed (a lease: PX)
 -- (now, iso, K, EV, RANK, SEVERITY, CROCKFORD, CHECK, pad13, tl, stamped, empty: prelude and common.lua.)
 
 local function is_open(id)
@@ -333,6 +334,22 @@ local function handle()
       end
     end
     return cjson.encode(out)
+
+  elseif op == 'lease' then
+    -- a: {name, holder, ttl_ms, release?}: a PBX feed is read by one daemon at
+    -- a time. The holder keeps it by asking again before `ttl_ms` runs out;
+    -- anyone takes it once it has. Returns {held, holder}.
+    local k = K.feed(a.name)
+    local cur = redis.call('GET', k)
+    if a.release then
+      if cur == a.holder then redis.call('DEL', k) end
+      return cjson.encode({held = false, holder = ''})
+    end
+    if not cur or cur == a.holder then
+      redis.call('SET', k, a.holder, 'PX', a.ttl_ms)
+      return cjson.encode({held = true, holder = a.holder})
+    end
+    return cjson.encode({held = false, holder = cur})
 
   elseif op == 'append' then
     -- a: a flat list {id, entry, id, entry, …}: entries (JSON text without their
