@@ -628,7 +628,7 @@ fn ami_digits_reclassify_an_incident_the_invite_opened() {
 fn two_daemons_one_ami_feed_apply_each_event_once_and_fail_over() {
     let redis = Redis::start();
     let pbx = Pbx::new();
-    let mut daemons = vec![ami_daemon(&redis, &pbx), ami_daemon(&redis, &pbx)];
+    let mut daemons = [ami_daemon(&redis, &pbx), ami_daemon(&redis, &pbx)];
     let mut ami = Ami::accept(&pbx).login(true).expect("logged in");
     assert!(pbx.try_accept(Duration::from_secs(3)).is_none(), "a second daemon connected to the same feed");
     wait_until("the holder to say so", WAIT, || daemons.iter().any(|d| connected(d, "ami") == 1.0));
