@@ -14,7 +14,7 @@ pub mod server;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -116,33 +116,40 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_incidents(
-    State(st): State<ApiState>,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Ok(Query(q)) = q else { return error(StatusCode::BAD_REQUEST, "bad query string") };
+/// The filter of `GET /v1/incidents?state=&severity=&limit=` from its raw
+/// query string; the error names what was wrong.
+pub fn list_filter(raw_query: Option<&str>) -> Result<ListFilter, &'static str> {
+    let q: ListQuery = serde_urlencoded_query(raw_query.unwrap_or_default()).ok_or("bad query string")?;
     let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => match IncidentState::parse(s) {
-            Some(v) => Some(v),
-            None => return error(StatusCode::BAD_REQUEST, "unknown state"),
-        },
+        Some(s) => Some(IncidentState::parse(s).ok_or("unknown state")?),
     };
     let severity = match q.severity.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => match Severity::parse(s) {
-            Some(v) => Some(v),
-            None => return error(StatusCode::BAD_REQUEST, "unknown severity"),
-        },
+        Some(s) => Some(Severity::parse(s).ok_or("unknown severity")?),
     };
     let limit = match q.limit.as_deref().filter(|s| !s.is_empty()) {
         None => 50,
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=500).contains(&n) => n,
-            _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 500"),
+            _ => return Err("limit must be 1 to 500"),
         },
     };
-    match st.intake.list(&ListFilter { state, severity, limit }).await {
+    Ok(ListFilter { state, severity, limit })
+}
+
+/// A query string decoded into `T` as axum's `Query` does; None when it cannot be.
+pub(crate) fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(raw: &str) -> Option<T> {
+    let uri: axum::http::Uri = format!("/?{raw}").parse().ok()?;
+    Query::<T>::try_from_uri(&uri).ok().map(|Query(q)| q)
+}
+
+async fn list_incidents(State(st): State<ApiState>, RawQuery(raw): RawQuery) -> Response {
+    let filter = match list_filter(raw.as_deref()) {
+        Ok(f) => f,
+        Err(what) => return error(StatusCode::BAD_REQUEST, what),
+    };
+    match st.intake.list(&filter).await {
         Ok(incidents) => Json(json!({"incidents": incidents})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "listing incidents failed");

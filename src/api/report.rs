@@ -4,8 +4,7 @@
 //! 366 days apart; incidents are selected by opening time. The body is
 //! [`crate::report::Report`], the same that `dispatchd report --format json` prints.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{ApiState, error};
-use crate::report::{compute, parse_range};
+use crate::report::{Range, compute, parse_range};
 
 pub fn router() -> Router<ApiState> {
     Router::new().route("/v1/report", get(report))
@@ -25,9 +24,15 @@ struct ReportQuery {
     until: Option<String>,
 }
 
-async fn report(State(st): State<ApiState>, q: Result<Query<ReportQuery>, QueryRejection>) -> Response {
-    let Ok(Query(q)) = q else { return error(StatusCode::BAD_REQUEST, "bad query string") };
-    let range = match parse_range(q.since.as_deref(), q.until.as_deref()) {
+/// The range of `GET /v1/report?since=&until=` from its raw query string.
+pub fn report_range(raw_query: Option<&str>) -> Result<Range, String> {
+    let q: ReportQuery =
+        super::serde_urlencoded_query(raw_query.unwrap_or_default()).ok_or_else(|| "bad query string".to_string())?;
+    parse_range(q.since.as_deref(), q.until.as_deref())
+}
+
+async fn report(State(st): State<ApiState>, RawQuery(raw): RawQuery) -> Response {
+    let range = match report_range(raw.as_deref()) {
         Ok(r) => r,
         Err(what) => return error(StatusCode::BAD_REQUEST, &what),
     };
