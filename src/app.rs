@@ -150,6 +150,7 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
         heartbeat: settings.responders.heartbeat,
         preauth: Default::default(),
         tls: if settings.responders_tls() { tls.clone() } else { None },
+        console_slots: Arc::new(tokio::sync::Semaphore::new(responders::session::MAX_CONSOLE_CONNECTIONS)),
     });
     tokio::spawn(responders::serve(ws, gateway, token.clone()));
     let dispatcher_task = tokio::spawn(dispatch.clone().run(token.clone()));

@@ -60,6 +60,179 @@ pub fn review(settings: &Settings, id: &str) -> Result<String, String> {
     }
 }
 
+/// The configuration file when `--config` is not given: `$DISPATCHD_CONFIG`,
+/// else `/etc/dispatchd/dispatchd.toml` (where the unit file and the README put
+/// it), else `config/dispatchd.toml` in a checkout; None: defaults and
+/// environment only.
+pub fn default_config() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("DISPATCHD_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    ["/etc/dispatchd/dispatchd.toml", "config/dispatchd.toml"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// `report` without `--since`/`--until`: the last 24 hours, up to now (the
+/// next whole second, so that what opened this very second is in).
+pub fn default_range(since: Option<String>, until: Option<String>) -> (String, String) {
+    let now = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let iso = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let until = until.unwrap_or_else(|| iso(now));
+    let since = since.unwrap_or_else(|| {
+        let end = parse_ms(&until).and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis).unwrap_or(now);
+        iso(end - chrono::Duration::hours(24))
+    });
+    (since, until)
+}
+
+// ---- token new --------------------------------------------------------------
+
+/// `dispatchd token new <id>`: a fresh token (192 random bits, hex), the
+/// roster line with its SHA-256, and the console link `BASE/#token=…`
+/// (with `qr`, also as a QR code for a phone's camera).
+pub fn token_new(id: &str, base: &str, qr: bool) -> Result<String, String> {
+    if id.is_empty() || id.len() > 64 || id.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(format!("{id:?} is not a responder id (1 to 64 visible characters)"));
+    }
+    use sha2::Digest;
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let link = format!("{}/#token={token}", base.trim_end_matches('/'));
+    let mut out = String::new();
+    let _ = writeln!(out, "responder: {id}");
+    let _ = writeln!(out, "token:     {token}");
+    let _ = writeln!(out, "roster:    token_sha256 = \"{hash}\"   # in the [[responder]] table with id = \"{id}\"");
+    let _ = writeln!(out, "link:      {link}");
+    let _ = writeln!(out, "Give the link (or the token) to this responder only; dispatchd keeps only the hash.");
+    if qr {
+        let code = qrcode::QrCode::new(link.as_bytes()).map_err(|e| format!("QR code: {e}"))?;
+        use qrcode::render::unicode::Dense1x2;
+        let art = code.render::<Dense1x2>().dark_color(Dense1x2::Light).light_color(Dense1x2::Dark).build();
+        let _ = writeln!(out, "\n{art}");
+    }
+    Ok(out)
+}
+
+/// The console's address when `--url` is not given: the responders' listener
+/// of the configuration (this host's name for a wildcard address), https when
+/// it speaks TLS.
+pub fn console_base(settings: &Settings) -> String {
+    let scheme = if settings.responders_tls() { "https" } else { "http" };
+    let listen = &settings.responders.listen;
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen.as_str(), "8080"));
+    let host = match host.trim_matches(['[', ']']) {
+        "0.0.0.0" | "::" | "" => std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into()),
+        h if h.contains(':') => format!("[{h}]"),
+        h => h.to_string(),
+    };
+    format!("{scheme}://{host}:{port}")
+}
+
+// ---- simulate call -----------------------------------------------------------
+
+/// What `dispatchd simulate call` sends.
+#[derive(Debug, Clone)]
+pub struct SimulatedCall {
+    /// Where the incident line is (`host:port`, UDP).
+    pub to: String,
+    pub ivr: String,
+    pub caller: String,
+    pub queue: String,
+}
+
+impl SimulatedCall {
+    /// The configured incident line (a wildcard address means this host).
+    pub fn line_of(settings: &Settings) -> Result<String, String> {
+        let udp = &settings.sip.udp;
+        if udp.is_empty() {
+            return Err("sip.udp is disabled: give --to HOST:PORT".into());
+        }
+        Ok(udp.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
+    }
+}
+
+/// `dispatchd simulate call`: places one call to the incident line over UDP,
+/// as a PBX would (INVITE with `X-IVR-Path`, `X-Queue` and the caller in
+/// `P-Asserted-Identity`), and prints the incident id it gets. In decline mode
+/// the 603 is acknowledged; in shadow mode the 180 is read and the call
+/// cancelled (the caller hung up after hearing the id).
+pub fn simulate_call(call: &SimulatedCall) -> Result<String, String> {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("UDP socket: {e}"))?;
+    sock.connect(&call.to).map_err(|e| format!("{}: {e}", call.to))?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    let port = local.port();
+    let tag = format!("{:08x}", rand::random::<u32>());
+    let call_id = format!("sim-{:016x}@dispatchd", rand::random::<u64>());
+    let branch = format!("z9hG4bK-sim-{:08x}", rand::random::<u32>());
+    let request = |method: &str, cseq_method: &str, to: &str, extra: &str| {
+        format!(
+            "{method} sip:incident@{dst} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+             Max-Forwards: 70\r\nFrom: \"Simulated caller\" <sip:{caller}@127.0.0.1>;tag={tag}\r\nTo: {to}\r\n\
+             Call-ID: {call_id}\r\nCSeq: 1 {cseq_method}\r\n{extra}Content-Length: 0\r\n\r\n",
+            dst = call.to,
+            caller = call.caller,
+        )
+    };
+    let to_uri = format!("<sip:incident@{}>", call.to);
+    let mut extra = format!("P-Asserted-Identity: <sip:{}@127.0.0.1>\r\n", call.caller);
+    if !call.ivr.is_empty() {
+        let _ = write!(extra, "X-IVR-Path: {}\r\n", call.ivr);
+    }
+    if !call.queue.is_empty() {
+        let _ = write!(extra, "X-Queue: {}\r\n", call.queue);
+    }
+    let invite = request("INVITE", "INVITE", &to_uri, &extra);
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut resend = Instant::now();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        if Instant::now() >= resend {
+            sock.send(invite.as_bytes()).map_err(|e| format!("sending the INVITE: {e}"))?;
+            resend = Instant::now() + Duration::from_millis(500);
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no answer from {} within 5 s (is dispatchd running, and 127.0.0.1 in sip.allow?)",
+                call.to
+            ));
+        }
+        let _ = sock.set_read_timeout(Some(left.min(Duration::from_millis(500))));
+        let Ok(n) = sock.recv(&mut buf) else { continue };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let header = |name: &str| {
+            text.split("\r\n").find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        if status < 180 {
+            continue;
+        }
+        let id = header("X-Incident-Id");
+        let to = header("To").unwrap_or_else(|| to_uri.clone());
+        if status >= 300 {
+            let _ = sock.send(request("ACK", "ACK", &to, "").as_bytes());
+        } else {
+            let _ = sock.send(request("CANCEL", "CANCEL", &to_uri, "").as_bytes());
+        }
+        let reason = text.lines().next().unwrap_or("").trim().to_string();
+        return match id {
+            Some(id) => Ok(format!("incident {id} ({reason}); see it with: dispatchd review {id}\n")),
+            None => Err(format!("answered without an incident: {reason}")),
+        };
+    }
+}
+
 /// `12.345s`, `3m05.000s`, `2h03m05s`, `3d04h05m`.
 pub fn fmt_ms(ms: i64) -> String {
     let sign = if ms < 0 { "-" } else { "" };

@@ -159,3 +159,55 @@ fn unsafe_tokens_and_absurd_durations_exit_78() {
     let upper = responder("r-a", "x") + &responder("r-b", "x").replace(&hash("x"), &hash("x").to_uppercase());
     assert_eq!(check_config(&upper).0, 78);
 }
+
+/// `token new`: a fresh token of at least 128 bits, its roster line and the
+/// console link (and a QR code); two tokens are never the same.
+#[test]
+fn token_new_prints_token_roster_line_and_link() {
+    let run = |args: &[&str]| {
+        let out = Command::new(common::bin()).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = run(&["token", "new", "r-alpha", "--url", "https://console.example.net:8080/", "--qr"]);
+    assert_eq!(code, Some(0), "{text}");
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    let token = field("token:");
+    assert!(token.len() >= 32 && token.bytes().all(|b| b.is_ascii_hexdigit()), "≥ 128 bits: {token}");
+    let roster = field("roster:");
+    assert!(roster.starts_with(&format!("token_sha256 = \"{}\"", common::sha256_hex(&token))), "{roster}");
+    assert_eq!(field("link:"), format!("https://console.example.net:8080/#token={token}"));
+    assert!(text.contains('█') || text.contains('▀'), "a QR code: {text}");
+    let (_, again) = run(&["token", "new", "r-alpha", "--url", "http://x"]);
+    assert!(!again.contains(&token), "a fresh token each time");
+    let (code, err) = run(&["token", "new", "bad id", "--url", "http://x"]);
+    assert_eq!(code, Some(1), "{err}");
+}
+
+/// `simulate call` places a real SIP call to the running daemon and prints
+/// its incident; `report` without --since/--until covers the last 24 hours.
+#[test]
+fn simulate_call_and_report_defaults() {
+    let redis = common::Redis::start();
+    let d = common::Daemon::start(&redis, common::Options::default());
+    let to = format!("127.0.0.1:{}", d.sip_port);
+    let out = Command::new(common::bin()).args(["simulate", "call", "--ivr", "2,1", "--to", &to]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let id = text.split_whitespace().find(|w| w.starts_with("INC-")).expect("an incident id").to_string();
+    let inc = d.incident(&id);
+    assert_eq!((inc["category"].as_str(), inc["severity"].as_str()), (Some("outage"), Some("critical")));
+    let report =
+        Command::new(common::bin()).args(["report", "--format", "json", "--config"]).arg(&d.config).output().unwrap();
+    let body = String::from_utf8_lossy(&report.stdout).into_owned();
+    assert!(report.status.success(), "{body}{}", String::from_utf8_lossy(&report.stderr));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["incidents"], 1, "the call just placed is within the last 24 hours: {v}");
+    // Nothing answers: a clear error, exit 1.
+    let dead = Command::new(common::bin()).args(["simulate", "call", "--to", "127.0.0.1:9"]).output().unwrap();
+    assert_eq!(dead.status.code(), Some(1));
+}

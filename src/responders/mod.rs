@@ -10,6 +10,7 @@
 //! Buffers are small on purpose: an idle responder costs a task, a socket and
 //! a few kilobytes (see the README for the measured figure).
 
+pub mod console;
 pub mod session;
 pub mod wire;
 

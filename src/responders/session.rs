@@ -47,6 +47,10 @@ pub const MAX_PREAUTH_PER_IP: usize = 16;
 /// Bytes read from a connection before it has signed in: the upgrade request
 /// and a `hello` frame fit many times over; a 1 MiB frame does not.
 pub const PREAUTH_BYTES: usize = 16 * 1024;
+/// Longest first request head (the upgrade, or a request for a console file).
+const MAX_HEAD: usize = 8 * 1024;
+/// Console (HTTP) connections at once.
+pub const MAX_CONSOLE_CONNECTIONS: usize = 256;
 
 /// How long one write to a peer may take before the session ends: one
 /// heartbeat, between 1 and 15 s.
@@ -76,6 +80,8 @@ pub struct Gateway {
     pub preauth: PreAuth,
     /// wss:// (and https://) when set.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Places for console (HTTP) connections.
+    pub console_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Admission of connections that have not signed in yet.
@@ -203,17 +209,117 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellati
             match &gw2.tls {
                 None => {
                     let (stream, budget) = Metered::new(stream, PREAUTH_BYTES);
-                    session(stream, budget, admitted, deadline, &gw2, shutdown).await
+                    route(stream, budget, admitted, deadline, &gw2, shutdown).await
                 }
                 Some(tls) => {
                     let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream));
                     let Ok(Ok(stream)) = handshake.await else { return };
                     let (stream, budget) = Metered::new(stream, PREAUTH_BYTES);
-                    session(stream, budget, admitted, deadline, &gw2, shutdown).await
+                    route(stream, budget, admitted, deadline, &gw2, shutdown).await
                 }
             }
         });
     }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Rewind<S> {
+        Rewind { prefix, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            if self.at == self.prefix.len() {
+                // Replayed: free it (an idle responder keeps its connection for hours).
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads until the end of the first request head (or `limit` bytes), by `deadline`.
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() >= limit {
+            return None;
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    Some(head)
+}
+
+/// The path of a request head's request line (without the query).
+fn request_path(head: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    Some(req.path?.split('?').next().unwrap_or("").to_string())
+}
+
+/// One connection on the responders' port: the websocket (`/v1/responders/ws`)
+/// or the console's files (anything else, over HTTP/1.1).
+async fn route<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut stream: S,
+    budget: Arc<AtomicUsize>,
+    admitted: Admitted<'_>,
+    deadline: tokio::time::Instant,
+    gw: &Gateway,
+    shutdown: CancellationToken,
+) {
+    let Some(head) = read_head(&mut stream, MAX_HEAD, deadline).await else { return };
+    if request_path(&head).as_deref() == Some(PATH) {
+        return session(Rewind::new(head, stream), budget, admitted, deadline, gw, shutdown).await;
+    }
+    // The console: files anyone may fetch, under the console's own limits.
+    drop(admitted);
+    let Ok(_slot) = gw.console_slots.clone().try_acquire_owned() else {
+        metrics::counter!(metric::CONNECTIONS_REFUSED, "listener" => "responders", "reason" => "console_limit")
+            .increment(1);
+        return;
+    };
+    budget.store(UNMETERED, Ordering::Relaxed);
+    super::console::serve(Rewind::new(head, stream), shutdown).await;
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
