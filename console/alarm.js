@@ -18,14 +18,12 @@ function audio() {
 export function unlockAudio() {
   const c = audio();
   if (!c) return;
-  // A silent blip: some browsers only unlock once something actually plays.
+  // An empty buffer played: some browsers only unlock once something actually plays.
   try {
-    const osc = c.createOscillator();
-    const g = c.createGain();
-    g.gain.value = 0.0001;
-    osc.connect(g).connect(c.destination);
-    osc.start();
-    osc.stop(c.currentTime + 0.02);
+    const src = c.createBufferSource();
+    src.buffer = c.createBuffer(1, 1, 22050);
+    src.connect(c.destination);
+    src.start(0);
   } catch { /* ignore */ }
 }
 

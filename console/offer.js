@@ -125,7 +125,8 @@ export class OfferDialog {
     document.body.classList.remove('modal-open');
     const back = focusTarget || this.returnFocus;
     this.returnFocus = null;
-    if (back && back.isConnected && typeof back.focus === 'function') back.focus();
+    if (back && back.isConnected && typeof back.focus === 'function' && back.getClientRects().length) back.focus();
+    else document.getElementById('main')?.focus();
   }
 
   showReasons(on) {

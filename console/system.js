@@ -28,7 +28,7 @@ const canNotify = () =>
 /** The active registration, or null after a while (ready never settles without one). */
 async function ready() {
   if (!hasSW()) return null;
-  const timeout = new Promise((resolve) => setTimeout(() => resolve(null), 4000));
+  const timeout = new Promise((resolve) => setTimeout(() => resolve(null), 10000));
   try {
     return await Promise.race([navigator.serviceWorker.ready, timeout]);
   } catch {
@@ -36,14 +36,17 @@ async function ready() {
   }
 }
 
-export async function notify(title, body, tag, data) {
+/** Shows a system notification; `stillWanted()` is asked again once it is up
+ * (the offer may have ended meanwhile: then it is closed at once). */
+export async function notify(title, body, tag, data, stillWanted = () => true) {
   if (!canNotify()) return;
   const reg = await ready();
-  if (!reg) return;
+  if (!reg || !stillWanted()) return;
   try {
     await reg.showNotification(title, {
       body, tag, data, requireInteraction: true, renotify: true, icon: '/icon.svg', badge: '/icon.svg',
     });
+    if (!stillWanted()) await closeNotification(tag);
   } catch { /* ignore */ }
 }
 

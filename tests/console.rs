@@ -66,7 +66,7 @@ fn the_console_in_a_real_browser() {
         assert!(ok.is_ok_and(|s| s.success()), "npm ci in tests/browser failed (run ./deploy/test)");
     }
     let out = Command::new("node")
-        .args(["--test", "--test-concurrency=1", "--test-reporter=spec"])
+        .args(["--test", "--test-reporter=spec", "console.test.mjs"])
         .current_dir(dir)
         .env("DISPATCHD_BIN", bin())
         .output()

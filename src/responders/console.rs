@@ -102,4 +102,14 @@ mod tests {
             assert!(content_type(n).is_some(), "{n} would be served without a content type");
         }
     }
+
+    /// The service worker keeps a copy of every file, for a reload without signal.
+    #[test]
+    fn the_service_worker_lists_every_file() {
+        let sw = Files::get("sw.js").expect("sw.js");
+        let sw = String::from_utf8_lossy(&sw.data).into_owned();
+        for n in names().iter().filter(|n| *n != "sw.js") {
+            assert!(sw.contains(&format!("'/{n}'")), "sw.js does not cache /{n}");
+        }
+    }
 }

@@ -9,9 +9,10 @@ import { mkdtempSync, writeFileSync, openSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
-const ROOT = resolve(import.meta.dirname, '..', '..');
+const ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '..', '..');
 export const BIN = process.env.DISPATCHD_BIN || join(ROOT, 'target', 'debug', 'dispatchd');
 export const ADMIN_TOKEN = 'browser-admin-token';
 export const SCREENSHOTS = join(ROOT, 'docs', 'console');
