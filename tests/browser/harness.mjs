@@ -15,7 +15,9 @@ import { chromium } from 'playwright-core';
 const ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '..', '..');
 export const BIN = process.env.DISPATCHD_BIN || join(ROOT, 'target', 'debug', 'dispatchd');
 export const ADMIN_TOKEN = 'browser-admin-token';
-export const SCREENSHOTS = join(ROOT, 'docs', 'console');
+// Phone screenshots: into target/ on every run; into docs/console/ (the
+// README's) with UPDATE_SCREENSHOTS=1.
+export const SCREENSHOTS = process.env.UPDATE_SCREENSHOTS ? join(ROOT, 'docs', 'console') : join(ROOT, 'target', 'console-screenshots');
 
 const sha256 = (s) => createHash('sha256').update(s).digest('hex');
 export const tokenOf = (id) => `token-${id}`;
