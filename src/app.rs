@@ -51,12 +51,14 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let listening = Arc::new(AtomicBool::new(false));
 
     let sessions = Arc::new(Sessions::new(settings.responders.heartbeat));
-    let dispatch = Dispatch::new(store.clone(), &settings, sessions.clone());
+    let pager = Arc::new(crate::dispatcher::Pager::default());
+    let channels = Arc::new(crate::notify::Channels::new(&settings, pager.clone()));
+    let dispatch = Dispatch::new(store.clone(), &settings, sessions.clone(), channels, pager.clone());
     dispatch.sync_roster(&reload::roster_rows(&settings)).await.context("writing the roster to Redis")?;
     let wake = dispatch.clone();
     let intake = Arc::new(Intake::new(store.clone(), &settings).daemon(&dispatch.daemon).on_open(move || wake.wake()));
     let uas = Uas::new(&settings.sip, intake.clone(), redis_up.clone(), token.clone());
-    crate::acd::spawn(&settings, intake.clone(), token.clone());
+    crate::acd::spawn(&settings, intake.clone(), pager, token.clone());
     let allow = Arc::new(AllowList::new(settings.allow_nets()));
 
     // Bind everything before READY; a failure here is fatal and names the address.

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use crate::domain::classify::{IvrDefault, IvrRule, is_category_name};
+use crate::domain::dispatch::Channel;
 use crate::domain::incident::Severity;
 use crate::domain::ivr::IvrPath;
 use crate::domain::policy::duration;
@@ -254,10 +255,72 @@ pub struct ResponderConfig {
     pub skills: Vec<String>,
     #[serde(default = "one")]
     pub tier: u32,
+    /// Contract §11: a call through the PBX (e.g. `PJSIP/1001`, `sofia/internal/1001`).
+    #[serde(default)]
+    pub phone: Option<String>,
+    /// A SIP MESSAGE to this URI (`sip:1001@10.0.0.30`, `;transport=tcp|tls`).
+    #[serde(default)]
+    pub sip_uri: Option<String>,
+    /// A signed JSON POST to this URL (http or https).
+    #[serde(default)]
+    pub webhook: Option<String>,
 }
 
 fn one() -> u32 {
     1
+}
+
+impl ResponderConfig {
+    /// The channels this responder has, in `order`.
+    pub fn channels(&self, order: &[Channel]) -> Vec<Channel> {
+        order
+            .iter()
+            .copied()
+            .filter(|c| match c {
+                Channel::PbxCall => self.phone.is_some(),
+                Channel::SipMessage => self.sip_uri.is_some(),
+                Channel::Webhook => self.webhook.is_some(),
+            })
+            .collect()
+    }
+}
+
+/// `[fallback]` (contract §11): reaching a responder besides its websocket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FallbackSettings {
+    /// An offer not acknowledged this long after it was made goes out on the
+    /// responder's other channels (at once when it has no open websocket).
+    #[serde(deserialize_with = "duration")]
+    pub after: Duration,
+    pub order: Vec<Channel>,
+    /// HMAC-SHA256 key of the webhook body (hex in `X-Dispatchd-Signature`).
+    pub webhook_secret: Secret,
+    /// The PBX context / dialplan that speaks the offer and reads one digit.
+    pub page_context: String,
+    /// Extension: a SIP MESSAGE without a final answer this long is failed
+    /// (RFC 3261 Timer F is 32 s; an offer cannot wait that long).
+    #[serde(deserialize_with = "duration")]
+    pub message_timeout: Duration,
+    /// Extension: one webhook POST without an answer this long is failed.
+    #[serde(deserialize_with = "duration")]
+    pub webhook_timeout: Duration,
+    /// Extension: webhook tries after the first, on a failure or timeout.
+    pub webhook_retries: u32,
+}
+
+impl Default for FallbackSettings {
+    fn default() -> Self {
+        FallbackSettings {
+            after: Duration::from_secs(15),
+            order: vec![Channel::SipMessage, Channel::PbxCall, Channel::Webhook],
+            webhook_secret: Secret::default(),
+            page_context: "dispatchd-page".into(),
+            message_timeout: Duration::from_secs(8),
+            webhook_timeout: Duration::from_secs(5),
+            webhook_retries: 2,
+        }
+    }
 }
 
 /// Extension: the service-level target of one severity, for the report
@@ -372,6 +435,8 @@ pub struct Settings {
     pub acd: AcdSettings,
     /// Correlation rules: repeat callers, callbacks, abandon storms, surges.
     pub correlation: CorrelationSettings,
+    /// Reaching responders on other channels (contract §11).
+    pub fallback: FallbackSettings,
 }
 
 /// Reads and validates the configuration. `path` may be absent (defaults and environment only).
@@ -600,6 +665,38 @@ impl Settings {
             if r.tier == 0 {
                 return Err(err(k("tier"), "tiers start at 1"));
             }
+            let bad_text = |v: &str| v.is_empty() || v.len() > 256 || v.chars().any(char::is_control);
+            if let Some(phone) = &r.phone {
+                if bad_text(phone) || phone.contains(' ') {
+                    return Err(err(k("phone"), "must be a dial string like PJSIP/1001, without spaces"));
+                }
+                if self.acd.asterisk.is_none() && self.acd.freeswitch.is_none() {
+                    return Err(err(
+                        k("phone"),
+                        "needs a PBX feed to place the call ([acd.asterisk] or [acd.freeswitch])",
+                    ));
+                }
+            }
+            if let Some(uri) = &r.sip_uri
+                && (bad_text(uri) || crate::domain::contact::sip_target(uri).is_none())
+            {
+                return Err(err(k("sip_uri"), "must be a SIP URI like sip:1001@10.0.0.30"));
+            }
+            if let Some(url) = &r.webhook {
+                let ok = !bad_text(url)
+                    && url.parse::<axum::http::Uri>().is_ok_and(|u| {
+                        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+                    });
+                if !ok {
+                    return Err(err(k("webhook"), "must be an http:// or https:// URL"));
+                }
+                if self.fallback.webhook_secret.expose().len() < 16 {
+                    return Err(err(
+                        "fallback.webhook_secret",
+                        "must be set (at least 16 characters) to sign webhooks",
+                    ));
+                }
+            }
         }
 
         let mut paths = HashSet::new();
@@ -634,6 +731,15 @@ impl Settings {
             if p.max_rounds == 0 {
                 return Err(err(format!("escalation.{name}.max_rounds"), "must be at least 1"));
             }
+            if p.en_route_within.is_some_and(|d| d.is_zero()) {
+                return Err(err(format!("escalation.{name}.en_route_within"), "must be more than zero"));
+            }
+            if p.on_scene_within.is_some_and(|d| d.is_zero()) {
+                return Err(err(format!("escalation.{name}.on_scene_within"), "must be more than zero"));
+            }
+            if p.release_after == 0 {
+                return Err(err(format!("escalation.{name}.release_after"), "must be at least 1"));
+            }
         }
         if let Some(a) = &self.acd.asterisk {
             check_host_port("acd.asterisk.address", &a.address)?;
@@ -655,6 +761,27 @@ impl Settings {
         }
         if self.acd.max_backoff < Duration::from_millis(250) {
             return Err(err("acd.max_backoff", "must be at least 250ms"));
+        }
+        let f = &self.fallback;
+        if f.after.is_zero() {
+            return Err(err("fallback.after", "must be more than zero"));
+        }
+        let distinct: HashSet<&Channel> = f.order.iter().collect();
+        if distinct.len() != f.order.len() {
+            return Err(err("fallback.order", "names a channel twice"));
+        }
+        let pc = &f.page_context;
+        if pc.is_empty() || pc.len() > 64 || pc.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(err("fallback.page_context", "must be a context name without spaces"));
+        }
+        if f.message_timeout < Duration::from_millis(500) || f.webhook_timeout < Duration::from_millis(100) {
+            return Err(err(
+                "fallback.message_timeout",
+                "timeouts must be at least 500ms (message) and 100ms (webhook)",
+            ));
+        }
+        if f.webhook_retries > 10 {
+            return Err(err("fallback.webhook_retries", "at most 10"));
         }
         let c = &self.correlation;
         if c.repeat.enabled && c.repeat.window.is_zero() {

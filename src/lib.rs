@@ -51,6 +51,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod domain;
 pub mod intake;
+pub mod notify;
 pub mod reload;
 pub mod report;
 pub mod responders;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::{ResponderConfig, Settings};
 use crate::dispatcher::Dispatch;
+use crate::dispatcher::RosterRow;
 use crate::intake::Intake;
 use crate::responders::Roster;
 use crate::responders::Sessions;
@@ -99,6 +100,11 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("acd", differs(&old.acd, &new.acd)),
         // Where the certificate and key are read from (the files themselves are read again).
         ("tls", differs(&old.tls, &new.tls)),
+        // The channels' timings, order and secret.
+        (
+            "fallback",
+            differs(&old.fallback, &new.fallback) || old.fallback.webhook_secret != new.fallback.webhook_secret,
+        ),
     ] {
         if changed && !keys.iter().any(|k| k.starts_with(section) && k.as_bytes().get(section.len()) == Some(&b'.')) {
             keys.push(section);
@@ -123,6 +129,7 @@ impl Plan {
         settings.log = old.log.clone();
         settings.acd = old.acd.clone();
         settings.tls = old.tls.clone();
+        settings.fallback = old.fallback.clone();
         settings.escalation = old.escalation.clone();
 
         let (before, after) = (roster_map(&old.roster), roster_map(&settings.roster));
@@ -132,7 +139,13 @@ impl Plan {
             .iter()
             .filter(|(k, a)| {
                 before.get(*k).is_some_and(|b| {
-                    b.tier != a.tier || b.skills != a.skills || b.name != a.name || b.token_sha256 != a.token_sha256
+                    b.tier != a.tier
+                        || b.skills != a.skills
+                        || b.name != a.name
+                        || b.token_sha256 != a.token_sha256
+                        || b.phone != a.phone
+                        || b.sip_uri != a.sip_uri
+                        || b.webhook != a.webhook
                 })
             })
             .map(|(k, _)| k.to_string())
@@ -176,8 +189,17 @@ pub struct Reloader {
 }
 
 /// The roster as `Dispatch::sync_roster` takes it.
-pub fn roster_rows(settings: &Settings) -> Vec<(String, u32, Vec<String>)> {
-    settings.roster.iter().map(|r| (r.id.clone(), r.tier, r.skills.clone())).collect()
+pub fn roster_rows(settings: &Settings) -> Vec<RosterRow> {
+    settings
+        .roster
+        .iter()
+        .map(|r| RosterRow {
+            id: r.id.clone(),
+            tier: r.tier,
+            skills: r.skills.clone(),
+            channels: r.channels(&settings.fallback.order),
+        })
+        .collect()
 }
 
 /// A one-line summary for systemd's `STATUS=`.
@@ -269,6 +291,8 @@ impl Reloader {
         // The IVR map: calls classified from now on use the new one; calls
         // already being stored keep the map they started with.
         self.intake.reconfigure(&settings);
+        // The responders' phones, SIP URIs and webhooks.
+        self.dispatch.reach.set_roster(&settings);
         // The certificate and key: new handshakes use them, open connections keep theirs.
         if let Some(tls) = &self.tls {
             match tls.reload() {
@@ -336,7 +360,7 @@ impl Reloader {
 /// reload supersedes it or the daemon stops.
 async fn sync_roster(
     dispatch: Arc<Dispatch>,
-    rows: Vec<(String, u32, Vec<String>)>,
+    rows: Vec<RosterRow>,
     generation: Arc<std::sync::atomic::AtomicU64>,
     mine: u64,
     shutdown: CancellationToken,
@@ -366,7 +390,16 @@ mod tests {
     use crate::domain::incident::Severity;
 
     fn responder(id: &str, tier: u32) -> ResponderConfig {
-        ResponderConfig { id: id.into(), name: id.into(), token_sha256: "0".repeat(64), skills: vec!["*".into()], tier }
+        ResponderConfig {
+            id: id.into(),
+            name: id.into(),
+            token_sha256: "0".repeat(64),
+            skills: vec!["*".into()],
+            tier,
+            phone: None,
+            sip_uri: None,
+            webhook: None,
+        }
     }
 
     #[test]

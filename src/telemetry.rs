@@ -14,6 +14,14 @@ pub mod metric {
     pub const SIP_DROPPED: &str = "dispatchd_sip_dropped_total";
     /// Extension: TCP connections open now.
     pub const SIP_TCP_CONNECTIONS: &str = "dispatchd_sip_tcp_connections";
+    /// Extension (contract §11): attempts on a responder's other channels, by channel.
+    pub const CONTACT_ATTEMPTS: &str = "dispatchd_contact_attempts_total";
+    /// Extension: what became of them, by channel and outcome.
+    pub const CONTACT_OUTCOMES: &str = "dispatchd_contact_outcomes_total";
+    /// Extension: reminders of acknowledged incidents without progress, by what is due.
+    pub const REMINDERS: &str = "dispatchd_reminders_total";
+    /// Extension: incidents released for want of progress and offered again.
+    pub const RELEASES: &str = "dispatchd_releases_total";
     /// Extension: server transactions remembered (INVITE and others).
     pub const SIP_TRANSACTIONS: &str = "dispatchd_sip_transactions";
     pub const INCIDENTS_OPENED: &str = "dispatchd_incidents_opened_total";
@@ -113,6 +121,13 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     for s in Severity::ALL {
         metrics::counter!(metric::ESCALATIONS, "severity" => s.as_str()).absolute(0);
         metrics::gauge!(metric::QUEUE_DEPTH, "severity" => s.as_str()).set(0.0);
+    }
+    metrics::counter!(metric::RELEASES).absolute(0);
+    for due in ["en_route", "on_scene"] {
+        metrics::counter!(metric::REMINDERS, "due" => due).absolute(0);
+    }
+    for c in ["pbx_call", "sip_message", "webhook"] {
+        metrics::counter!(metric::CONTACT_ATTEMPTS, "channel" => c).absolute(0);
     }
     for (l, r) in [("responders", "preauth_limit"), ("http", "limit")] {
         metrics::counter!(metric::CONNECTIONS_REFUSED, "listener" => l, "reason" => r).absolute(0);

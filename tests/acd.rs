@@ -23,7 +23,7 @@ const AMI_SECRET: &str = "Ami-S3cret-never-logged";
 const ESL_PASSWORD: &str = "Esl-Pa55word-never-logged";
 const AMI_CALLER: &str = "+441632960123";
 const ESL_CALLER: &str = "+4930123456";
-const ESL_SUBSCRIPTION: &str = "event plain CHANNEL_HANGUP DTMF CUSTOM callcenter::info";
+const ESL_SUBSCRIPTION: &str = "event plain CHANNEL_HANGUP DTMF BACKGROUND_JOB CUSTOM callcenter::info dispatchd::page";
 
 // ---- transcripts -----------------------------------------------------------
 

@@ -19,6 +19,7 @@ use dispatchd::domain::ids::incident_id;
 use dispatchd::domain::incident::{NewIncident, Severity, Source, State};
 use dispatchd::domain::policy::{CorrelationSettings, Escalation};
 use dispatchd::domain::timeline::{Entry, Event};
+use dispatchd::store::dispatch::{RosterRow, StepPolicy};
 use dispatchd::store::intake::{EventWrite, Rules, Storm};
 use dispatchd::store::{At, Store};
 use serde_json::json;
@@ -29,6 +30,8 @@ const S: i64 = 1000;
 const DAEMON: &str = "d1";
 /// Leases outlast every case but the one about leases.
 const LEASE_MS: u64 = 24 * 3_600_000;
+/// Other channels after 15 s; this "daemon" places no PBX calls.
+const MORE: StepPolicy = StepPolicy { after_ms: 15_000, pbx: false };
 
 struct Rig {
     redis: Redis,
@@ -45,7 +48,13 @@ fn rig() -> Rig {
 
 /// Ack timeouts 30/60/120/300 s and `rounds` passes for every severity.
 fn policy(rounds: u32) -> Escalation {
-    Escalation { ack_timeout_ms: [30_000, 60_000, 120_000, 300_000], max_rounds: [rounds; 4] }
+    Escalation {
+        ack_timeout_ms: [30_000, 60_000, 120_000, 300_000],
+        max_rounds: [rounds; 4],
+        en_route_within_ms: [300_000; 4],
+        on_scene_within_ms: [1_800_000; 4],
+        release_after: [2; 4],
+    }
 }
 
 fn new_incident(call_key: &str, severity: Severity, category: &str, pseudonym: &str) -> NewIncident {
@@ -78,9 +87,14 @@ impl Rig {
     }
 
     fn roster(&self, rows: &[(&str, u32, &str)]) {
-        let rows: Vec<(String, u32, Vec<String>)> = rows
+        let rows: Vec<RosterRow> = rows
             .iter()
-            .map(|(id, tier, skills)| (id.to_string(), *tier, skills.split(',').map(str::to_string).collect()))
+            .map(|(id, tier, skills)| RosterRow {
+                id: id.to_string(),
+                tier: *tier,
+                skills: skills.split(',').map(str::to_string).collect(),
+                channels: Vec::new(),
+            })
             .collect();
         self.block(self.store.sync_roster(&rows)).unwrap();
     }
@@ -100,7 +114,7 @@ impl Rig {
     }
 
     fn step(&self, rounds: u32, at: i64) -> dispatchd::store::dispatch::Step {
-        self.block(self.store.step(64, &policy(rounds), DAEMON, At::Ms(at))).unwrap()
+        self.block(self.store.step(64, &policy(rounds), MORE, DAEMON, At::Ms(at))).unwrap()
     }
 
     /// `(incident, responder)` of each offer one pass makes.
@@ -109,7 +123,7 @@ impl Rig {
     }
 
     fn answer(&self, rid: &str, dispatch_id: &str, ack: bool, at: i64) -> Answer {
-        self.block(self.store.answer(rid, dispatch_id, ack, "busy elsewhere", At::Ms(at))).unwrap()
+        self.block(self.store.answer(rid, dispatch_id, ack, "busy elsewhere", None, &policy(3), At::Ms(at))).unwrap()
     }
 
     fn record(&self, id: &str) -> dispatchd::domain::incident::Incident {
@@ -162,7 +176,9 @@ fn lowest_tier_first_then_least_recently_dispatched() {
     assert!(tier1_first == "a" || tier1_first == "b", "a tier-1 responder first: {first:?}");
     // Acked and resolved: free again, but now the most recently dispatched of tier 1.
     assert!(matches!(r.answer(&tier1_first, &format!("{i1}.1"), true, T0 + 2 * S), Answer::Acknowledged { .. }));
-    r.block(r.store.status(&tier1_first, &i1, State::Resolved, "", None, At::Ms(T0 + 3 * S))).unwrap().unwrap();
+    r.block(r.store.status(&tier1_first, &i1, State::Resolved, "", None, &policy(3), At::Ms(T0 + 3 * S)))
+        .unwrap()
+        .unwrap();
     let i2 = r.open("c2", Severity::High, "outage", T0 + 4 * S);
     let second = r.offers(3, T0 + 5 * S);
     let other = if tier1_first == "a" { "b" } else { "a" };
@@ -476,7 +492,7 @@ fn one_responder_at_a_time_under_concurrent_passes() {
     let steps = r.block(async {
         let passes = stores.iter().enumerate().map(|(i, s)| {
             let daemon = format!("d{i}");
-            async move { s.step(64, &policy(3), &daemon, At::Ms(T0 + 100 * S)).await.unwrap() }
+            async move { s.step(64, &policy(3), MORE, &daemon, At::Ms(T0 + 100 * S)).await.unwrap() }
         });
         futures_util::future::join_all(passes).await
     });

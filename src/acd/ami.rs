@@ -281,7 +281,7 @@ impl AmiReader {
 
 /// The event classes dispatchd asks for: queue events are class AGENT,
 /// `Hangup` class CALL, `DTMFEnd` class DTMF.
-pub const LOGIN_EVENTS: &str = "call,agent,dtmf";
+pub const LOGIN_EVENTS: &str = "call,agent,dtmf,user";
 
 /// The `Login` action (plain-text secret), ready to write to the socket.
 /// CR and LF are removed from the values so they cannot inject lines.
@@ -324,6 +324,80 @@ pub fn login_response(msg: &AmiMessage, action_id: &str) -> Option<LoginOutcome>
     } else {
         Some(LoginOutcome::Rejected { message: msg.get("Message").unwrap_or_default().to_owned() })
     }
+}
+
+/// The ActionID prefix of page calls: `dispatchd-page-<channel id>`.
+const PAGE_ACTION: &str = "dispatchd-page-";
+
+/// The `Originate` of a page call (contract §11): async, into `context` at
+/// `s`, with `ChannelId` = `id` (the channel's Uniqueid, by which its events
+/// are told apart) and the variables. Values are one line each.
+pub fn originate(id: &str, phone: &str, context: &str, ring: std::time::Duration, vars: &[(&str, String)]) -> String {
+    let mut a = format!(
+        "Action: Originate\r\nActionID: {PAGE_ACTION}{id}\r\nChannel: {}\r\nContext: {}\r\nExten: s\r\nPriority: 1\r\n\
+         Timeout: {}\r\nCallerID: \"dispatchd\" <dispatchd>\r\nAsync: true\r\nChannelId: {}\r\n",
+        one_line(phone),
+        one_line(context),
+        ring.as_millis(),
+        one_line(id),
+    );
+    for (k, v) in vars {
+        a.push_str(&format!("Variable: {}={}\r\n", one_line(k), one_line(v)));
+    }
+    a.push_str("\r\n");
+    a
+}
+
+/// The `Hangup` of a page call's channel (by its name).
+pub fn hangup(channel: &str, id: &str) -> String {
+    format!(
+        "Action: Hangup\r\nActionID: dispatchd-hangup-{}\r\nChannel: {}\r\nCause: 16\r\n\r\n",
+        one_line(id),
+        one_line(channel)
+    )
+}
+
+/// What an AMI message says about a page call: the call's id and what
+/// happened. `UserEvent: DispatchdPage` (`Choice`: the digit) on the call's
+/// channel; `OriginateResponse` of our ActionID (a failure: busy, no answer);
+/// `Hangup` of the call's channel.
+pub fn page_report(msg: &AmiMessage) -> Option<(String, crate::dispatcher::pager::Report)> {
+    use crate::dispatcher::pager::Report;
+    use crate::domain::dispatch::Outcome;
+    if msg.is_event("UserEvent") && msg.get("UserEvent").is_some_and(|u| u.eq_ignore_ascii_case("DispatchdPage")) {
+        let digit = msg.get("Choice")?.trim().chars().next()?;
+        return Some((msg.get("Uniqueid")?.trim().to_string(), Report::Digit(digit)));
+    }
+    if msg.is_event("OriginateResponse") {
+        let id = msg.get("ActionID")?.strip_prefix(PAGE_ACTION)?.to_string();
+        if msg.get("Response").is_some_and(|r| r.eq_ignore_ascii_case("Success")) {
+            return None;
+        }
+        let outcome = match msg.get("Reason").map(str::trim) {
+            Some("5") => Outcome::Busy,
+            Some("1" | "3") => Outcome::NoAnswer,
+            Some("8") => Outcome::Failed("congestion".into()),
+            _ => Outcome::Failed("originate_failed".into()),
+        };
+        return Some((id, Report::Failed(outcome)));
+    }
+    if msg.is_event("Hangup") {
+        return Some((msg.get("Uniqueid")?.trim().to_string(), Report::Hangup));
+    }
+    None
+}
+
+/// The channel name an event gives for the page call `id` (Newchannel,
+/// OriginateResponse), to hang it up by name.
+pub fn page_channel(msg: &AmiMessage) -> Option<(String, String)> {
+    let id = if msg.is_event("OriginateResponse") {
+        msg.get("ActionID")?.strip_prefix(PAGE_ACTION)?.to_string()
+    } else if msg.is_event("Newchannel") {
+        msg.get("Uniqueid")?.trim().to_string()
+    } else {
+        return None;
+    };
+    Some((id, msg.get("Channel")?.trim().to_string()))
 }
 
 /// A `Ping` action (the dead-peer probe); Asterisk answers `Response: Success`

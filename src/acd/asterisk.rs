@@ -31,16 +31,19 @@
 //! and detects a hung Asterisk too, which TCP keepalive (also on, for the
 //! time spent not reading while Redis is away) would not.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::ami::{self, AmiReader, LoginOutcome};
 use super::feed::{self, Backoff, FeedError};
 use crate::config::AsteriskSettings;
+use crate::dispatcher::pager::{Command, Pager, Report};
 use crate::domain::incident::Source;
 use crate::intake::Intake;
 
@@ -49,10 +52,16 @@ const SOURCE: Source = Source::Ami;
 const READ_CHUNK: usize = 8 * 1024;
 
 /// Runs the AMI feed until `token` is cancelled.
-pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
+pub async fn run(
+    cfg: AsteriskSettings,
+    max_backoff: Duration,
+    intake: Arc<Intake>,
+    pager: Arc<Pager>,
+    token: CancellationToken,
+) {
     let backoff = feed::reconnect_backoff(max_backoff);
     feed::reconnecting(SOURCE, &cfg.address, &intake, &backoff, &token, |attempt| {
-        session(&cfg, &intake, &token, &backoff, attempt, feed::KEEPALIVE)
+        session(&cfg, &intake, &pager, &token, &backoff, attempt, feed::KEEPALIVE)
     })
     .await
 }
@@ -61,6 +70,7 @@ pub async fn run(cfg: AsteriskSettings, max_backoff: Duration, intake: Arc<Intak
 async fn session(
     cfg: &AsteriskSettings,
     intake: &Intake,
+    pager: &Pager,
     token: &CancellationToken,
     backoff: &Backoff,
     attempt: u64,
@@ -107,6 +117,12 @@ async fn session(
         "AMI logged in"
     );
 
+    // Page calls (contract §11) go out on this connection while it lasts.
+    let (commands, mut to_place) = mpsc::channel::<Command>(32);
+    let _attached = feed::Attached::new(pager, SOURCE, commands);
+    // Channel names of our page calls, to hang them up by name.
+    let mut page_channels: HashMap<String, String> = HashMap::new();
+
     let mut probed = false;
     let mut pings: u64 = 0;
     loop {
@@ -114,6 +130,17 @@ async fn session(
         while let Some(m) = reader.next_message() {
             match m {
                 Ok(msg) => {
+                    if let Some((id, name)) = ami::page_channel(&msg)
+                        && pager.is_call(&id)
+                    {
+                        page_channels.insert(id, name);
+                    }
+                    if let Some((id, report)) = ami::page_report(&msg) {
+                        if report == Report::Hangup {
+                            page_channels.remove(&id);
+                        }
+                        pager.report(&id, report);
+                    }
                     if let Some(ev) = ami::map_event(&msg)
                         && !feed::deliver(intake, ev, token).await
                     {
@@ -123,19 +150,31 @@ async fn session(
                 Err(e) => framing(&e),
             }
         }
-        match tokio::time::timeout(keepalive, stream.read(&mut buf)).await {
-            Err(_) if probed => return Err(FeedError::Dead),
-            Err(_) => {
-                pings = pings.wrapping_add(1);
-                write(&mut stream, &ami::ping(&format!("dispatchd-ping-{pings}"))).await?;
-                probed = true;
-            }
-            Ok(Ok(0)) => return Err(FeedError::Closed),
-            Ok(Ok(n)) => {
-                probed = false;
-                reader.push(&buf[..n]);
-            }
-            Ok(Err(e)) => return Err(FeedError::Io(e)),
+        tokio::select! {
+            read = tokio::time::timeout(keepalive, stream.read(&mut buf)) => match read {
+                Err(_) if probed => return Err(FeedError::Dead),
+                Err(_) => {
+                    pings = pings.wrapping_add(1);
+                    write(&mut stream, &ami::ping(&format!("dispatchd-ping-{pings}"))).await?;
+                    probed = true;
+                }
+                Ok(Ok(0)) => return Err(FeedError::Closed),
+                Ok(Ok(n)) => {
+                    probed = false;
+                    reader.push(&buf[..n]);
+                }
+                Ok(Err(e)) => return Err(FeedError::Io(e)),
+            },
+            Some(cmd) = to_place.recv() => match cmd {
+                Command::Originate { id, phone, context, ring, vars } => {
+                    write(&mut stream, &ami::originate(&id, &phone, &context, ring, &vars)).await?;
+                }
+                Command::Hangup { id } => {
+                    if let Some(name) = page_channels.remove(&id) {
+                        write(&mut stream, &ami::hangup(&name, &id)).await?;
+                    }
+                }
+            },
         }
     }
 }
@@ -218,7 +257,7 @@ pub(crate) mod tests {
         let token = CancellationToken::new();
         let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = idle_intake();
-        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_millis(200)).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, 1, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
         let actions = server.await.expect("server");
         assert_eq!(actions.len(), 1, "one probe, then the connection is given up: {actions:?}");
@@ -242,9 +281,9 @@ pub(crate) mod tests {
         let token = CancellationToken::new();
         let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = idle_intake();
-        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_secs(5)).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, 1, Duration::from_secs(5)).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "Authentication failed"), "{r:?}");
-        let r = session(&cfg, &intake, &token, &backoff, 1, Duration::from_secs(5)).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, 1, Duration::from_secs(5)).await;
         assert!(matches!(r, Err(FeedError::Closed)), "{r:?}");
         server.await.expect("server");
     }

@@ -72,7 +72,8 @@ pub const MAX_BUFFERED: usize = MAX_HEADER_BLOCK + MAX_BODY + MAX_PUSH;
 
 /// The subscription this adapter needs. Plain event names first, then
 /// `CUSTOM` and its subclass (everything after `CUSTOM` is a subclass).
-pub const EVENT_SUBSCRIPTION: &str = "event plain CHANNEL_HANGUP DTMF CUSTOM callcenter::info\n\n";
+pub const EVENT_SUBSCRIPTION: &str =
+    "event plain CHANNEL_HANGUP DTMF BACKGROUND_JOB CUSTOM callcenter::info dispatchd::page\n\n";
 
 /// Why the byte stream can no longer be framed. After any of these the reader
 /// stays failed; the connection must be closed.
@@ -416,6 +417,61 @@ pub struct BadPassword;
 
 /// `auth <password>\n\n`. Refuses passwords with CR/LF, which would end the
 /// command early and inject another one.
+/// A value inside `{…}` of an originate: quoted, without what would end it.
+fn fs_value(v: &str) -> String {
+    let clean: String = v.chars().filter(|c| !c.is_control() && !matches!(c, '\'' | '{' | '}' | ',' | '\\')).collect();
+    format!("'{clean}'")
+}
+
+/// The page call of contract §11: `bgapi originate` with `origination_uuid` =
+/// `id` (and `Job-UUID` = `id`, so the job's result names the call), ringing
+/// at most `ring`, into extension `s` of the XML dialplan context `context`.
+pub fn originate(id: &str, phone: &str, context: &str, ring: std::time::Duration, vars: &[(&str, String)]) -> String {
+    let one = |v: &str| v.chars().filter(|c| !c.is_control() && *c != ' ').collect::<String>();
+    let mut vs = vec![
+        format!("origination_uuid={}", one(id)),
+        format!("originate_timeout={}", ring.as_secs().max(1)),
+        "origination_caller_id_name=dispatchd".to_string(),
+    ];
+    vs.extend(vars.iter().map(|(k, v)| format!("{}={}", k.to_ascii_lowercase(), fs_value(v))));
+    format!("bgapi originate {{{}}}{} s XML {}\nJob-UUID: {}\n\n", vs.join(","), one(phone), one(context), one(id))
+}
+
+/// Hangs the page call `id` up.
+pub fn hangup(id: &str) -> String {
+    let id: String = id.chars().filter(|c| c.is_ascii_hexdigit() || *c == '-').collect();
+    format!("bgapi uuid_kill {id}\n\n")
+}
+
+/// What an event says about a page call: `CUSTOM dispatchd::page` (`Choice`:
+/// the digit) on the call's channel; the `BACKGROUND_JOB` of its originate (a
+/// failure: busy, no answer); `CHANNEL_HANGUP` of its channel.
+pub fn page_report(ev: &EslEvent) -> Option<(String, crate::dispatcher::pager::Report)> {
+    use crate::dispatcher::pager::Report;
+    use crate::domain::dispatch::Outcome;
+    match ev.name()? {
+        "CUSTOM" if ev.subclass() == Some("dispatchd::page") => {
+            let digit = ev.get("Choice")?.trim().chars().next()?;
+            Some((ev.get("Unique-ID")?.trim().to_string(), Report::Digit(digit)))
+        }
+        "BACKGROUND_JOB" => {
+            let id = ev.get("Job-UUID")?.trim().to_string();
+            let body = ev.body.as_deref().unwrap_or("").trim();
+            let cause = body.strip_prefix("-ERR")?.trim();
+            let outcome = match cause {
+                "USER_BUSY" => Outcome::Busy,
+                "NO_ANSWER" | "NO_USER_RESPONSE" | "ORIGINATOR_CANCEL" | "RECOVERY_ON_TIMER_EXPIRE" => {
+                    Outcome::NoAnswer
+                }
+                _ => Outcome::Failed("originate_failed".into()),
+            };
+            Some((id, Report::Failed(outcome)))
+        }
+        "CHANNEL_HANGUP" => Some((ev.get("Unique-ID")?.trim().to_string(), Report::Hangup)),
+        _ => None,
+    }
+}
+
 pub fn auth_command(password: &str) -> Result<String, BadPassword> {
     if password.contains(['\n', '\r']) {
         return Err(BadPassword);

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::backoff::Backoff;
 use crate::backoff::cancelled_during;
+use crate::dispatcher::pager::{Command, Pager};
 use crate::domain::call::CallEvent;
 use crate::domain::incident::Source;
 use crate::intake::Intake;
@@ -164,6 +165,26 @@ async fn keep_lease(intake: &Intake, lease: &str, token: &CancellationToken) -> 
             Ok(false) => return true,
             Err(e) => tracing::debug!(error = %e, "feed lease not renewed"),
         }
+    }
+}
+
+/// A feed session's place in the pager while it holds the PBX connection:
+/// page calls go out on it; dropped with the session, and then they cannot.
+pub struct Attached<'a> {
+    pager: &'a Pager,
+    source: Source,
+}
+
+impl<'a> Attached<'a> {
+    pub fn new(pager: &'a Pager, source: Source, commands: tokio::sync::mpsc::Sender<Command>) -> Attached<'a> {
+        pager.attach(source, commands);
+        Attached { pager, source }
+    }
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.pager.detach(self.source);
     }
 }
 

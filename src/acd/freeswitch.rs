@@ -37,12 +37,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::esl::{self, EslError, EslMessage, EslReader};
 use super::feed::{self, Backoff, FeedError};
 use crate::config::FreeswitchSettings;
+use crate::dispatcher::pager::{Command, Pager};
 use crate::domain::incident::Source;
 use crate::intake::Intake;
 
@@ -53,10 +55,16 @@ const READ_CHUNK: usize = 16 * 1024;
 const PROBE: &str = "api uptime\n\n";
 
 /// Runs the ESL feed until `token` is cancelled.
-pub async fn run(cfg: FreeswitchSettings, max_backoff: Duration, intake: Arc<Intake>, token: CancellationToken) {
+pub async fn run(
+    cfg: FreeswitchSettings,
+    max_backoff: Duration,
+    intake: Arc<Intake>,
+    pager: Arc<Pager>,
+    token: CancellationToken,
+) {
     let backoff = feed::reconnect_backoff(max_backoff);
     feed::reconnecting(SOURCE, &cfg.address, &intake, &backoff, &token, |_attempt| {
-        session(&cfg, &intake, &token, &backoff, feed::KEEPALIVE)
+        session(&cfg, &intake, &pager, &token, &backoff, feed::KEEPALIVE)
     })
     .await
 }
@@ -99,6 +107,7 @@ impl Conn {
 async fn session(
     cfg: &FreeswitchSettings,
     intake: &Intake,
+    pager: &Pager,
     token: &CancellationToken,
     backoff: &Backoff,
     keepalive: Duration,
@@ -142,11 +151,18 @@ async fn session(
     backoff.reset();
     tracing::info!(address = %cfg.address, "ESL logged in and subscribed");
 
+    // Page calls (contract §11) go out on this connection while it lasts.
+    let (commands, mut to_place) = mpsc::channel::<Command>(32);
+    let _attached = feed::Attached::new(pager, SOURCE, commands);
+
     let mut probed = false;
     loop {
         while let Some(m) = c.reader.next_message().map_err(framing)? {
             match m {
                 EslMessage::Event(ev) => {
+                    if let Some((id, report)) = esl::page_report(&ev) {
+                        pager.report(&id, report);
+                    }
                     if let Some(ev) = esl::map_event(&ev)
                         && !feed::deliver(intake, ev, token).await
                     {
@@ -157,17 +173,25 @@ async fn session(
                 _ => {} // api/response to the probe, log/data, ...
             }
         }
-        match tokio::time::timeout(keepalive, c.stream.read(&mut c.buf)).await {
-            Err(_) if probed => return Err(FeedError::Dead),
-            Err(_) => {
-                c.write(PROBE).await?;
-                probed = true;
-            }
-            Ok(Ok(n)) => {
-                probed = false;
-                c.received(n)?;
-            }
-            Ok(Err(e)) => return Err(FeedError::Io(e)),
+        tokio::select! {
+            read = tokio::time::timeout(keepalive, c.stream.read(&mut c.buf)) => match read {
+                Err(_) if probed => return Err(FeedError::Dead),
+                Err(_) => {
+                    c.write(PROBE).await?;
+                    probed = true;
+                }
+                Ok(Ok(n)) => {
+                    probed = false;
+                    c.received(n)?;
+                }
+                Ok(Err(e)) => return Err(FeedError::Io(e)),
+            },
+            Some(cmd) = to_place.recv() => match cmd {
+                Command::Originate { id, phone, context, ring, vars } => {
+                    c.write(&esl::originate(&id, &phone, &context, ring, &vars)).await?;
+                }
+                Command::Hangup { id } => c.write(&esl::hangup(&id)).await?,
+            },
         }
     }
 }
@@ -240,7 +264,7 @@ mod tests {
         let token = CancellationToken::new();
         let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
-        let r = session(&cfg, &intake, &token, &backoff, Duration::from_millis(200)).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, Duration::from_millis(200)).await;
         assert!(matches!(r, Err(FeedError::Dead)), "{r:?}");
         assert_eq!(server.await.expect("server"), ["api uptime"]);
     }
@@ -278,11 +302,11 @@ mod tests {
         let backoff = feed::reconnect_backoff(Duration::from_secs(1));
         let intake = crate::acd::asterisk::tests::idle_intake();
         let keepalive = Duration::from_secs(5);
-        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(m)) if m == "-ERR invalid"), "{r:?}");
-        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::Subscribe(m)) if m.starts_with("-ERR")), "{r:?}");
-        let r = session(&cfg, &intake, &token, &backoff, keepalive).await;
+        let r = session(&cfg, &intake, &Pager::default(), &token, &backoff, keepalive).await;
         assert!(matches!(&r, Err(FeedError::LoginRefused(_))), "{r:?}");
         server.await.expect("server");
     }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::dispatcher::Pager;
 use crate::domain::incident::Source;
 use crate::intake::Intake;
 
@@ -27,14 +28,15 @@ use crate::intake::Intake;
 /// `[acd.freeswitch]`); each runs until `token` is cancelled, reconnecting on
 /// its own. Addresses and credentials are read once: a SIGHUP does not move a
 /// running feed (restart the daemon for that).
-pub fn spawn(settings: &Settings, intake: Arc<Intake>, token: CancellationToken) {
+/// A feed that holds its PBX connection serves `pager` (page calls, contract §11).
+pub fn spawn(settings: &Settings, intake: Arc<Intake>, pager: Arc<Pager>, token: CancellationToken) {
     let acd = &settings.acd;
     if let Some(a) = &acd.asterisk {
         feed::set_connected(Source::Ami, false);
-        tokio::spawn(asterisk::run(a.clone(), acd.max_backoff, intake.clone(), token.clone()));
+        tokio::spawn(asterisk::run(a.clone(), acd.max_backoff, intake.clone(), pager.clone(), token.clone()));
     }
     if let Some(f) = &acd.freeswitch {
         feed::set_connected(Source::Esl, false);
-        tokio::spawn(freeswitch::run(f.clone(), acd.max_backoff, intake, token));
+        tokio::spawn(freeswitch::run(f.clone(), acd.max_backoff, intake, pager, token));
     }
 }

@@ -4,7 +4,8 @@
 //!   (`source: api`), queued and dispatched like a call's incident;
 //! - `POST /v1/incidents/{id}/resolve|cancel` `[{"note"}]` → 200, the record;
 //!   409 when already closed; whoever held it gets a `cancel` and is free again;
-//! - `GET /v1/responders` → the roster with live connection and availability;
+//! - `GET /v1/responders` → the roster with live connection, availability and channels;
+//! - `PUT /v1/responders/{id}/availability` `{"status"}` → a supervisor sets it (contract §11);
 //! - `DELETE /v1/callers/{number}` → `{"erased": n}`: number and name gone from
 //!   every record, each one's timeline noting it (contract §7).
 //!
@@ -17,7 +18,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -26,6 +27,7 @@ use super::{ApiState, error};
 use crate::config::Settings;
 use crate::dispatcher::Closed;
 use crate::domain::classify::is_category_name;
+use crate::domain::dispatch::{Availability, Channel};
 use crate::domain::ids::normalize_id;
 use crate::domain::incident::{Severity, State as IncidentState};
 use crate::intake::{CallerStatus, Error};
@@ -40,6 +42,7 @@ pub fn router() -> Router<ApiState> {
         .route("/v1/incidents/{id}/resolve", post(resolve))
         .route("/v1/incidents/{id}/cancel", post(cancel))
         .route("/v1/responders", get(responders))
+        .route("/v1/responders/{id}/availability", put(set_availability))
         .route("/v1/callers/{number}", delete(erase_caller))
         .route("/v1/callers/{number}/status", get(caller_status))
 }
@@ -165,6 +168,28 @@ async fn close(
     }
 }
 
+/// One roster member as `GET /v1/responders` shows it.
+fn responder_json(
+    r: &crate::config::ResponderConfig,
+    p: crate::dispatcher::Presence,
+    order: &[Channel],
+) -> serde_json::Value {
+    let mut v = json!({
+        "id": r.id,
+        "name": r.name,
+        "tier": r.tier,
+        "skills": r.skills,
+        "connected": p.connected,
+        "availability": p.availability.unwrap_or_else(|| "off_duty".into()),
+    });
+    // Extension (contract §11): its other channels, when it has any.
+    let channels = r.channels(order);
+    if !channels.is_empty() {
+        v["channels"] = json!(channels);
+    }
+    v
+}
+
 async fn responders(State(st): State<ApiState>) -> Response {
     let s = settings(&st);
     let ids: Vec<String> = s.roster.iter().map(|r| r.id.clone()).collect();
@@ -172,22 +197,47 @@ async fn responders(State(st): State<ApiState>) -> Response {
         Ok(p) => p,
         Err(e) => return unavailable(e),
     };
-    let list: Vec<serde_json::Value> = s
-        .roster
-        .iter()
-        .zip(presence)
-        .map(|(r, p)| {
-            json!({
-                "id": r.id,
-                "name": r.name,
-                "tier": r.tier,
-                "skills": r.skills,
-                "connected": p.connected,
-                "availability": p.availability.unwrap_or_else(|| "off_duty".into()),
-            })
-        })
-        .collect();
+    let list: Vec<serde_json::Value> =
+        s.roster.iter().zip(presence).map(|(r, p)| responder_json(r, p, &s.fallback.order)).collect();
     Json(json!({"responders": list})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AvailabilityBody {
+    status: String,
+}
+
+/// `PUT /v1/responders/{id}/availability` (contract §11): a supervisor puts a
+/// responder on call (or off) — how responders who never open the console,
+/// reached by PBX call, SIP MESSAGE or webhook, become `available`.
+async fn set_availability(
+    State(st): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let s = settings(&st);
+    let Some(r) = id.ok().and_then(|Path(id)| s.roster.iter().find(|r| r.id == id).cloned()) else {
+        return error(StatusCode::NOT_FOUND, "not_found");
+    };
+    let parsed = body_bytes(body).and_then(|b| {
+        serde_json::from_slice::<AvailabilityBody>(&b)
+            .map_err(|_| (StatusCode::BAD_REQUEST, "body must be {\"status\":\"available|busy|off_duty\"}".into()))
+    });
+    let availability = match parsed.map(|b| Availability::parse(&b.status)) {
+        Ok(Some(a)) => a,
+        Ok(None) => return error(StatusCode::BAD_REQUEST, "status must be available, busy or off_duty"),
+        Err(refusal) => return refuse(refusal),
+    };
+    if let Err(e) = st.dispatch.availability(&r.id, availability).await {
+        return unavailable(e);
+    }
+    tracing::info!(responder = %r.id, availability = availability.as_str(), actor = "api", "availability set by a supervisor");
+    match st.dispatch.presence(std::slice::from_ref(&r.id)).await {
+        Ok(mut p) if !p.is_empty() => Json(responder_json(&r, p.remove(0), &s.fallback.order)).into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, "not_found"),
+        Err(e) => unavailable(e),
+    }
 }
 
 /// The caller number of a `/v1/callers/{number}` path, checked. The path is

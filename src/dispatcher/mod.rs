@@ -23,6 +23,7 @@
 //! watchdog is pinged from this loop, so a stuck core stops it.
 
 pub mod notify;
+pub mod pager;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,19 +35,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
-use crate::domain::dispatch::{Answer, Availability, Offer, Release};
+use crate::domain::dispatch::{Answer, Attempt, Availability, Channel, Offer, Outcome, Purpose, Release, Reminder};
 use crate::domain::ids::mask;
 use crate::domain::incident::State;
 use crate::domain::policy::Escalation;
 use crate::domain::timeline::{Entry, Event};
 pub use crate::store::StoreError as Error;
 pub use crate::store::admin::Closed;
-pub use crate::store::dispatch::Presence;
+use crate::store::dispatch::StepPolicy;
+pub use crate::store::dispatch::{Presence, RosterRow};
 use crate::store::pubsub::Notice;
 use crate::store::{At, Store};
 use crate::systemd;
 use crate::telemetry::metric;
-pub use notify::Notifier;
+pub use notify::{Notifier, Reach};
+pub use pager::Pager;
 
 /// Offers made in one pass of the matcher, at most.
 const MATCH_BATCH: usize = 64;
@@ -58,6 +61,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct Dispatch {
     store: Store,
     notifier: Arc<dyn Notifier>,
+    /// The other channels (PBX call, SIP MESSAGE, webhook), contract §11.
+    pub reach: Arc<dyn Reach>,
+    /// Page calls through the PBX feed this daemon holds, if any.
+    pub pager: Arc<Pager>,
+    /// `fallback.after`, ms.
+    after_ms: u64,
     /// This daemon's name in Redis (host, pid and a random part).
     pub daemon: String,
     policy: Escalation,
@@ -67,6 +76,21 @@ pub struct Dispatch {
     resync_soon: AtomicBool,
 }
 
+/// The `outcome` label of `dispatchd_contact_outcomes_total` (a failure's
+/// detail is in the timeline, not in a label).
+fn outcome_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Delivered => "delivered",
+        Outcome::Acknowledged => "acknowledged",
+        Outcome::Declined => "declined",
+        Outcome::NoDigit => "no_digit",
+        Outcome::NoAnswer => "no_answer",
+        Outcome::Busy => "busy",
+        Outcome::Stopped => "stopped",
+        Outcome::Failed(_) => "failed",
+    }
+}
+
 /// A name for this daemon in Redis: host, pid and a random part.
 pub fn daemon_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -74,10 +98,19 @@ pub fn daemon_name() -> String {
 }
 
 impl Dispatch {
-    pub fn new(store: Store, settings: &Settings, notifier: Arc<dyn Notifier>) -> Arc<Dispatch> {
+    pub fn new(
+        store: Store,
+        settings: &Settings,
+        notifier: Arc<dyn Notifier>,
+        reach: Arc<dyn Reach>,
+        pager: Arc<Pager>,
+    ) -> Arc<Dispatch> {
         Arc::new(Dispatch {
             store,
             notifier,
+            reach,
+            pager,
+            after_ms: u64::try_from(settings.fallback.after.as_millis()).unwrap_or(u64::MAX),
             daemon: daemon_name(),
             policy: settings.escalation.matrix(),
             heartbeat: settings.responders.heartbeat,
@@ -114,25 +147,42 @@ impl Dispatch {
         self.store.disconnect(rid, &self.daemon, At::Server).await
     }
 
-    /// An `ack` of a dispatch.
+    /// An `ack` of a dispatch (on the websocket, or by `channel`: a PBX call's digit).
     pub async fn ack(&self, rid: &str, dispatch_id: &str) -> Result<Answer> {
-        let a = self.store.answer(rid, dispatch_id, true, "", At::Server).await?;
+        self.ack_on(rid, dispatch_id, None).await
+    }
+
+    pub async fn ack_on(&self, rid: &str, dispatch_id: &str, channel: Option<Channel>) -> Result<Answer> {
+        let a = self.store.answer(rid, dispatch_id, true, "", channel, &self.policy, At::Server).await?;
         if let Answer::Acknowledged { offer_age_ms, repeated: false } = &a {
             metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "acknowledged").increment(1);
             if let Some(ms) = offer_age_ms {
                 metrics::histogram!(metric::OFFER_TO_ACK).record((*ms).max(0) as f64 / 1000.0);
             }
-            tracing::info!(responder = %rid, dispatch_id = %dispatch_id, "dispatch acknowledged");
+            let channel = channel.map_or("websocket", Channel::as_str);
+            tracing::info!(responder = %rid, dispatch_id = %dispatch_id, channel, "dispatch acknowledged");
+            self.wake();
         }
         Ok(a)
     }
 
     /// A `decline` of a dispatch: the offer is taken back and goes on.
     pub async fn decline(&self, rid: &str, dispatch_id: &str, reason: &str) -> Result<Answer> {
-        let a = self.store.answer(rid, dispatch_id, false, reason, At::Server).await?;
+        self.decline_on(rid, dispatch_id, reason, None).await
+    }
+
+    pub async fn decline_on(
+        &self,
+        rid: &str,
+        dispatch_id: &str,
+        reason: &str,
+        channel: Option<Channel>,
+    ) -> Result<Answer> {
+        let a = self.store.answer(rid, dispatch_id, false, reason, channel, &self.policy, At::Server).await?;
         if let Answer::Declined(r) = &a {
             metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "declined").increment(1);
-            tracing::info!(responder = %rid, dispatch_id = %dispatch_id, "dispatch declined");
+            let channel = channel.map_or("websocket", Channel::as_str);
+            tracing::info!(responder = %rid, dispatch_id = %dispatch_id, channel, "dispatch declined");
             self.release(r);
             self.wake();
         }
@@ -149,7 +199,7 @@ impl Dispatch {
         note: &str,
         eta_s: Option<u32>,
     ) -> Result<std::result::Result<(), String>> {
-        let r = self.store.status(rid, incident_id, to, note, eta_s, At::Server).await?;
+        let r = self.store.status(rid, incident_id, to, note, eta_s, &self.policy, At::Server).await?;
         if r.is_ok() {
             tracing::info!(responder = %rid, incident_id = %incident_id, state = to.as_str(), "progress reported");
             if to == State::Resolved {
@@ -186,8 +236,8 @@ impl Dispatch {
         self.store.presence(rids).await
     }
 
-    /// Writes the roster (id, tier, skills) for the matcher.
-    pub async fn sync_roster(&self, rows: &[(String, u32, Vec<String>)]) -> Result<()> {
+    /// Writes the roster (id, tier, skills, other channels) for the matcher.
+    pub async fn sync_roster(&self, rows: &[RosterRow]) -> Result<()> {
         self.store.sync_roster(rows).await?;
         self.wake();
         Ok(())
@@ -246,10 +296,12 @@ impl Dispatch {
         }
     }
 
-    /// One pass: deadlines, then offers. Returns how long until the next deadline.
-    async fn step(&self) -> Option<Duration> {
+    /// One pass: deadlines, reminders, offers, attempts on other channels.
+    /// Returns how long until the next thing falls due.
+    async fn step(self: &Arc<Self>) -> Option<Duration> {
+        let more = StepPolicy { after_ms: self.after_ms, pbx: self.pager.available() };
         loop {
-            let step = match self.store.step(MATCH_BATCH, &self.policy, &self.daemon, At::Server).await {
+            let step = match self.store.step(MATCH_BATCH, &self.policy, more, &self.daemon, At::Server).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "dispatch step failed");
@@ -257,9 +309,19 @@ impl Dispatch {
                 }
             };
             for r in &step.releases {
-                metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "ack_timeout").increment(1);
-                tracing::info!(responder = %r.responder, dispatch_id = %r.dispatch_id, "no acknowledgement in time; offer withdrawn");
+                if r.reason == "released" {
+                    metrics::counter!(metric::RELEASES).increment(1);
+                    tracing::warn!(responder = %r.responder, dispatch_id = %r.dispatch_id, "no progress after the reminders; released and offered again");
+                } else {
+                    metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "ack_timeout").increment(1);
+                    tracing::info!(responder = %r.responder, dispatch_id = %r.dispatch_id, "no acknowledgement in time; offer withdrawn");
+                }
                 self.release(r);
+            }
+            for r in &step.reminders {
+                metrics::counter!(metric::REMINDERS, "due" => r.due.clone()).increment(1);
+                tracing::warn!(incident_id = %r.incident_id, responder = %r.responder, due = %r.due, "no progress reported; reminder sent");
+                self.remind(r);
             }
             let mut remote = false;
             let full = step.offers.len() >= MATCH_BATCH;
@@ -272,7 +334,7 @@ impl Dispatch {
                 if o.daemon == self.daemon {
                     // `delivered` was recorded by the script itself.
                     self.send_offer(o.offer, step.now);
-                } else {
+                } else if !o.daemon.is_empty() {
                     remote = true;
                 }
             }
@@ -280,12 +342,70 @@ impl Dispatch {
                 metrics::counter!(metric::DISPATCH_OFFERS, "outcome" => "exhausted").increment(1);
                 tracing::warn!(incident_id = %x.incident_id, severity = %x.severity, "nobody acknowledged in max_rounds passes; back in the queue, flagged exhausted");
             }
+            for a in step.attempts {
+                self.clone().attempt(a);
+            }
             if remote {
                 self.store.publish_wake(&self.daemon).await;
             }
             if !full {
                 return step.next_deadline_ms.map(|ms| Duration::from_millis((ms - step.now).max(0) as u64));
             }
+        }
+    }
+
+    /// Makes one attempt on a channel (in the background), records what
+    /// became of it, and applies a PBX call's digit as the responder's answer.
+    fn attempt(self: Arc<Self>, a: Attempt) {
+        metrics::counter!(metric::CONTACT_ATTEMPTS, "channel" => a.channel.as_str()).increment(1);
+        tracing::info!(incident_id = %a.offer.incident_id, responder = %a.offer.responder, channel = a.channel.as_str(), "reaching the responder on another channel");
+        tokio::spawn(async move {
+            let stop = Box::pin(self.clone().until_settled(a.clone()));
+            let outcome = self.reach.attempt(&a, stop).await;
+            metrics::counter!(metric::CONTACT_OUTCOMES, "channel" => a.channel.as_str(), "outcome" => outcome_label(&outcome))
+                .increment(1);
+            tracing::info!(incident_id = %a.offer.incident_id, responder = %a.offer.responder, channel = a.channel.as_str(), outcome = outcome.as_str(), "attempt ended");
+            if let Err(e) = self.store.contacted(&a, &outcome, At::Server).await {
+                tracing::warn!(error = %e, "attempt's outcome not recorded");
+            }
+            let (rid, did) = (&a.offer.responder, &a.offer.dispatch_id);
+            let answered = match (a.purpose, &outcome) {
+                (Purpose::Offer, Outcome::Acknowledged) => Some(self.ack_on(rid, did, Some(a.channel)).await),
+                (Purpose::Offer, Outcome::Declined) => {
+                    Some(self.decline_on(rid, did, "declined on the page call", Some(a.channel)).await)
+                }
+                _ => None,
+            };
+            if let Some(Err(e)) = answered {
+                tracing::warn!(error = %e, "answer by PBX call not stored");
+            }
+            if outcome.next_at_once() {
+                self.wake();
+            }
+        });
+    }
+
+    /// Resolves when attempt `a` is no longer wanted: its offer was answered
+    /// or moved on (or, for a reminder, progress was reported).
+    async fn until_settled(self: Arc<Self>, a: Attempt) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match self.store.still_wanted(&a).await {
+                Ok(false) => return,
+                Ok(true) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Tells a responder its acknowledged incident waits for progress: on its
+    /// websocket here, else through the daemon it is connected to.
+    fn remind(&self, r: &Reminder) {
+        if self.notifier.remind(r) {
+            return;
+        }
+        if !r.daemon.is_empty() && r.daemon != self.daemon {
+            let (store, r) = (self.store.clone(), r.clone());
+            tokio::spawn(async move { store.publish_reminder(&r).await });
         }
     }
 
@@ -340,6 +460,9 @@ impl Dispatch {
             let on = |n: Notice| match n {
                 Notice::Cancel(r) => {
                     self.notifier.cancel(&r.responder, &r.dispatch_id, &r.reason);
+                }
+                Notice::Remind(r) => {
+                    self.notifier.remind(&r);
                 }
                 Notice::Wake(from) if from != self.daemon => {
                     self.resync_soon.store(true, Ordering::Relaxed);

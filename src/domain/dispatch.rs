@@ -80,3 +80,105 @@ impl Availability {
         Availability::ALL.into_iter().find(|a| a.as_str() == s)
     }
 }
+
+/// A way to reach a responder besides its websocket (contract §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// A call through the PBX (AMI Originate / ESL originate) that speaks the
+    /// offer and reads one digit: 1 acknowledges, 2 declines.
+    PbxCall,
+    /// A SIP MESSAGE (RFC 3428) to the responder's `sip_uri`.
+    SipMessage,
+    /// A signed JSON POST to the responder's `webhook`.
+    Webhook,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::SipMessage, Channel::PbxCall, Channel::Webhook];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::PbxCall => "pbx_call",
+            Channel::SipMessage => "sip_message",
+            Channel::Webhook => "webhook",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Channel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// Why an attempt on a channel is made: an offer waiting for its
+/// acknowledgement, or a reminder of an acknowledged incident without progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    Offer,
+    Reminder,
+}
+
+/// One attempt to reach a responder on one channel, as the rules claimed it
+/// (made once, by one daemon).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Attempt {
+    #[serde(flatten)]
+    pub offer: Offer,
+    pub channel: Channel,
+    pub purpose: Purpose,
+}
+
+/// What became of an attempt: the `outcome` of its `contacted` timeline entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The channel took it (a 2xx to the MESSAGE or the webhook): not an answer.
+    Delivered,
+    /// The responder pressed 1 on the page call.
+    Acknowledged,
+    /// The responder pressed 2 on the page call.
+    Declined,
+    /// The call was answered but no digit came.
+    NoDigit,
+    NoAnswer,
+    Busy,
+    /// The attempt was stopped: the offer was answered elsewhere or moved on.
+    Stopped,
+    /// Anything else that went wrong, in a word or two (`404`, `timeout`, `500`, …).
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Acknowledged => "acknowledged",
+            Outcome::Declined => "declined",
+            Outcome::NoDigit => "no_digit",
+            Outcome::NoAnswer => "no_answer",
+            Outcome::Busy => "busy",
+            Outcome::Stopped => "stopped",
+            Outcome::Failed(why) => why,
+        }
+    }
+
+    /// Whether the chain goes on to the next channel at once (a failure, or a
+    /// call that brought no answer) rather than after `fallback.after`.
+    pub fn next_at_once(&self) -> bool {
+        matches!(self, Outcome::NoDigit | Outcome::NoAnswer | Outcome::Busy | Outcome::Failed(_))
+    }
+}
+
+/// A reminder of an acknowledged incident that makes no progress (contract §11).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Reminder {
+    pub incident_id: String,
+    pub responder: String,
+    /// The daemon the responder is connected to ("" when none).
+    #[serde(default)]
+    pub daemon: String,
+    /// `en_route` or `on_scene`: what is overdue.
+    pub due: String,
+    /// Since when (ms): the acknowledgement, or the `en_route`.
+    pub since_ms: i64,
+}

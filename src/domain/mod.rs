@@ -12,10 +12,12 @@
 //! - `classify` — IVR path → category and severity;
 //! - `ids` — incident ids, their normalisation, caller pseudonyms and masks;
 //! - `policy` — the escalation and correlation policies as values;
-//! - `dispatch` — what the dispatcher hands a responder's channel (offer, cancel).
+//! - `dispatch` — what the dispatcher hands a responder's channel (offer, cancel, attempt, reminder);
+//! - `contact` — where a responder's SIP MESSAGE goes.
 
 pub mod call;
 pub mod classify;
+pub mod contact;
 pub mod dispatch;
 pub mod ids;
 pub mod incident;

@@ -29,6 +29,11 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// Serde: an optional duration written as text.
+pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscalationPolicy {
@@ -36,6 +41,20 @@ pub struct EscalationPolicy {
     pub ack_timeout: Duration,
     #[serde(default = "three")]
     pub max_rounds: u32,
+    /// Contract §11: acknowledged but not en route this long after → a reminder
+    /// (default by severity: 5m, 10m, 20m, 60m).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub en_route_within: Option<Duration>,
+    /// En route but not on scene this long after → a reminder (30m, 1h, 2h, 4h).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub on_scene_within: Option<Duration>,
+    /// Reminders without progress before the incident is released and offered again (2).
+    #[serde(default = "two")]
+    pub release_after: u32,
+}
+
+fn two() -> u32 {
+    2
 }
 
 fn three() -> u32 {
@@ -53,7 +72,13 @@ pub struct EscalationSettings {
 
 impl Default for EscalationSettings {
     fn default() -> Self {
-        let p = |s| EscalationPolicy { ack_timeout: Duration::from_secs(s), max_rounds: 3 };
+        let p = |s| EscalationPolicy {
+            ack_timeout: Duration::from_secs(s),
+            max_rounds: 3,
+            en_route_within: None,
+            on_scene_within: None,
+            release_after: 2,
+        };
         EscalationSettings { critical: p(30), high: p(60), medium: p(120), low: p(300) }
     }
 }
@@ -73,12 +98,26 @@ impl EscalationSettings {
     /// Per severity, most severe first (index = `Severity::rank`): the
     /// acknowledgement deadline in ms and the passes over all tiers.
     pub fn matrix(&self) -> Escalation {
-        let p = Severity::ALL.map(|s| self.for_severity(s));
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let p = Severity::ALL.map(|s| (s, self.for_severity(s)));
         Escalation {
-            ack_timeout_ms: p.map(|p| u64::try_from(p.ack_timeout.as_millis()).unwrap_or(u64::MAX)),
-            max_rounds: p.map(|p| p.max_rounds),
+            ack_timeout_ms: p.map(|(_, p)| ms(p.ack_timeout)),
+            max_rounds: p.map(|(_, p)| p.max_rounds),
+            en_route_within_ms: p.map(|(s, p)| ms(p.en_route_within.unwrap_or(default_en_route(s)))),
+            on_scene_within_ms: p.map(|(s, p)| ms(p.on_scene_within.unwrap_or(default_on_scene(s)))),
+            release_after: p.map(|(_, p)| p.release_after),
         }
     }
+}
+
+/// How long an acknowledged incident of this severity may wait for `en_route`.
+pub fn default_en_route(s: Severity) -> Duration {
+    Duration::from_secs([5, 10, 20, 60][usize::from(s.rank())] * 60)
+}
+
+/// How long an incident en route may wait for `on_scene`.
+pub fn default_on_scene(s: Severity) -> Duration {
+    Duration::from_secs([30, 60, 120, 240][usize::from(s.rank())] * 60)
 }
 
 /// The escalation matrix as the dispatcher's script takes it (index = `Severity::rank`).
@@ -86,6 +125,10 @@ impl EscalationSettings {
 pub struct Escalation {
     pub ack_timeout_ms: [u64; 4],
     pub max_rounds: [u32; 4],
+    /// Acknowledged is not done (contract §11): reminders, then release.
+    pub en_route_within_ms: [u64; 4],
+    pub on_scene_within_ms: [u64; 4],
+    pub release_after: [u32; 4],
 }
 
 /// `[correlation.repeat]`: a caller calling again while their incident is open.

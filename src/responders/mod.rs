@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ResponderConfig;
 use crate::dispatcher::Notifier;
-use crate::domain::dispatch::Offer;
+use crate::domain::dispatch::{Offer, Reminder};
 use crate::telemetry::metric;
 
 /// What a session's writer sends.
@@ -218,6 +218,10 @@ impl Notifier for Sessions {
     fn cancel(&self, rid: &str, dispatch_id: &str, reason: &str) -> bool {
         self.send(rid, wire::cancel(dispatch_id, reason))
     }
+
+    fn remind(&self, r: &Reminder) -> bool {
+        self.send(&r.responder, wire::reminder(r))
+    }
 }
 
 /// Token → responder, from the roster (tokens are compared by their SHA-256).
@@ -292,6 +296,9 @@ mod tests {
             token_sha256: hex::encode(token(t)),
             skills: vec!["*".into()],
             tier: 1,
+            phone: None,
+            sip_uri: None,
+            webhook: None,
         };
         let revoked = sessions.revoke(&Roster::new(&[cfg("r-a", "new"), cfg("r-b", "tb")]));
         assert_eq!(revoked, ["r-a"]);

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::domain::dispatch::{Availability, Offer};
+use crate::domain::dispatch::{Availability, Offer, Reminder};
 use crate::domain::incident::State;
 use crate::domain::timeline::timestamp_ms;
 
@@ -134,6 +134,12 @@ pub fn error(reference: Option<&Value>, code: &str, message: &str) -> String {
 
 pub fn welcome(responder_id: &str, heartbeat_s: u64) -> String {
     json!({"type": "welcome", "responder_id": responder_id, "heartbeat_s": heartbeat_s}).to_string()
+}
+
+/// The `reminder` frame (contract §11): an acknowledged incident waits for `due`.
+pub fn reminder(r: &Reminder) -> String {
+    json!({"type": "reminder", "incident_id": r.incident_id, "due": r.due, "since": timestamp_ms(r.since_ms)})
+        .to_string()
 }
 
 /// The `dispatch` frame of an offer (caller already masked).

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::keys::Family;
 use super::prelude::Script;
 use super::{At, Result, Store, StoreError, seq};
-use crate::domain::dispatch::{Answer, Offer, Release};
+use crate::domain::dispatch::{Answer, Attempt, Channel, Offer, Outcome, Purpose, Release, Reminder};
 use crate::domain::incident::{Severity, State};
 use crate::domain::policy::Escalation;
 
@@ -41,6 +41,12 @@ pub struct Step {
     pub offers: Vec<Offered>,
     #[serde(deserialize_with = "seq")]
     pub exhausted: Vec<Exhausted>,
+    /// Attempts on the responders' other channels this daemon claimed (contract §11).
+    #[serde(deserialize_with = "seq", default)]
+    pub attempts: Vec<Attempt>,
+    /// Reminders of acknowledged incidents without progress.
+    #[serde(deserialize_with = "seq", default)]
+    pub reminders: Vec<Reminder>,
     /// When the next deadline falls (ms), if any incident is offered.
     #[serde(default)]
     pub next_deadline_ms: Option<i64>,
@@ -70,6 +76,25 @@ struct StatusRow {
     error: Option<String>,
 }
 
+/// One roster member as the matcher reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterRow {
+    pub id: String,
+    pub tier: u32,
+    pub skills: Vec<String>,
+    /// Its other channels, in `fallback.order` (empty: the websocket only).
+    pub channels: Vec<Channel>,
+}
+
+/// What the dispatch rules need beyond the escalation matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPolicy {
+    /// `fallback.after`, ms.
+    pub after_ms: u64,
+    /// This daemon can place PBX calls now (it holds the AMI/ESL feed).
+    pub pbx: bool,
+}
+
 /// A roster member's presence as written by the daemons.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Presence {
@@ -84,14 +109,15 @@ impl Store {
         self.op(Script::Dispatch, op, at)
     }
 
-    /// Writes the roster (tier and skills of each responder) for the matcher.
-    pub async fn sync_roster(&self, roster: &[(String, u32, Vec<String>)]) -> Result<()> {
+    /// Writes the roster (tier, skills and other channels of each responder) for the matcher.
+    pub async fn sync_roster(&self, roster: &[RosterRow]) -> Result<()> {
         let mut inv = self.dispatch_op("roster", At::Server);
         inv.arg(roster.len());
-        for (id, tier, skills) in roster {
+        for r in roster {
             let skills =
-                if skills.iter().any(|s| s == "*") { "*".to_string() } else { format!(",{},", skills.join(",")) };
-            inv.arg(id).arg(tier).arg(skills);
+                if r.skills.iter().any(|s| s == "*") { "*".to_string() } else { format!(",{},", r.skills.join(",")) };
+            let channels: Vec<&str> = r.channels.iter().map(|c| c.as_str()).collect();
+            inv.arg(&r.id).arg(r.tier).arg(skills).arg(channels.join(","));
         }
         self.run::<i64>(&inv).await.map(|_| ())
     }
@@ -133,22 +159,41 @@ impl Store {
     /// One pass of the dispatcher: withdraw offers past their deadline, pair
     /// waiting incidents with free responders (at most `max` offers), and say
     /// when the next deadline falls. One round trip.
-    pub async fn step(&self, max: usize, policy: &Escalation, daemon: &str, at: At) -> Result<Step> {
+    pub async fn step(&self, max: usize, policy: &Escalation, more: StepPolicy, daemon: &str, at: At) -> Result<Step> {
         let mut inv = self.dispatch_op("step", at);
         let pol = json!({
             "max": max,
             "ack_timeout_ms": policy.ack_timeout_ms,
             "max_rounds": policy.max_rounds,
+            "en_route_within_ms": policy.en_route_within_ms,
+            "on_scene_within_ms": policy.on_scene_within_ms,
+            "release_after": policy.release_after,
+            "after_ms": more.after_ms,
+            "pbx": more.pbx,
             "daemon": daemon,
         });
         inv.arg(pol.to_string());
         self.run_json(&inv, "step").await
     }
 
-    /// A responder's `ack` (`ack = true`) or `decline` of a dispatch.
-    pub async fn answer(&self, rid: &str, dispatch_id: &str, ack: bool, reason: &str, at: At) -> Result<Answer> {
+    /// A responder's `ack` (`ack = true`) or `decline` of a dispatch, on its
+    /// websocket (`channel` None) or another channel (a PBX call's digit).
+    pub async fn answer(
+        &self,
+        rid: &str,
+        dispatch_id: &str,
+        ack: bool,
+        reason: &str,
+        channel: Option<Channel>,
+        policy: &Escalation,
+        at: At,
+    ) -> Result<Answer> {
         let mut inv = self.dispatch_op("answer", at);
         inv.arg(rid).arg(dispatch_id).arg(if ack { "ack" } else { "decline" }).arg(reason);
+        inv.arg(channel.map(Channel::as_str).unwrap_or(""));
+        for ms in policy.en_route_within_ms {
+            inv.arg(ms);
+        }
         let row: AnswerRow = self.run_json(&inv, dispatch_id).await?;
         Ok(match row {
             AnswerRow { error: Some(code), .. } => Answer::Refused(code),
@@ -168,6 +213,7 @@ impl Store {
         status: State,
         note: &str,
         eta_s: Option<u32>,
+        policy: &Escalation,
         at: At,
     ) -> Result<std::result::Result<(), String>> {
         let mut inv = self.dispatch_op("status", at);
@@ -176,12 +222,55 @@ impl Store {
             .arg(status.as_str())
             .arg(note)
             .arg(eta_s.map(|e| e.to_string()).unwrap_or_default());
+        for ms in policy.on_scene_within_ms {
+            inv.arg(ms);
+        }
         let row: StatusRow = self.run_json(&inv, incident_id).await?;
         Ok(match row {
             StatusRow { ok: Some(_), .. } => Ok(()),
             StatusRow { error: Some(code), .. } => Err(code),
             _ => Err("not_allowed".into()),
         })
+    }
+
+    /// Records what became of an attempt on a channel (`contacted` in the
+    /// timeline); a failure moves the chain to the next channel at once.
+    pub async fn contacted(&self, attempt: &Attempt, outcome: &Outcome, at: At) -> Result<()> {
+        let mut inv = self.dispatch_op("contacted", at);
+        let purpose = match attempt.purpose {
+            Purpose::Offer => "offer",
+            Purpose::Reminder => "reminder",
+        };
+        inv.arg(&attempt.offer.incident_id)
+            .arg(&attempt.offer.dispatch_id)
+            .arg(attempt.channel.as_str())
+            .arg(outcome.as_str())
+            .arg(purpose)
+            .arg(if outcome.next_at_once() { "1" } else { "0" });
+        self.run::<i64>(&inv).await.map(|_| ())
+    }
+
+    /// Whether attempt `a` is still wanted: its offer still stands (for a
+    /// reminder: the incident still waits for progress from that responder).
+    pub async fn still_wanted(&self, a: &Attempt) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let (state, assigned, dispatch): (Option<String>, Option<String>, Option<String>) = Self::counted(
+            redis::cmd("HMGET")
+                .arg(self.of(Family::Inc, &a.offer.incident_id))
+                .arg("state")
+                .arg("assigned_to")
+                .arg("dispatch_id")
+                .query_async(&mut c)
+                .await,
+        )?;
+        let state = state.as_deref().and_then(State::parse);
+        let same = assigned.as_deref() == Some(a.offer.responder.as_str())
+            && dispatch.as_deref() == Some(a.offer.dispatch_id.as_str());
+        Ok(same
+            && match a.purpose {
+                Purpose::Offer => state == Some(State::Offered),
+                Purpose::Reminder => matches!(state, Some(State::Acknowledged | State::EnRoute)),
+            })
     }
 
     /// The incidents currently offered to these responders (None = none).

@@ -21,11 +21,25 @@ pub enum Key {
     Closed,
     /// Closing time up to which the retention sweep has set expiries.
     ClosedCursor,
+    /// Incidents whose responder is to be reached on its next channel (zset, ms).
+    Fallback,
+    /// Acknowledged incidents by when a reminder is due (zset, ms).
+    Progress,
 }
 
 impl Key {
-    pub const ALL: [Key; 8] =
-        [Key::Seq, Key::Incidents, Key::Queue, Key::Deadlines, Key::Idle, Key::Roster, Key::Closed, Key::ClosedCursor];
+    pub const ALL: [Key; 10] = [
+        Key::Seq,
+        Key::Incidents,
+        Key::Queue,
+        Key::Deadlines,
+        Key::Idle,
+        Key::Roster,
+        Key::Closed,
+        Key::ClosedCursor,
+        Key::Fallback,
+        Key::Progress,
+    ];
 
     /// (name in the scripts, suffix after the prefix)
     pub fn names(self) -> (&'static str, &'static str) {
@@ -38,6 +52,8 @@ impl Key {
             Key::Roster => ("roster", "roster"),
             Key::Closed => ("closed", "closed"),
             Key::ClosedCursor => ("closed_cursor", "closed:cursor"),
+            Key::Fallback => ("fallback", "fallback"),
+            Key::Progress => ("progress", "progress"),
         }
     }
 }

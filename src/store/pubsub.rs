@@ -7,10 +7,11 @@ use futures_util::StreamExt;
 
 use super::Store;
 use super::keys::Family;
-use crate::domain::dispatch::Release;
+use crate::domain::dispatch::{Release, Reminder};
 
 const WAKE: &str = "wake";
 const CANCEL: &str = "cancel";
+const REMIND: &str = "remind";
 
 /// A notice from another daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub enum Notice {
     Wake(String),
     /// A responder connected here must be told this offer was taken back.
     Cancel(Release),
+    /// A responder connected here must be reminded of its incident.
+    Remind(Reminder),
 }
 
 /// The one wire form of a cancel notice: `responder \t dispatch id \t reason`.
@@ -53,6 +56,12 @@ impl Store {
         self.publish(WAKE, daemon).await;
     }
 
+    /// Asks the daemon of `r.responder` to send it a `reminder`.
+    pub async fn publish_reminder(&self, r: &Reminder) {
+        let payload = serde_json::json!({"incident_id": r.incident_id, "responder": r.responder, "due": r.due, "since_ms": r.since_ms});
+        self.publish(REMIND, &payload.to_string()).await;
+    }
+
     /// Asks the daemon of `r.responder` to send it a `cancel`.
     pub async fn publish_cancel(&self, r: &Release) {
         self.publish(CANCEL, &encode_cancel(r)).await;
@@ -67,8 +76,8 @@ impl Store {
     ) -> redis::RedisResult<()> {
         let client = redis::Client::open(self.url.as_str())?;
         let mut pubsub = client.get_async_pubsub().await?;
-        let (wake_ch, cancel_ch) = (self.channel(WAKE), self.channel(CANCEL));
-        pubsub.subscribe(&[&wake_ch, &cancel_ch]).await?;
+        let (wake_ch, cancel_ch, remind_ch) = (self.channel(WAKE), self.channel(CANCEL), self.channel(REMIND));
+        pubsub.subscribe(&[&wake_ch, &cancel_ch, &remind_ch]).await?;
         let mut stream = pubsub.on_message();
         tokio::pin!(stop);
         loop {
@@ -80,6 +89,10 @@ impl Store {
             if msg.get_channel_name() == cancel_ch {
                 if let Some(r) = decode_cancel(&payload) {
                     on(Notice::Cancel(r));
+                }
+            } else if msg.get_channel_name() == remind_ch {
+                if let Ok(r) = serde_json::from_str::<Reminder>(&payload) {
+                    on(Notice::Remind(r));
                 }
             } else {
                 on(Notice::Wake(payload));

@@ -65,6 +65,8 @@ local function handle()
     if f[1] == 'offered' then redis.call('HSET', k, 'assigned_to', '') end
     redis.call('ZREM', K.queue, id)
     redis.call('ZREM', K.deadlines, id)
+    redis.call('ZREM', K.fallback, id)
+    redis.call('ZREM', K.progress, id)
     tl(id, EV[to], 'api', detail)
     if held and f[1] == 'offered' then
       tl(id, EV.withdrawn, 'dispatchd', {responder = rid, dispatch_id = f[3], reason = 'incident_cancelled'})

@@ -103,10 +103,17 @@ local function empty(v) return v == false or v == nil or v == '' end
 
 -- (cjson encodes an empty list as {}: the Rust side reads either as empty.)
 
+-- Whether a responder can be reached now: a live presence lease (its
+-- websocket is open on some daemon), or channels of its own (contract §11:
+-- a PBX call, a SIP MESSAGE, a webhook).
+local function reachable(lease, channels)
+  return (not empty(lease) and tonumber(lease) > now) or not empty(channels)
+end
+
 -- Puts a responder in the idle set when it can take an offer, else takes it out.
 local function refresh_idle(rid)
-  local r = redis.call('HMGET', K.resp(rid), 'availability', 'lease', 'offer', 'assignment', 'tier', 'last')
-  local ok = r[1] == 'available' and not empty(r[2]) and tonumber(r[2]) > now
+  local r = redis.call('HMGET', K.resp(rid), 'availability', 'lease', 'offer', 'assignment', 'tier', 'last', 'channels')
+  local ok = r[1] == 'available' and reachable(r[2], r[7])
     and empty(r[3]) and empty(r[4]) and not empty(r[5])
     and redis.call('SISMEMBER', K.roster, rid) == 1
   if ok then

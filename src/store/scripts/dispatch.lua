@@ -13,9 +13,13 @@
 --   p:deadlines        zset  offered incidents by ack_by (ms)
 --   p:idle             zset  responders free for an offer (score: tier, then last dispatch ms)
 --   p:roster           set   responder ids of the current roster
---   p:resp:<rid>       hash  tier, skills (",a,b,"), availability, daemon, lease (ms),
---                            offer (incident id), assignment (incident id),
+--   p:resp:<rid>       hash  tier, skills (",a,b,"), channels ("pbx_call,sip_message,…" in
+--                            fallback order; "" = websocket only), availability, daemon,
+--                            lease (ms), offer (incident id), assignment (incident id),
 --                            last (ms of last offer), since (ms it last became available)
+--   p:fallback         zset  incidents whose responder is to be reached on its next channel,
+--                            by when (ms); the record's fb_dispatch, fb_step, fb_kind say which
+--   p:progress         zset  acknowledged incidents by when a reminder is due (ms)
 --   p:inc:<id>         hash  the record (state, assigned_to, dispatch_id, attempts,
 --                            round, tier, ack_by_ms, offered_ms, exhausted, exhausted_ms …)
 --   p:inc:<id>:tried   set   responders offered this incident in the current round
@@ -32,6 +36,7 @@ end
 local function withdraw(id, rid, dispatch_id, why, actor, event_detail)
   redis.call('HSET', K.inc(id), 'state', 'queued', 'assigned_to', '', 'ack_by_ms', '')
   redis.call('ZREM', K.deadlines, id)
+  redis.call('ZREM', K.fallback, id)
   requeue(id)
   if redis.call('HGET', K.resp(rid), 'offer') == id then
     redis.call('HSET', K.resp(rid), 'offer', '')
@@ -70,10 +75,13 @@ local function match(pol, offers, exhausted)
     while loaded < i and loaded < #idle do
       loaded = loaded + 1
       local rid = idle[loaded]
-      local r = redis.call('HMGET', K.resp(rid), 'tier', 'skills', 'since', 'daemon', 'availability', 'lease', 'offer', 'assignment')
+      local r = redis.call('HMGET', K.resp(rid), 'tier', 'skills', 'since', 'daemon', 'availability', 'lease', 'offer',
+        'assignment', 'channels')
       -- Members are kept current by every other op; only a lapsed lease (its daemon died) is new here.
-      if r[5] == 'available' and tonumber(r[6]) and tonumber(r[6]) > now and empty(r[7]) and empty(r[8]) then
-        cands[#cands + 1] = {id = rid, tier = tonumber(r[1]), skills = r[2] or '', since = tonumber(r[3]) or 0, daemon = r[4] or ''}
+      if r[5] == 'available' and reachable(r[6], r[9]) and empty(r[7]) and empty(r[8]) then
+        local live = tonumber(r[6]) and tonumber(r[6]) > now
+        cands[#cands + 1] = {id = rid, tier = tonumber(r[1]), skills = r[2] or '', since = tonumber(r[3]) or 0,
+          daemon = live and (r[4] or '') or '', live = live, channels = r[9] or ''}
       else
         redis.call('ZREM', K.idle, rid)
       end
@@ -156,9 +164,14 @@ local function match(pol, offers, exhausted)
         used = used + 1
         tl(id, EV.offered, 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id, attempt = attempts,
           tier = pick.tier, round = round, ack_by = iso(ack_by)})
-        if pick.daemon == pol.daemon then
+        if pick.live and pick.daemon == pol.daemon then
           -- Handed to the responder's connection on this daemon right after this script.
           tl(id, EV.delivered, 'dispatchd', {responder = pick.id, dispatch_id = dispatch_id})
+        end
+        if not empty(pick.channels) then
+          -- Its other channels: after fallback.after, or at once without an open websocket.
+          redis.call('HSET', k, 'fb_dispatch', dispatch_id, 'fb_step', 0, 'fb_kind', 'offer')
+          redis.call('ZADD', K.fallback, pick.live and (now + pol.after_ms) or now, id)
         end
         offers[#offers + 1] = {incident_id = id, responder = pick.id, dispatch_id = dispatch_id,
           daemon = pick.daemon, severity = f[3], escalated = escalated, attempt = attempts, category = cat,
@@ -169,21 +182,120 @@ local function match(pol, offers, exhausted)
   end
 end
 
+local function split(list)
+  local out = {}
+  for item in string.gmatch(list or '', '[^,]+') do out[#out + 1] = item end
+  return out
+end
+
+-- The offer's fields as the Rust `Offer` reads them, from a record's HMGET of
+-- OFFER_FIELDS, for the incident `id` and responder `rid`.
+local OFFER_FIELDS = {'dispatch_id', 'attempts', 'severity', 'category', 'summary', 'instructions', 'caller', 'queue',
+  'opened_ms', 'ack_by_ms', 'major'}
+local function offer_of(id, rid, f)
+  return {incident_id = id, responder = rid, dispatch_id = f[1] or '', attempt = tonumber(f[2]) or 0,
+    severity = f[3] or 'medium', category = f[4] or '', summary = f[5] or '', instructions = f[6] or '',
+    caller = f[7] or '', queue = f[8] or '', opened_ms = tonumber(f[9]) or 0, ack_by_ms = tonumber(f[10]) or 0,
+    major = f[11] == '1'}
+end
+
+-- Claims the attempts due on the responders' other channels (contract §11):
+-- each due incident's next channel, once, by whichever daemon runs this first
+-- (a PBX call only by a daemon holding the PBX feed: `pol.pbx`; when none has
+-- claimed it for 10 s the chain skips it). The next channel follows after
+-- `fallback.after`, or at once when this attempt reports a failure.
+local function fallbacks(pol, attempts)
+  local due = redis.call('ZRANGEBYSCORE', K.fallback, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
+  for i = 1, #due, 2 do
+    local id, since = due[i], tonumber(due[i + 1])
+    local k = K.inc(id)
+    local g = redis.call('HMGET', k, 'state', 'assigned_to', 'dispatch_id', 'fb_dispatch', 'fb_step', 'fb_kind')
+    local kind = g[6]
+    local live = g[3] == g[4] and ((kind == 'offer' and g[1] == 'offered')
+      or (kind == 'reminder' and (g[1] == 'acknowledged' or g[1] == 'en_route')))
+    local chans = live and split(redis.call('HGET', K.resp(g[2]), 'channels')) or {}
+    local step = tonumber(g[5]) or 0
+    local ch = chans[step + 1]
+    if not ch then
+      redis.call('ZREM', K.fallback, id)
+    elseif ch == 'pbx_call' and not pol.pbx then
+      if now - since > 10000 then
+        redis.call('HSET', k, 'fb_step', step + 1)
+        tl(id, EV.contacted, 'dispatchd', {channel = ch, outcome = 'no_pbx_feed', dispatch_id = g[3], purpose = kind})
+      end
+    else
+      redis.call('HSET', k, 'fb_step', step + 1)
+      redis.call('ZADD', K.fallback, now + pol.after_ms, id)
+      tl(id, EV.contacted, 'dispatchd', {channel = ch, outcome = 'attempt', dispatch_id = g[3], purpose = kind})
+      local a = offer_of(id, g[2], redis.call('HMGET', k, unpack(OFFER_FIELDS)))
+      a.channel = ch
+      a.purpose = kind
+      attempts[#attempts + 1] = a
+    end
+  end
+end
+
+-- Acknowledged is not done (contract §11): an incident without `en_route`
+-- within en_route_within (or `on_scene` within on_scene_within) of the last
+-- step gets a reminder (timeline `reminded`, the frame, the fallback
+-- channels); after release_after reminders it is released (`ack_expired`,
+-- `cancel` reason `released`) and offered again.
+local function reminders(pol, out, releases)
+  local due = redis.call('ZRANGEBYSCORE', K.progress, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    local k = K.inc(id)
+    local f = redis.call('HMGET', k, 'state', 'assigned_to', 'dispatch_id', 'severity', 'reminders', 'acked_ms', 'en_route_ms')
+    if f[1] ~= 'acknowledged' and f[1] ~= 'en_route' then
+      redis.call('ZREM', K.progress, id)
+    else
+      local s = RANK[f[4]] or 2
+      local rid = f[2]
+      local step = f[1] == 'acknowledged' and 'en_route' or 'on_scene'
+      local since = tonumber(f[1] == 'acknowledged' and f[6] or f[7]) or now
+      local n = tonumber(f[5]) or 0
+      local r = redis.call('HMGET', K.resp(rid), 'daemon', 'lease', 'channels')
+      local daemon = (tonumber(r[2]) and tonumber(r[2]) > now) and (r[1] or '') or ''
+      if n < pol.release_after[s + 1] then
+        local every = step == 'en_route' and pol.en_route_within_ms[s + 1] or pol.on_scene_within_ms[s + 1]
+        redis.call('HSET', k, 'reminders', n + 1)
+        redis.call('ZADD', K.progress, now + every, id)
+        tl(id, EV.reminded, 'dispatchd', {responder = rid, due = step, reminders = n + 1, since = iso(since)})
+        out[#out + 1] = {incident_id = id, responder = rid, daemon = daemon, due = step, since_ms = since}
+        if not empty(r[3]) then
+          redis.call('HSET', k, 'fb_dispatch', f[3], 'fb_step', 0, 'fb_kind', 'reminder')
+          redis.call('ZADD', K.fallback, now, id)
+        end
+      else
+        redis.call('HSET', k, 'state', 'queued', 'assigned_to', '', 'reminders', 0, 'ack_by_ms', '')
+        redis.call('HDEL', k, 'eta_ms')
+        redis.call('ZREM', K.progress, id)
+        redis.call('ZREM', K.fallback, id)
+        redis.call('SADD', K.tried(id), rid)
+        if redis.call('HGET', K.resp(rid), 'assignment') == id then redis.call('HSET', K.resp(rid), 'assignment', '') end
+        if refresh_idle(rid) then redis.call('HSET', K.resp(rid), 'since', now) end
+        requeue(id)
+        tl(id, EV.ack_expired, 'dispatchd', {responder = rid, dispatch_id = f[3], reminders = n, due = step})
+        releases[#releases + 1] = {responder = rid, dispatch_id = f[3] or '', daemon = daemon, reason = 'released'}
+      end
+    end
+  end
+end
+
 -- ---------------------------------------------------------------------------
 -- The operation ARGV[1] names, with the arguments after it.
 local function handle()
   if op == 'roster' then
-    -- ARGV[4] n, then n × (rid, tier, skills ",a,b," or "*")
+    -- ARGV[4] n, then n × (rid, tier, skills ",a,b," or "*", channels "a,b" or "")
     local n = tonumber(ARGV[4])
     redis.call('DEL', K.roster)
     for i = 0, n - 1 do
-      local rid, tier, skills = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+      local rid, tier, skills, channels = ARGV[5 + 4 * i], ARGV[6 + 4 * i], ARGV[7 + 4 * i], ARGV[8 + 4 * i]
       redis.call('SADD', K.roster, rid)
-      redis.call('HSET', K.resp(rid), 'tier', tier, 'skills', skills)
+      redis.call('HSET', K.resp(rid), 'tier', tier, 'skills', skills, 'channels', channels)
     end
     -- Responders that left the roster can no longer be offered anything.
     for _, rid in ipairs(redis.call('ZRANGE', K.idle, 0, -1)) do refresh_idle(rid) end
-    for i = 0, n - 1 do refresh_idle(ARGV[5 + 3 * i]) end
+    for i = 0, n - 1 do refresh_idle(ARGV[5 + 4 * i]) end
     return n
 
   elseif op == 'connect' then
@@ -231,20 +343,29 @@ local function handle()
   elseif op == 'step' then
     -- One pass of the dispatcher: withdraw offers past their deadline, then pair
     -- waiting incidents with free responders, then say when the next deadline is.
-    -- ARGV[4] the policy, JSON: {max, ack_timeout_ms [4], max_rounds [4], daemon}
-    --   (lists per severity rank, most severe first)
+    -- ARGV[4] the policy, JSON: {max, ack_timeout_ms [4], max_rounds [4], en_route_within_ms [4],
+    --   on_scene_within_ms [4], release_after [4], after_ms, pbx, daemon} (lists per severity
+    --   rank, most severe first; pbx: this daemon can place PBX calls now)
     -- Returns {releases [Release], offers [offer + daemon, escalated], exhausted
-    --   [{incident_id, severity}], next_deadline_ms (absent: none), now}
+    --   [{incident_id, severity}], attempts [offer + channel, purpose], reminders [Reminder],
+    --   next_deadline_ms (absent: none), now}
     local pol = cjson.decode(ARGV[4])
-    local out = {releases = {}, offers = {}, exhausted = {}, now = now}
+    local out = {releases = {}, offers = {}, exhausted = {}, attempts = {}, reminders = {}, now = now}
     expire(out.releases)
+    reminders(pol, out.reminders, out.releases)
     match(pol, out.offers, out.exhausted)
-    local nxt = redis.call('ZRANGE', K.deadlines, 0, 0, 'WITHSCORES')
-    out.next_deadline_ms = tonumber(nxt[2])
+    fallbacks(pol, out.attempts)
+    -- The next time something is due: a deadline, a channel's attempt, a reminder.
+    for _, key in ipairs({K.deadlines, K.fallback, K.progress}) do
+      local nxt = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+      if nxt and (not out.next_deadline_ms or nxt < out.next_deadline_ms) then out.next_deadline_ms = nxt end
+    end
     return cjson.encode(out)
 
   elseif op == 'answer' then
-    -- ARGV[4] rid, ARGV[5] dispatch_id, ARGV[6] 'ack'|'decline', ARGV[7] reason
+    -- ARGV[4] rid, ARGV[5] dispatch_id, ARGV[6] 'ack'|'decline', ARGV[7] reason,
+    -- ARGV[8] the channel it came by ('' = the websocket), ARGV[9..12] en_route_within (ms)
+    -- per severity rank (the first reminder's due time)
     -- Returns {acknowledged = true, offer_age_ms?, repeated?} | {release = …} | {error = code}
     local rid, dispatch_id, kind = ARGV[4], ARGV[5], ARGV[6]
     local id, attempt = string.match(dispatch_id, '^(.+)%.(%d+)$')
@@ -259,26 +380,40 @@ local function handle()
       return cjson.encode({error = 'stale_dispatch'})
     end
     if kind == 'ack' then
-      redis.call('HSET', K.inc(id), 'state', 'acknowledged', 'acked_ms', now, 'ack_by_ms', '')
+      redis.call('HSET', K.inc(id), 'state', 'acknowledged', 'acked_ms', now, 'ack_by_ms', '', 'reminders', 0)
       redis.call('ZREM', K.deadlines, id)
+      redis.call('ZREM', K.fallback, id)
+      local s = RANK[redis.call('HGET', K.inc(id), 'severity')] or 2
+      redis.call('ZADD', K.progress, now + tonumber(ARGV[9 + s]), id)
       redis.call('HSET', K.resp(rid), 'offer', '', 'assignment', id)
       refresh_idle(rid)
-      tl(id, EV.acknowledged, rid, {responder = rid, dispatch_id = dispatch_id})
+      local detail = {responder = rid, dispatch_id = dispatch_id}
+    if not empty(ARGV[8]) then detail.channel = ARGV[8] end
+    tl(id, EV.acknowledged, rid, detail)
       local offered = tonumber(f[4])
       return cjson.encode({acknowledged = true, offer_age_ms = offered and (now - offered)})
     end
-    return cjson.encode({release = withdraw(id, rid, dispatch_id, EV.declined, rid,
-      {responder = rid, dispatch_id = dispatch_id, reason = ARGV[7]})})
+    local why = {responder = rid, dispatch_id = dispatch_id, reason = ARGV[7]}
+    if not empty(ARGV[8]) then why.channel = ARGV[8] end
+    return cjson.encode({release = withdraw(id, rid, dispatch_id, EV.declined, rid, why)})
 
   elseif op == 'status' then
     -- ARGV[4] rid, ARGV[5] incident id, ARGV[6] en_route|on_scene|resolved, ARGV[7] note,
-    -- ARGV[8] eta in seconds ('' = none given): kept as eta_ms for the caller status
+    -- ARGV[8] eta in seconds ('' = none given): kept as eta_ms for the caller status,
+    -- ARGV[9..12] on_scene_within (ms) per severity rank (the reminder after en_route)
     -- Returns {ok = new state} | {error = code}
     local rid, id, status = ARGV[4], ARGV[5], ARGV[6]
     local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to')
     if f[2] ~= rid or not PROGRESS[f[1]] or f[1] == 'resolved' then return cjson.encode({error = 'not_allowed'}) end
     if not PROGRESS[status] or PROGRESS[status] <= PROGRESS[f[1]] then return cjson.encode({error = 'not_allowed'}) end
-    redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now)
+    redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now, 'reminders', 0)
+    redis.call('ZREM', K.fallback, id)
+    if status == 'en_route' then
+      local s = RANK[redis.call('HGET', K.inc(id), 'severity')] or 2
+      redis.call('ZADD', K.progress, now + tonumber(ARGV[9 + s]), id)
+    else
+      redis.call('ZREM', K.progress, id)
+    end
     local detail = {responder = rid}
     if ARGV[7] ~= '' then detail.note = ARGV[7] end
     if tonumber(ARGV[8]) then
@@ -296,6 +431,17 @@ local function handle()
       redis.call('ZADD', K.closed, now, id)
     end
     return cjson.encode({ok = status})
+
+  elseif op == 'contacted' then
+    -- ARGV[4] incident id, ARGV[5] dispatch id, ARGV[6] channel, ARGV[7] outcome,
+    -- ARGV[8] purpose, ARGV[9] '1' when the next channel goes at once
+    local id, dispatch_id = ARGV[4], ARGV[5]
+    if redis.call('EXISTS', K.inc(id)) == 0 then return 0 end
+    tl(id, EV.contacted, 'dispatchd', {channel = ARGV[6], outcome = ARGV[7], dispatch_id = dispatch_id, purpose = ARGV[8]})
+    if ARGV[9] == '1' and redis.call('HGET', K.inc(id), 'fb_dispatch') == dispatch_id then
+      redis.call('ZADD', K.fallback, 'XX', now, id)
+    end
+    return 1
   end
   return redis.error_reply('unknown op ' .. tostring(op))
 end
