@@ -390,9 +390,8 @@ impl Dispatch {
     async fn until_settled(self: Arc<Self>, a: Attempt) {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            match self.store.still_wanted(&a).await {
-                Ok(false) => return,
-                Ok(true) | Err(_) => {}
+            if let Ok(false) = self.store.still_wanted(&a).await {
+                return;
             }
         }
     }

@@ -178,6 +178,7 @@ impl Store {
 
     /// A responder's `ack` (`ack = true`) or `decline` of a dispatch, on its
     /// websocket (`channel` None) or another channel (a PBX call's digit).
+    #[allow(clippy::too_many_arguments)] // one per argument of the script's op
     pub async fn answer(
         &self,
         rid: &str,
@@ -206,6 +207,7 @@ impl Store {
     }
 
     /// A status update from a responder; `Err(code)` when it is not allowed.
+    #[allow(clippy::too_many_arguments)] // one per argument of the script's op
     pub async fn status(
         &self,
         rid: &str,
