@@ -153,6 +153,7 @@ fn serve_hook(s: TcpStream, tx: mpsc::Sender<(Value, bool, Instant)>, replies: A
 enum Page {
     Digit(char),
     Busy,
+    NoAnswer,
     NoDigit,
     /// Rings until dispatchd hangs it up.
     Ring,
@@ -230,13 +231,23 @@ fn ami_session(
                 let newchannel = format!("Event: Newchannel\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\n\r\n");
                 let answered = format!("Event: OriginateResponse\r\nActionID: {id}\r\nResponse: Success\r\nChannel: {name}\r\nReason: 4\r\nUniqueid: {ch}\r\n\r\n");
                 let hangup = format!("Event: Hangup\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\nCause: 16\r\n\r\n");
+                let failed = |cause: u8, reason: u8| {
+                    format!(
+                        "{newchannel}Event: Hangup\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\nCause: {cause}\r\n\r\n\
+                         Event: OriginateResponse\r\nActionID: {id}\r\nResponse: Failure\r\nChannel: {}\r\nReason: {reason}\r\nUniqueid: <null>\r\n\r\n",
+                        get("Channel")
+                    )
+                };
+                // The order Asterisk writes them in: the failed channel hangs
+                // up before the OriginateResponse says why.
                 out += &match page {
                     Page::Digit(d) => format!(
                         "{newchannel}{answered}Event: UserEvent\r\nUserEvent: DispatchdPage\r\nUniqueid: {ch}\r\nIncident: {}\r\nDispatch: {}\r\nChoice: {d}\r\n\r\n{hangup}",
                         var(&a, "DISPATCHD_INCIDENT"),
                         var(&a, "DISPATCHD_DISPATCH")
                     ),
-                    Page::Busy => format!("Event: OriginateResponse\r\nActionID: {id}\r\nResponse: Failure\r\nChannel: {}\r\nReason: 5\r\nUniqueid: <null>\r\n\r\n", get("Channel")),
+                    Page::Busy => failed(17, 5),
+                    Page::NoAnswer => failed(19, 3),
                     Page::NoDigit => format!("{newchannel}{answered}{hangup}"),
                     Page::Ring => newchannel,
                 };
@@ -432,10 +443,209 @@ fn ami_page_calls_digit_one_two_busy_and_no_digit() {
 
     // An answered call without a digit: no_digit, and nothing acknowledged.
     ami.then(Page::NoDigit);
-    ami.then(Page::NoDigit);
     let id = place_call(&d, "page-3", "2,1");
     wait_contacted(&d, &id, "pbx_call", "no_digit");
     assert_eq!(d.incident(&id)["state"], "offered");
+    r#impl_close(&d, &id);
+
+    // Rang out unanswered.
+    ami.then(Page::NoAnswer);
+    let id = place_call(&d, "page-4", "2,1");
+    wait_contacted(&d, &id, "pbx_call", "no_answer");
+    assert_eq!(d.incident(&id)["state"], "offered");
+}
+
+// ---- an in-test FreeSWITCH (event socket, inbound) ---------------------------------
+
+/// An event on the ESL wire: `text/event-plain`, values URL-encoded, an
+/// optional body of the event's own (a `BACKGROUND_JOB`'s result).
+fn esl_event(fields: &[(&str, &str)], body: Option<&str>) -> String {
+    let enc = |v: &str| v.replace('%', "%25").replace(' ', "%20").replace(':', "%3A").replace('\n', "%0A");
+    let mut b: String = fields.iter().map(|(k, v)| format!("{k}: {}\n", enc(v))).collect();
+    match body {
+        Some(x) => b += &format!("Content-Length: {}\n\n{x}", x.len()),
+        None => b.push('\n'),
+    }
+    format!("Content-Length: {}\nContent-Type: text/event-plain\n\n{b}", b.len())
+}
+
+struct Esl {
+    port: u16,
+    plan: Arc<Mutex<Vec<Page>>>,
+    originates: mpsc::Receiver<String>,
+    kills: mpsc::Receiver<String>,
+}
+
+impl Esl {
+    fn start() -> Esl {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let plan: Arc<Mutex<Vec<Page>>> = Arc::default();
+        let (otx, originates) = mpsc::channel();
+        let (ktx, kills) = mpsc::channel();
+        let p2 = plan.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (p2, otx, ktx) = (p2.clone(), otx.clone(), ktx.clone());
+                std::thread::spawn(move || esl_session(s, p2, otx, ktx));
+            }
+        });
+        Esl { port, plan, originates, kills }
+    }
+
+    fn then(&self, p: Page) {
+        self.plan.lock().unwrap().insert(0, p);
+    }
+}
+
+/// Reads one ESL command (up to its blank line).
+fn esl_command(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut cmd = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line.trim_end().is_empty() {
+            if cmd.is_empty() {
+                continue;
+            }
+            return Some(cmd);
+        }
+        cmd.push_str(&line);
+    }
+}
+
+/// mod_event_socket as FreeSWITCH speaks it: the greeting, `auth`, the
+/// subscription, then `bgapi` jobs. An originate answers `+OK Job-UUID`, then
+/// plays its page: the channel's events and the job's result, in the order
+/// FreeSWITCH writes them (a failed call hangs up before the job says why).
+fn esl_session(s: TcpStream, plan: Arc<Mutex<Vec<Page>>>, originates: mpsc::Sender<String>, kills: mpsc::Sender<String>) {
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let _ = w.write_all(b"Content-Type: auth/request\n\n");
+    while let Some(cmd) = esl_command(&mut r) {
+        let first = cmd.lines().next().unwrap_or("").to_string();
+        let reply = |text: &str| format!("Content-Type: command/reply\nReply-Text: {text}\n\n");
+        let out = if first.starts_with("auth ") {
+            reply("+OK accepted")
+        } else if first.starts_with("event plain") {
+            reply("+OK event listener enabled plain")
+        } else if first.starts_with("api ") {
+            let body = "UP 0 years, 0 days\n";
+            format!("Content-Type: api/response\nContent-Length: {}\n\n{body}", body.len())
+        } else if let Some(arg) = first.strip_prefix("bgapi originate ") {
+            let job = cmd.lines().find_map(|l| l.strip_prefix("Job-UUID: ")).unwrap_or("").trim().to_string();
+            let mut out = format!("Content-Type: command/reply\nReply-Text: +OK Job-UUID: {job}\nJob-UUID: {job}\n\n");
+            let _ = originates.send(arg.to_string());
+            let uuid = arg.split("origination_uuid=").nth(1).and_then(|x| x.split([',', '}']).next()).unwrap_or("").to_string();
+            let var = |name: &str| {
+                arg.split(&format!("{name}='")).nth(1).and_then(|x| x.split('\'').next()).unwrap_or("").to_string()
+            };
+            let job_done = |result: &str| {
+                esl_event(
+                    &[("Event-Name", "BACKGROUND_JOB"), ("Job-UUID", &job), ("Job-Command", "originate")],
+                    Some(&format!("{result}\n")),
+                )
+            };
+            let hangup = |cause: &str| {
+                esl_event(&[("Event-Name", "CHANNEL_HANGUP"), ("Unique-ID", &uuid), ("Hangup-Cause", cause)], None)
+            };
+            let ok = job_done(&format!("+OK {uuid}"));
+            let page = plan.lock().unwrap().pop().unwrap_or(Page::NoDigit);
+            out += &match page {
+                Page::Digit(d) => {
+                    let choice = d.to_string();
+                    let digit = esl_event(
+                        &[
+                            ("Event-Name", "CUSTOM"),
+                            ("Event-Subclass", "dispatchd::page"),
+                            ("Unique-ID", &uuid),
+                            ("Incident", &var("dispatchd_incident")),
+                            ("Dispatch", &var("dispatchd_dispatch")),
+                            ("Choice", &choice),
+                        ],
+                        None,
+                    );
+                    format!("{ok}{digit}{}", hangup("NORMAL_CLEARING"))
+                }
+                Page::Busy => hangup("USER_BUSY") + &job_done("-ERR USER_BUSY"),
+                Page::NoAnswer => hangup("NO_ANSWER") + &job_done("-ERR NO_ANSWER"),
+                Page::NoDigit => format!("{ok}{}", hangup("NORMAL_CLEARING")),
+                Page::Ring => String::new(),
+            };
+            out
+        } else if let Some(uuid) = first.strip_prefix("bgapi uuid_kill ") {
+            let _ = kills.send(uuid.trim().to_string());
+            reply("+OK Job-UUID: 00000000-0000-0000-0000-000000000000")
+        } else {
+            reply("-ERR command not found")
+        };
+        if w.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Page calls through an in-test FreeSWITCH: `bgapi originate` with the
+/// call's uuid and the variables; digit 1, digit 2, busy, no answer and an
+/// answered call without a digit; a ringing call killed when the responder
+/// acknowledges on the websocket.
+#[test]
+fn esl_page_calls_digit_one_two_busy_no_answer_and_no_digit() {
+    let redis = Redis::start();
+    let esl = Esl::start();
+    let extra = responder("r-fs", 1, "phone = \"user/1001\"")
+        + &responder("r-fs2", 2, "phone = \"user/1002\"")
+        + &fallback("1s", "\"pbx_call\"")
+        + &short_escalation("60s")
+        + &format!("[acd]\nmax_backoff = \"500ms\"\n[acd.freeswitch]\naddress = \"127.0.0.1:{}\"\npassword = \"ClueCon\"\n", esl.port);
+    let d = Daemon::start(&redis, Options { extra, ..Options::default() });
+    put_available(&d, "r-fs");
+
+    esl.then(Page::Digit('1'));
+    let id = place_call(&d, "fs-1", "2,1");
+    let o = esl.originates.recv_timeout(S10).expect("a bgapi originate");
+    assert!(o.starts_with("{origination_uuid="), "{o}");
+    assert!(o.ends_with("}user/1001 s XML dispatchd-page"), "{o}");
+    assert!(o.contains(&format!("dispatchd_incident='{id}'")) && o.contains(&format!("dispatchd_dispatch='{id}.1'")), "{o}");
+    assert!(o.contains("dispatchd_text='") && o.contains("CRITICAL outage"), "{o}");
+    wait_until("acknowledged by digit", S10, || d.incident(&id)["state"] == "acknowledged");
+    wait_contacted(&d, &id, "pbx_call", "acknowledged");
+    r#impl_close(&d, &id);
+
+    put_available(&d, "r-fs2");
+    esl.then(Page::Digit('2'));
+    esl.then(Page::Busy);
+    let id = place_call(&d, "fs-2", "2,1");
+    wait_until("declined, then offered to r-fs2", S10, || d.incident(&id)["assigned_to"] == "r-fs2");
+    wait_contacted(&d, &id, "pbx_call", "declined");
+    wait_contacted(&d, &id, "pbx_call", "busy");
+    r#impl_close(&d, &id);
+
+    esl.then(Page::NoAnswer);
+    let id = place_call(&d, "fs-3", "2,1");
+    wait_contacted(&d, &id, "pbx_call", "no_answer");
+    r#impl_close(&d, &id);
+
+    esl.then(Page::NoDigit);
+    let id = place_call(&d, "fs-4", "2,1");
+    wait_contacted(&d, &id, "pbx_call", "no_digit");
+    assert_eq!(d.incident(&id)["state"], "offered");
+    r#impl_close(&d, &id);
+
+    // Acknowledged on the websocket while the call rings: uuid_kill.
+    while esl.originates.try_recv().is_ok() {}
+    let mut r = Responder::connect(&d, "r-fs");
+    esl.then(Page::Ring);
+    let id = place_call(&d, "fs-5", "2,1");
+    let offer = r.recv_type("dispatch", S10).expect("the dispatch frame");
+    let o = esl.originates.recv_timeout(S10).expect("an originate after fallback.after");
+    let uuid = o.split("origination_uuid=").nth(1).unwrap().split(',').next().unwrap().to_string();
+    assert_eq!(r.request(json!({"type": "ack", "dispatch_id": offer["dispatch_id"]}), "a")["type"], "ok");
+    assert_eq!(esl.kills.recv_timeout(S10).expect("the ringing call killed"), uuid);
+    wait_contacted(&d, &id, "pbx_call", "stopped");
 }
 
 /// An acknowledgement on the websocket while the page call rings: the call

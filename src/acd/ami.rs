@@ -335,11 +335,11 @@ const PAGE_ACTION: &str = "dispatchd-page-";
 pub fn originate(id: &str, phone: &str, context: &str, ring: std::time::Duration, vars: &[(&str, String)]) -> String {
     let mut a = format!(
         "Action: Originate\r\nActionID: {PAGE_ACTION}{id}\r\nChannel: {}\r\nContext: {}\r\nExten: s\r\nPriority: 1\r\n\
-         Timeout: {}\r\nCallerID: \"dispatchd\" <dispatchd>\r\nAsync: true\r\nChannelId: {}\r\n",
+         Timeout: {}\r\nCallerID: \"dispatchd\" <dispatchd>\r\nAsync: true\r\nChannelId: {id}\r\n",
         one_line(phone),
         one_line(context),
         ring.as_millis(),
-        one_line(id),
+        id = one_line(id),
     );
     for (k, v) in vars {
         a.push_str(&format!("Variable: {}={}\r\n", one_line(k), one_line(v)));
@@ -371,7 +371,7 @@ pub fn page_report(msg: &AmiMessage) -> Option<(String, crate::dispatcher::pager
     if msg.is_event("OriginateResponse") {
         let id = msg.get("ActionID")?.strip_prefix(PAGE_ACTION)?.to_string();
         if msg.get("Response").is_some_and(|r| r.eq_ignore_ascii_case("Success")) {
-            return None;
+            return Some((id, Report::Answered));
         }
         let outcome = match msg.get("Reason").map(str::trim) {
             Some("5") => Outcome::Busy,
@@ -382,7 +382,13 @@ pub fn page_report(msg: &AmiMessage) -> Option<(String, crate::dispatcher::pager
         return Some((id, Report::Failed(outcome)));
     }
     if msg.is_event("Hangup") {
-        return Some((msg.get("Uniqueid")?.trim().to_string(), Report::Hangup));
+        // Q.850: 17 user busy, 18 no user responding, 19 no answer.
+        let unanswered = match msg.get("Cause").map(str::trim) {
+            Some("17") => Outcome::Busy,
+            Some("18" | "19") => Outcome::NoAnswer,
+            _ => Outcome::Failed("not_answered".into()),
+        };
+        return Some((msg.get("Uniqueid")?.trim().to_string(), Report::Hangup(unanswered)));
     }
     None
 }
@@ -834,7 +840,7 @@ junk only\r\n\
         assert_eq!(
             login("dispatchd", "s3cret", "login-1"),
             "Action: Login\r\nActionID: login-1\r\nUsername: dispatchd\r\n\
-Secret: s3cret\r\nEvents: call,agent,dtmf\r\n\r\n"
+Secret: s3cret\r\nEvents: call,agent,dtmf,user\r\n\r\n"
         );
         // No line injection through the values.
         let text = login("a\r\nAction: Originate", "b\n", "c\r");
@@ -1049,5 +1055,49 @@ Message: Authentication failed\r\n\
     fn ping_action_text() {
         assert_eq!(ping("ping-3"), "Action: Ping\r\nActionID: ping-3\r\n\r\n");
         assert_eq!(ping("a\r\nAction: Logoff"), "Action: Ping\r\nActionID: aAction: Logoff\r\n\r\n");
+    }
+
+    #[test]
+    fn page_reports_digit_answer_failure_and_hangup() {
+        use crate::dispatcher::pager::Report;
+        use crate::domain::dispatch::Outcome;
+        let m = |pairs: &[(&str, &str)]| page_report(&AmiMessage::from_pairs(pairs));
+        let digit = [("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", " 1 ")];
+        assert_eq!(m(&digit), Some(("u-1".into(), Report::Digit('1'))));
+        // Another UserEvent, an empty choice, no channel: nothing.
+        assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "Other"), ("Uniqueid", "u-1"), ("Choice", "1")]), None);
+        assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", "")]), None);
+        assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Choice", "1")]), None);
+        // Non-ASCII in the choice is a digit that means nothing (the pager ignores it).
+        let odd = [("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", "١")];
+        assert_eq!(m(&odd), Some(("u-1".into(), Report::Digit('١'))));
+
+        let resp = |r: &str, reason: &str| {
+            m(&[("Event", "OriginateResponse"), ("ActionID", "dispatchd-page-u-2"), ("Response", r), ("Reason", reason)])
+        };
+        assert_eq!(resp("Success", "4"), Some(("u-2".into(), Report::Answered)));
+        assert_eq!(resp("Failure", "5"), Some(("u-2".into(), Report::Failed(Outcome::Busy))));
+        assert_eq!(resp("Failure", "3"), Some(("u-2".into(), Report::Failed(Outcome::NoAnswer))));
+        assert_eq!(resp("Failure", "8"), Some(("u-2".into(), Report::Failed(Outcome::Failed("congestion".into())))));
+        assert_eq!(resp("Failure", "x"), Some(("u-2".into(), Report::Failed(Outcome::Failed("originate_failed".into())))));
+        // Someone else's originate.
+        assert_eq!(m(&[("Event", "OriginateResponse"), ("ActionID", "other-1"), ("Response", "Failure")]), None);
+
+        let hangup = |cause: &str| m(&[("Event", "Hangup"), ("Uniqueid", "u-3"), ("Cause", cause)]);
+        assert_eq!(hangup("17"), Some(("u-3".into(), Report::Hangup(Outcome::Busy))));
+        assert_eq!(hangup("19"), Some(("u-3".into(), Report::Hangup(Outcome::NoAnswer))));
+        assert_eq!(hangup("16"), Some(("u-3".into(), Report::Hangup(Outcome::Failed("not_answered".into())))));
+    }
+
+    #[test]
+    fn originate_and_hangup_actions_stay_one_action() {
+        let vars = [("DISPATCHD_TEXT", "x\r\nAction: Command\r\nCommand: core stop now".to_string())];
+        let a = originate("id-1\r\nAction: Logoff", "PJSIP/1001\r\n\r\nAction: Hangup", "page", std::time::Duration::from_secs(30), &vars);
+        assert_eq!(a.matches("\r\n\r\n").count(), 1, "{a}");
+        assert!(a.ends_with("\r\n\r\n"));
+        assert_eq!(a.lines().filter(|l| l.starts_with("Action:")).count(), 1, "{a}");
+        assert!(a.contains("Timeout: 30000\r\n") && a.contains("ActionID: dispatchd-page-id-1Action: Logoff\r\n"));
+        let h = hangup("PJSIP/1001-0001\r\n\r\nAction: Logoff", "id-1");
+        assert_eq!(h.matches("\r\n\r\n").count(), 1, "{h}");
     }
 }

@@ -133,10 +133,12 @@ async fn session(
                     if let Some((id, name)) = ami::page_channel(&msg)
                         && pager.is_call(&id)
                     {
+                        // Only calls still waited for: the map stays as small as they are.
+                        page_channels.retain(|id, _| pager.is_call(id));
                         page_channels.insert(id, name);
                     }
                     if let Some((id, report)) = ami::page_report(&msg) {
-                        if report == Report::Hangup {
+                        if matches!(report, Report::Hangup(_) | Report::Failed(_)) {
                             page_channels.remove(&id);
                         }
                         pager.report(&id, report);

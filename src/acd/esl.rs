@@ -410,13 +410,6 @@ pub fn percent_decode(s: &str) -> String {
 
 // ---------------------------------------------------------------- commands
 
-/// The password would break out of the command line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("ESL password must not contain line breaks")]
-pub struct BadPassword;
-
-/// `auth <password>\n\n`. Refuses passwords with CR/LF, which would end the
-/// command early and inject another one.
 /// A value inside `{…}` of an originate: quoted, without what would end it.
 fn fs_value(v: &str) -> String {
     let clean: String = v.chars().filter(|c| !c.is_control() && !matches!(c, '\'' | '{' | '}' | ',' | '\\')).collect();
@@ -443,12 +436,21 @@ pub fn hangup(id: &str) -> String {
     format!("bgapi uuid_kill {id}\n\n")
 }
 
+/// What a FreeSWITCH hang-up cause means for a page call never answered.
+fn unanswered(cause: &str, other: &str) -> crate::domain::dispatch::Outcome {
+    use crate::domain::dispatch::Outcome;
+    match cause {
+        "USER_BUSY" => Outcome::Busy,
+        "NO_ANSWER" | "NO_USER_RESPONSE" | "ORIGINATOR_CANCEL" | "RECOVERY_ON_TIMER_EXPIRE" => Outcome::NoAnswer,
+        _ => Outcome::Failed(other.into()),
+    }
+}
+
 /// What an event says about a page call: `CUSTOM dispatchd::page` (`Choice`:
-/// the digit) on the call's channel; the `BACKGROUND_JOB` of its originate (a
-/// failure: busy, no answer); `CHANNEL_HANGUP` of its channel.
+/// the digit) on the call's channel; the `BACKGROUND_JOB` of its originate (`+OK`:
+/// answered, `-ERR`: busy, no answer, …); `CHANNEL_HANGUP` of its channel.
 pub fn page_report(ev: &EslEvent) -> Option<(String, crate::dispatcher::pager::Report)> {
     use crate::dispatcher::pager::Report;
-    use crate::domain::dispatch::Outcome;
     match ev.name()? {
         "CUSTOM" if ev.subclass() == Some("dispatchd::page") => {
             let digit = ev.get("Choice")?.trim().chars().next()?;
@@ -457,21 +459,27 @@ pub fn page_report(ev: &EslEvent) -> Option<(String, crate::dispatcher::pager::R
         "BACKGROUND_JOB" => {
             let id = ev.get("Job-UUID")?.trim().to_string();
             let body = ev.body.as_deref().unwrap_or("").trim();
+            if body.starts_with("+OK") {
+                return Some((id, Report::Answered));
+            }
             let cause = body.strip_prefix("-ERR")?.trim();
-            let outcome = match cause {
-                "USER_BUSY" => Outcome::Busy,
-                "NO_ANSWER" | "NO_USER_RESPONSE" | "ORIGINATOR_CANCEL" | "RECOVERY_ON_TIMER_EXPIRE" => {
-                    Outcome::NoAnswer
-                }
-                _ => Outcome::Failed("originate_failed".into()),
-            };
-            Some((id, Report::Failed(outcome)))
+            Some((id, Report::Failed(unanswered(cause, "originate_failed"))))
         }
-        "CHANNEL_HANGUP" => Some((ev.get("Unique-ID")?.trim().to_string(), Report::Hangup)),
+        "CHANNEL_HANGUP" => {
+            let cause = ev.get("Hangup-Cause").unwrap_or("").trim();
+            Some((ev.get("Unique-ID")?.trim().to_string(), Report::Hangup(unanswered(cause, "not_answered"))))
+        }
         _ => None,
     }
 }
 
+/// The password would break out of the command line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ESL password must not contain line breaks")]
+pub struct BadPassword;
+
+/// `auth <password>\n\n`. Refuses passwords with CR/LF, which would end the
+/// command early and inject another one.
 pub fn auth_command(password: &str) -> Result<String, BadPassword> {
     if password.contains(['\n', '\r']) {
         return Err(BadPassword);
@@ -883,7 +891,7 @@ mod tests {
         assert_eq!(auth_command("ClueCon").as_deref(), Ok("auth ClueCon\n\n"));
         assert_eq!(auth_command("a\n\napi shutdown"), Err(BadPassword));
         assert_eq!(auth_command("x\r"), Err(BadPassword));
-        assert_eq!(EVENT_SUBSCRIPTION, "event plain CHANNEL_HANGUP DTMF CUSTOM callcenter::info\n\n");
+        assert_eq!(EVENT_SUBSCRIPTION, "event plain CHANNEL_HANGUP DTMF BACKGROUND_JOB CUSTOM callcenter::info dispatchd::page\n\n");
         let custom_at = EVENT_SUBSCRIPTION.find("CUSTOM").unwrap_or(0);
         assert!(EVENT_SUBSCRIPTION.find("CHANNEL_HANGUP").is_some_and(|i| i < custom_at));
         assert!(EVENT_SUBSCRIPTION.find("DTMF").is_some_and(|i| i < custom_at));
@@ -1128,5 +1136,43 @@ mod tests {
         assert_eq!(map_event(&ev(&without(&dtmf_fields(), &["Unique-ID"]))), None);
         let other = with(&hangup_fields(), "Event-Name", "CHANNEL_HANGUP_COMPLETE");
         assert_eq!(map_event(&ev(&other)), None);
+    }
+
+    #[test]
+    fn page_reports_digit_job_and_hangup() {
+        use crate::dispatcher::pager::Report;
+        use crate::domain::dispatch::Outcome;
+        let digit = [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", "2")];
+        assert_eq!(page_report(&ev(&digit)), Some(("u-1".into(), Report::Digit('2'))));
+        let other = [("Event-Name", "CUSTOM"), ("Event-Subclass", "callcenter::info"), ("Unique-ID", "u-1"), ("Choice", "2")];
+        assert_eq!(page_report(&ev(&other)), None);
+        let blank = [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", " ")];
+        assert_eq!(page_report(&ev(&blank)), None);
+
+        let job = |result: &str| EslEvent {
+            fields: [("Event-Name", "BACKGROUND_JOB"), ("Job-UUID", "u-2")].into_iter().collect(),
+            body: Some(format!("{result}\n")),
+        };
+        assert_eq!(page_report(&job("+OK u-2")), Some(("u-2".into(), Report::Answered)));
+        assert_eq!(page_report(&job("-ERR USER_BUSY")), Some(("u-2".into(), Report::Failed(Outcome::Busy))));
+        assert_eq!(page_report(&job("-ERR NO_ANSWER")), Some(("u-2".into(), Report::Failed(Outcome::NoAnswer))));
+        let odd = page_report(&job("-ERR ÜBER\u{0}"));
+        assert_eq!(odd, Some(("u-2".into(), Report::Failed(Outcome::Failed("originate_failed".into())))));
+        assert_eq!(page_report(&job("garbage")), None);
+
+        let hangup = |cause: &str| ev(&[("Event-Name", "CHANNEL_HANGUP"), ("Unique-ID", "u-3"), ("Hangup-Cause", cause)]);
+        assert_eq!(page_report(&hangup("USER_BUSY")), Some(("u-3".into(), Report::Hangup(Outcome::Busy))));
+        let normal = page_report(&hangup("NORMAL_CLEARING"));
+        assert_eq!(normal, Some(("u-3".into(), Report::Hangup(Outcome::Failed("not_answered".into())))));
+    }
+
+    #[test]
+    fn originate_and_kill_stay_one_command() {
+        let vars = [("DISPATCHD_TEXT", "it's {x},y\n\nexit\n\n".to_string())];
+        let c = originate("u-1\n\napi shutdown", "user/1001\n\nexit", "dispatchd-page", std::time::Duration::from_secs(25), &vars);
+        assert_eq!(c.matches("\n\n").count(), 1, "{c}");
+        assert!(c.ends_with("\n\n"));
+        assert!(c.contains("originate_timeout=25,") && c.contains("dispatchd_text='its xyexit'"), "{c}");
+        assert_eq!(hangup("u-1\n\napi shutdown"), "bgapi uuid_kill -1ad\n\n");
     }
 }

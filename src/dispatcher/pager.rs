@@ -41,10 +41,15 @@ pub enum Command {
 pub enum Report {
     /// The digit pressed (the dialplan's `UserEvent` / `event`).
     Digit(char),
+    /// The call was answered (AMI `OriginateResponse: Success`, ESL the
+    /// originate's `+OK`).
+    Answered,
     /// The call could not be placed or was not answered.
     Failed(Outcome),
-    /// The call's channel hung up.
-    Hangup,
+    /// The call's channel hung up; the outcome is what that means when the
+    /// call was never answered (the PBX's cause: busy, no answer, …). After
+    /// an answer it is a hang-up without a digit.
+    Hangup(Outcome),
 }
 
 /// Page calls in progress, and the feeds that can place them.
@@ -135,14 +140,19 @@ impl Pager {
             // Ringing, then the prompt and the digit: allow a minute after the ring.
             let give_up = tokio::time::sleep(ring + Duration::from_secs(60));
             tokio::pin!(give_up);
+            let mut answered = false;
             loop {
                 tokio::select! {
                     r = rx.recv() => match r {
                         Some(Report::Digit('1')) => break Outcome::Acknowledged,
                         Some(Report::Digit('2')) => break Outcome::Declined,
                         Some(Report::Digit(_)) => continue,
+                        Some(Report::Answered) => answered = true,
                         Some(Report::Failed(o)) => break o,
-                        Some(Report::Hangup) => break Outcome::NoDigit,
+                        // The PBX hangs a failed call up before it says why
+                        // the originate failed: the cause tells.
+                        Some(Report::Hangup(_)) if answered => break Outcome::NoDigit,
+                        Some(Report::Hangup(o)) => break o,
                         None => break Outcome::Failed("no_pbx_feed".into()),
                     },
                     _ = &mut stop => {
