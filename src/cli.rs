@@ -3,10 +3,12 @@
 //! back as one line for `main` to print (exit 1).
 
 use std::fmt::Write as _;
+use std::collections::BTreeMap;
 
 use crate::config::Settings;
 use crate::domain::ids::{mask, normalize_id};
 use crate::domain::incident::Incident;
+use crate::domain::timeline::Event;
 use crate::intake::Intake;
 use crate::report::{Facts, Group, Intervals, Report, Stat, compute, parse_ms, parse_range};
 
@@ -331,6 +333,7 @@ pub fn table(r: &Report) -> String {
         "count".into(),
         "escalated".into(),
         "exhausted".into(),
+        "reminded / released".into(),
         "abandoned (shadow)".into(),
         "target".into(),
     ]];
@@ -341,6 +344,7 @@ pub fn table(r: &Report) -> String {
             g.count.to_string(),
             format!("{}/{} {}", g.escalated, g.count, pct(g.escalation_rate)),
             format!("{}/{} {}", g.exhausted, g.count, pct(g.exhausted_rate)),
+            format!("{} / {}", g.reminded, g.released),
             format!("{}/{} {}", g.abandoned, g.ring_ended, pct(g.abandon_rate)),
             target_cell(g),
         ]);
@@ -367,6 +371,8 @@ pub fn csv(r: &Report) -> String {
         "escalation_rate",
         "exhausted",
         "exhausted_rate",
+        "reminded",
+        "released",
         "abandoned",
         "ring_ended",
         "abandon_rate",
@@ -394,6 +400,8 @@ pub fn csv(r: &Report) -> String {
             rate(g.escalation_rate),
             g.exhausted.to_string(),
             rate(g.exhausted_rate),
+            g.reminded.to_string(),
+            g.released.to_string(),
             g.abandoned.to_string(),
             g.ring_ended.to_string(),
             rate(g.abandon_rate),
@@ -480,7 +488,29 @@ pub fn review_text(inc: &Incident) -> String {
         rows.push(vec![format!("  {name}"), v.map(fmt_ms).unwrap_or_else(|| "- (not reached)".into())]);
     }
     out.push_str(&align(&rows));
+    out.push_str(&follow_up(&facts));
     out
+}
+
+/// The review's account of reaching the responders and keeping them going
+/// (contract §11): attempts per channel and outcome, reminders, releases.
+fn follow_up(facts: &Facts) -> String {
+    let count = |ev: Event| facts.timeline.iter().filter(|e| e.is(ev)).count();
+    let mut attempts: BTreeMap<String, usize> = BTreeMap::new();
+    for e in facts.timeline.iter().filter(|e| e.is(Event::Contacted)) {
+        let field = |k: &str| e.detail.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+        *attempts.entry(format!("{} {}", field("channel"), field("outcome"))).or_default() += 1;
+    }
+    let contacts = if attempts.is_empty() {
+        "none".to_string()
+    } else {
+        attempts.iter().map(|(k, n)| format!("{k} ×{n}")).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "\nfollow-up\n  other channels   {contacts}\n  reminders        {}\n  released         {}\n",
+        count(Event::Reminded),
+        count(Event::AckExpired)
+    )
 }
 
 #[cfg(test)]

@@ -217,6 +217,10 @@ pub struct Group {
     pub escalation_rate: Option<f64>,
     pub exhausted: usize,
     pub exhausted_rate: Option<f64>,
+    /// Acknowledged incidents that made no progress in time (contract §11):
+    /// reminded at least once, and released back to the queue at least once.
+    pub reminded: usize,
+    pub released: usize,
     /// Shadow-mode calls: ringing legs the caller abandoned, of those that ended.
     pub abandoned: usize,
     pub ring_ended: usize,
@@ -240,6 +244,8 @@ struct Row<'a> {
     iv: Intervals,
     escalated: bool,
     exhausted: bool,
+    reminded: bool,
+    released: bool,
     abandoned: bool,
     ring_ended: bool,
 }
@@ -254,6 +260,7 @@ fn group(group: &'static str, key: &str, rows: &[&Row], target: Option<&crate::c
     let n = |f: fn(&Row) -> bool| rows.iter().filter(|r| f(r)).count();
     let (escalated, exhausted, abandoned, ring_ended) =
         (n(|r| r.escalated), n(|r| r.exhausted), n(|r| r.abandoned), n(|r| r.ring_ended));
+    let (reminded, released) = (n(|r| r.reminded), n(|r| r.released));
     let target = target.map(|t| {
         let limit = t.ack_within.as_millis() as i64;
         let within = rows.iter().filter(|r| r.iv.open_to_ack.is_some_and(|ms| ms <= limit)).count();
@@ -277,6 +284,8 @@ fn group(group: &'static str, key: &str, rows: &[&Row], target: Option<&crate::c
         escalation_rate: share(escalated, count),
         exhausted,
         exhausted_rate: share(exhausted, count),
+        reminded,
+        released,
         abandoned,
         ring_ended,
         abandon_rate: share(abandoned, ring_ended),
@@ -296,6 +305,8 @@ pub fn compute(range: &Range, incidents: &[Facts], targets: &TargetsSettings) ->
                 iv: Intervals::of(f),
                 escalated: has(Event::Escalated),
                 exhausted: has(Event::Exhausted),
+                reminded: has(Event::Reminded),
+                released: has(Event::AckExpired),
                 abandoned,
                 ring_ended: abandoned || has(Event::AnsweredElsewhere) || has(Event::CallerHangup),
             }
@@ -357,6 +368,31 @@ mod tests {
 
     fn find<'a>(r: &'a Report, group: &str, key: &str) -> &'a Group {
         r.groups.iter().find(|g| g.group == group && g.key == key).unwrap()
+    }
+
+    #[test]
+    fn reminded_and_released_are_counted_per_incident() {
+        let incs = vec![
+            inc(Severity::High, "a", 0, &[(1_000, "offered", "d.1"), (2_000, "acknowledged", "d.1")]),
+            inc(
+                Severity::High,
+                "a",
+                0,
+                &[(1_000, "offered", "d.1"), (2_000, "acknowledged", "d.1"), (9_000, "reminded", ""), (12_000, "reminded", "")],
+            ),
+            inc(
+                Severity::High,
+                "b",
+                0,
+                &[(1_000, "offered", "d.1"), (2_000, "acknowledged", "d.1"), (9_000, "reminded", ""), (12_000, "ack_expired", "d.1")],
+            ),
+        ];
+        let r = compute(&range(), &incs, &TargetsSettings::default());
+        let g = find(&r, "severity", "high");
+        assert_eq!((g.count, g.reminded, g.released), (3, 2, 1));
+        let b = find(&r, "category", "b");
+        assert_eq!((b.reminded, b.released), (1, 1));
+        assert_eq!(find(&r, "severity", "low").reminded, 0);
     }
 
     #[test]

@@ -180,11 +180,11 @@ fn scripted_day() -> Vec<Seed> {
             .status(303 * S, "r-b", "on_scene")
             .at(400 * S, "note", "r-b", json!({"note": "caller +15550001234 met us"}))
             .status(4500 * S, "r-b", "resolved"),
-        Seed::new(104, "critical", "gas", "en_route", 3 * H).offer(4 * S, "r-a", 1).ack(44 * S, "r-a", 1).status(
-            50 * S,
-            "r-a",
-            "en_route",
-        ),
+        Seed::new(104, "critical", "gas", "en_route", 3 * H)
+            .offer(4 * S, "r-a", 1)
+            .ack(44 * S, "r-a", 1)
+            .status(50 * S, "r-a", "en_route")
+            .at(2000 * S, "reminded", "dispatchd", json!({"responder": "r-a", "due": "on_scene", "n": 1})),
         Seed::new(105, "critical", "outage", "resolved", 4 * H)
             .offer(5 * S, "r-a", 1)
             .ack(55_500, "r-a", 1)
@@ -202,10 +202,15 @@ fn scripted_day() -> Vec<Seed> {
             .at(30 * S, "abandoned", "sip", json!({"rung_s": 30.0}))
             .timeout(80 * S, "r-a", 1)
             .at(200 * S, "exhausted", "dispatchd", json!({"rounds": 3})),
+        // Reached by webhook as well, acknowledged, then no progress: reminded, released.
         Seed::new(108, "high", "security", "resolved", 7 * H)
             .offer(30 * S, "r-a", 1)
+            .at(35 * S, "contacted", "dispatchd", json!({"responder": "r-a", "channel": "webhook", "outcome": "delivered"}))
             .at(40 * S, "caller_hangup", "sip", json!({"rung_s": 40.0}))
             .ack(75 * S, "r-a", 1)
+            .at(375 * S, "reminded", "dispatchd", json!({"responder": "r-a", "due": "en_route", "n": 1}))
+            .at(380 * S, "contacted", "dispatchd", json!({"responder": "r-a", "channel": "webhook", "outcome": "timeout"}))
+            .at(675 * S, "ack_expired", "dispatchd", json!({"responder": "r-a", "dispatch_id": "x.1", "reminders": 1}))
             .at(1000 * S, "resolved", "api", json!({"responder": "r-a"})),
         // low / enquiry: one resolved, one cancelled while offered.
         Seed::new(109, "low", "enquiry", "resolved", 8 * H)
@@ -278,6 +283,7 @@ fn check_scripted_day(r: &Value) {
     assert_eq!((all["abandoned"].clone(), all["ring_ended"].clone()), (json!(1), json!(3)));
     assert_eq!(all["abandon_rate"].as_f64().unwrap(), 1.0 / 3.0);
     assert_eq!(all["target"], Value::Null);
+    assert_eq!((all["reminded"].clone(), all["released"].clone()), (json!(2), json!(1)));
 
     let c = group(r, "severity", "critical");
     assert_eq!(c["count"], 5);
@@ -288,6 +294,7 @@ fn check_scripted_day(r: &Value) {
     assert_eq!((c["escalated"].clone(), c["escalation_rate"].clone()), (json!(1), json!(0.2)));
     assert_eq!((c["exhausted"].clone(), c["exhausted_rate"].clone()), (json!(0), json!(0.0)));
     assert_eq!((c["ring_ended"].clone(), c["abandon_rate"].clone()), (json!(0), Value::Null));
+    assert_eq!((c["reminded"].clone(), c["released"].clone()), (json!(1), json!(0)));
     // Acknowledged 11, 22, 63, 44, 55.5 s after the call: 4 of 5 within 60 s < 90 %.
     assert_eq!(
         c["target"],
@@ -304,6 +311,7 @@ fn check_scripted_day(r: &Value) {
     assert_eq!(h["exhausted_rate"].as_f64().unwrap(), 1.0 / 3.0);
     assert_eq!((h["abandoned"].clone(), h["ring_ended"].clone()), (json!(1), json!(3)));
     assert_eq!(h["abandon_rate"].as_f64().unwrap(), 1.0 / 3.0);
+    assert_eq!((h["reminded"].clone(), h["released"].clone()), (json!(1), json!(1)));
     // Acknowledged 25 and 75 s after the call, one never: 1 of 3 within 30 s ≥ 30 %.
     let t = &h["target"];
     assert_eq!(
@@ -425,6 +433,7 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     assert_eq!(cell("severity", "high", "target_met"), "true");
     assert_eq!(cell("severity", "high", "abandoned"), "1");
     assert_eq!(cell("severity", "high", "ring_ended"), "3");
+    assert_eq!((cell("all", "all", "reminded"), cell("all", "all", "released")), ("2".into(), "1".into()));
     assert_eq!(cell("severity", "medium", "offer_to_ack_p50_ms"), "");
     assert_eq!(cell("severity", "low", "target_met"), "");
     assert_eq!(cell("category", "gas", "offer_to_ack_p95_ms"), "40000");
@@ -438,6 +447,7 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
         "5m00.000s / 7m00.000s / 7m00.000s (4/5)", // critical: ack → on scene
         "1/5 20.0%",                               // critical: escalated
         "1/3 33.3%",                               // high: exhausted, abandoned
+        "1 / 1",                                   // high: reminded / released
         "ack ≤ 1m00.000s for ≥ 90%: 4/5 = 80.0% MISSED",
         "ack ≤ 30.000s for ≥ 30%: 1/3 = 33.3% met",
     ] {
@@ -497,6 +507,22 @@ fn scripted_day_gives_exact_figures_over_http_and_the_command_line() {
     // The caller's number never appears in clear, not even inside a note.
     assert!(!out.contains("5550001234"), "{out}");
     assert!(out.contains("caller •••••••••234"), "{out}");
+
+    // The follow-up of the incident reached on another channel, reminded and released.
+    let (code, out, err) = run(&["review", &day[7].id(), "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let follow: Vec<&str> = out.lines().skip_while(|l| *l != "follow-up").collect();
+    assert_eq!(
+        follow,
+        [
+            "follow-up",
+            "  other channels   webhook delivered ×1, webhook timeout ×1",
+            "  reminders        1",
+            "  released         1"
+        ],
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.split_whitespace().nth(3) == Some("ack_expired")), "{out}");
 
     // Steps not reached are said so.
     let (code, out, _) = run(&["review", &day[3].id(), "--config", config]);
