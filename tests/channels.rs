@@ -72,6 +72,12 @@ fn wait_contacted(d: &Daemon, id: &str, channel: &str, outcome: &str) {
 enum Reply {
     Status(u16),
     Slow,
+    /// Bytes that are not HTTP, then close.
+    Garbage,
+    /// A status line, then header lines without end.
+    EndlessHeaders,
+    /// Close without a word.
+    Close,
 }
 
 struct Hook {
@@ -135,14 +141,29 @@ fn serve_hook(s: TcpStream, tx: mpsc::Sender<(Value, bool, Instant)>, replies: A
     let ok = sig == hmac_hex(&body);
     let _ = tx.send((serde_json::from_slice(&body).unwrap_or(Value::Null), ok, Instant::now()));
     let reply = { replies.lock().unwrap().pop() }.unwrap_or(Reply::Status(200));
+    let mut s = s;
     let status = match reply {
         Reply::Status(s) => s,
         Reply::Slow => {
             std::thread::sleep(Duration::from_secs(3));
             200
         }
+        Reply::Garbage => {
+            let _ = s.write_all(b"\x00\xffNOT HTTP \xc3\x28 at all\r\n\r\n");
+            return;
+        }
+        Reply::EndlessHeaders => {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+            let line = format!("X-Pad: {}\r\n", "a".repeat(1000));
+            for _ in 0..20_000 {
+                if s.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        Reply::Close => return,
     };
-    let mut s = s;
     let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
 }
 
@@ -397,6 +418,100 @@ fn sip_message_delivered_refused_and_unanswered() {
     assert!(ok_phone.wait().unwrap().success(), "sipp phone (200)");
     assert!(no_phone.wait().unwrap().success(), "sipp phone (404)");
     drop(silent);
+}
+
+/// A phone that answers everything but a proper answer to the MESSAGE: garbage,
+/// someone else's 200, a 200 to another method, a non-UTF-8 status line and
+/// an oversized datagram. None of them counts: the MESSAGE times out.
+fn lying_phone() -> (UdpSocket, u16) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let s2 = sock.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s2.recv_from(&mut buf) {
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let h = |name: &str| header_of(&req, name).unwrap_or_default().to_string();
+            let answer = |call_id: &str, cseq: &str| {
+                format!(
+                    "SIP/2.0 200 OK\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=x\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nContent-Length: 0\r\n\r\n",
+                    h("Via"),
+                    h("From"),
+                    h("To")
+                )
+                .into_bytes()
+            };
+            let mut not_utf8 = answer(&h("Call-ID"), "1 MESSAGE");
+            not_utf8.splice(8..10, [0xc3, 0x28]);
+            for reply in [
+                b"garbage\r\n\r\n".to_vec(),
+                answer("someone-else@x", "1 MESSAGE"),
+                answer(&h("Call-ID"), "1 INVITE"),
+                not_utf8,
+                vec![0xff; 65_000],
+            ] {
+                let _ = s2.send_to(&reply, from);
+            }
+        }
+    });
+    (sock, port)
+}
+
+/// Hostile far ends and bodies: a phone that answers anything but a proper
+/// answer (the MESSAGE times out, the webhook goes at once); webhook
+/// receivers that answer bytes that are not HTTP, endless headers, or close
+/// at once (`bad_answer`, tried again); the supervisor's availability
+/// endpoint with bad tokens, ids and bodies. The daemon keeps serving.
+#[test]
+fn hostile_far_ends_and_availability_bodies() {
+    let redis = Redis::start();
+    let hook = Hook::start();
+    let (phone, phone_port) = lying_phone();
+    let extra = responder(
+        "r-x",
+        1,
+        &format!("sip_uri = \"sip:crew@127.0.0.1:{phone_port}\"\nwebhook = \"{}\"", hook.url()),
+    ) + &fallback("15s", "\"sip_message\", \"webhook\"")
+        + &short_escalation("60s");
+    let d = Daemon::start(&redis, Options { extra, ..Options::default() });
+
+    // The availability endpoint refuses what is not for it.
+    let put = |id: &str, token: Option<&str>, body: &str| {
+        http(d.http_port, "PUT", &format!("/v1/responders/{id}/availability"), token, Some(body))
+    };
+    assert_eq!(put("r-x", None, r#"{"status":"available"}"#).0, 401);
+    assert_eq!(put("r-x", Some("wrong"), r#"{"status":"available"}"#).0, 401);
+    assert_eq!(put("nobody", Some(ADMIN_TOKEN), r#"{"status":"available"}"#).0, 404);
+    assert_eq!(put("r-%C3%BC%00", Some(ADMIN_TOKEN), r#"{"status":"available"}"#).0, 404);
+    for bad in ["", "not json", "[]", "null", r#"{"status":"maybe"}"#, r#"{"status":7}"#, r#"{"status":"AVAILABLE"}"#, "{\"status\":\"availablé\"}"] {
+        let (status, body) = put("r-x", Some(ADMIN_TOKEN), bad);
+        assert_eq!(status, 400, "{bad:?}: {body}");
+        assert!(body.contains("\"error\""), "{body}");
+    }
+    let huge = format!(r#"{{"status":"available","pad":"{}"}}"#, "x".repeat(2 << 20));
+    assert_eq!(put("r-x", Some(ADMIN_TOKEN), &huge).0, 413);
+    let (_, list) = http(d.http_port, "GET", "/v1/responders", Some(ADMIN_TOKEN), None);
+    assert!(list.contains("\"availability\":\"off_duty\""), "nothing set by a bad request: {list}");
+    put_available(&d, "r-x");
+
+    // The lying phone: timeout; the receiver lies twice (one try and one retry).
+    hook.replies.lock().unwrap().extend([Reply::Close, Reply::Garbage]);
+    let id = place_call(&d, "hostile-1", "2,1");
+    wait_contacted(&d, &id, "sip_message", "timeout");
+    wait_contacted(&d, &id, "webhook", "bad_answer");
+    r#impl_close(&d, &id);
+    hook.replies.lock().unwrap().extend([Reply::EndlessHeaders, Reply::EndlessHeaders]);
+    let id = place_call(&d, "hostile-2", "2,1");
+    wait_contacted(&d, &id, "webhook", "bad_answer");
+    r#impl_close(&d, &id);
+
+    // Still serving, and an honest receiver is reached.
+    let id = place_call(&d, "hostile-3", "2,1");
+    wait_contacted(&d, &id, "webhook", "delivered");
+    assert_eq!(http(d.http_port, "GET", "/readyz", None, None).0, 200);
+    let m = d.metrics();
+    assert!(metric_value(&m, "dispatchd_contact_outcomes_total", "failed") >= 3.0, "{m}");
+    drop(phone);
 }
 
 /// Page calls through an in-test Asterisk: the Originate carries the

@@ -318,6 +318,13 @@ fn fuzz_ami() {
     ];
     seeds.push(transcript("ami_queue_call.txt", true));
     seeds.push(transcript("ami_abandon.txt", true));
+    // A page call's events (contract §11).
+    seeds.push(
+        b"Event: OriginateResponse\r\nActionID: dispatchd-page-u1\r\nResponse: Failure\r\nReason: 5\r\n\r\n\
+          Event: UserEvent\r\nUserEvent: DispatchdPage\r\nUniqueid: u1\r\nChoice: 1\r\n\r\n\
+          Event: Hangup\r\nUniqueid: u1\r\nCause: 17\r\n\r\n"
+            .to_vec(),
+    );
     fuzz("ami", seeds, |input| {
         let mut r = ami::AmiReader::new();
         let step = 1 + input.last().map_or(512, |b| usize::from(*b) * 37);
@@ -327,6 +334,7 @@ fn fuzz_ami() {
                 if let Ok(msg) = m {
                     let _ = ami::login_response(&msg, "dispatchd-login-1");
                     let _ = ami::map_event(&msg).map(|e| e.clean());
+                    let _ = (ami::page_report(&msg), ami::page_channel(&msg));
                 }
             }
         }
@@ -355,6 +363,10 @@ fn fuzz_esl() {
             .collect();
         seeds.push(events);
     }
+    // A page call's events (contract §11): the digit, the job's result.
+    let mut page = envelope(b"Event-Name: CUSTOM\nEvent-Subclass: dispatchd%3A%3Apage\nUnique-ID: u1\nChoice: 2\n\n");
+    page.extend(envelope(b"Event-Name: BACKGROUND_JOB\nJob-UUID: u1\nContent-Length: 15\n\n-ERR USER_BUSY\n"));
+    seeds.push(page);
     fuzz("esl", seeds, |input| {
         let mut r = esl::EslReader::new();
         let step = 1 + input.last().map_or(512, |b| usize::from(*b) * 41).min(esl::MAX_PUSH - 1);
@@ -368,6 +380,7 @@ fn fuzz_esl() {
                         let _ = esl::auth_result(&m);
                         if let esl::EslMessage::Event(ev) = &m {
                             let _ = esl::map_event(ev).map(|e| e.clean());
+                            let _ = esl::page_report(ev);
                         }
                     }
                     Ok(None) => break,

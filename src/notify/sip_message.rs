@@ -14,7 +14,7 @@ use tokio::net::UdpSocket;
 use super::client;
 use crate::domain::contact::{SipTarget, Transport, sip_target};
 use crate::domain::dispatch::{Attempt, Outcome};
-use crate::sip::wire::{Frame, Framer};
+use crate::sip::wire::{Frame, Framer, StartLine, Verdict, parse_datagram};
 
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
@@ -24,18 +24,19 @@ pub struct SipMessage {
 }
 
 /// The MESSAGE request text, from `local` (our address as the peer sees it)
-/// to `uri`. CR and LF are never taken from the data.
-pub fn request(uri: &str, local: &str, transport: &str, a: &Attempt, text: &str) -> String {
+/// to `uri`, and its Call-ID. CR and LF are never taken from the data.
+pub fn request(uri: &str, local: &str, transport: &str, a: &Attempt, text: &str) -> (String, String) {
     let one_line = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
     let body = one_line(text);
     let (uri, incident, dispatch) = (one_line(uri), one_line(&a.offer.incident_id), one_line(&a.offer.dispatch_id));
-    format!(
+    let call_id = format!("{:016x}@dispatchd", rand::random::<u64>());
+    let msg = format!(
         "MESSAGE {uri} SIP/2.0\r\n\
          Via: SIP/2.0/{transport} {local};branch=z9hG4bK-dd-{branch:016x}\r\n\
          Max-Forwards: 70\r\n\
          From: \"dispatchd\" <sip:dispatchd@{local}>;tag={tag:08x}\r\n\
          To: <{uri}>\r\n\
-         Call-ID: {call:016x}@dispatchd\r\n\
+         Call-ID: {call_id}\r\n\
          CSeq: 1 MESSAGE\r\n\
          X-Incident-Id: {incident}\r\n\
          X-Dispatch-Id: {dispatch}\r\n\
@@ -43,15 +44,19 @@ pub fn request(uri: &str, local: &str, transport: &str, a: &Attempt, text: &str)
          Content-Length: {len}\r\n\r\n{body}",
         branch = rand::random::<u64>(),
         tag = rand::random::<u32>(),
-        call = rand::random::<u64>(),
         len = body.len(),
-    )
+    );
+    (msg, call_id)
 }
 
-/// The status of a response text ("SIP/2.0 200 OK" → 200).
-fn status_of(resp: &[u8]) -> Option<u16> {
-    let text = std::str::from_utf8(resp.get(..resp.len().min(32))?).ok()?;
-    text.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
+/// The status of a well-formed response to our request (`call_id`, CSeq
+/// `1 MESSAGE`); `None` for anything else a peer sends.
+fn status_of(resp: &[u8], call_id: &str) -> Option<u16> {
+    let Verdict::Ok(m) = parse_datagram(resp) else { return None };
+    match m.start {
+        StartLine::Response { code } if m.call_id() == call_id && m.cseq() == (1, "MESSAGE") => Some(code),
+        _ => None,
+    }
 }
 
 fn outcome_of(status: u16) -> Outcome {
@@ -85,7 +90,7 @@ async fn udp(target: &SipTarget, uri: &str, a: &Attempt, text: &str) -> std::io:
     let sock = UdpSocket::bind(if target.host.contains(':') { "[::]:0" } else { "0.0.0.0:0" }).await?;
     sock.connect(target.address()).await?;
     let local = sock.local_addr()?;
-    let msg = request(uri, &local.to_string(), "UDP", a, text);
+    let (msg, call_id) = request(uri, &local.to_string(), "UDP", a, text);
     let mut wait = T1;
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -93,7 +98,7 @@ async fn udp(target: &SipTarget, uri: &str, a: &Attempt, text: &str) -> std::io:
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
             let n = r?;
-            match status_of(&buf[..n]) {
+            match status_of(&buf[..n], &call_id) {
                 Some(s) if s >= 200 => return Ok(s),
                 // A provisional answer: the request arrived; keep waiting (Timer E goes to T2).
                 Some(_) => wait = T2,
@@ -108,7 +113,7 @@ async fn udp(target: &SipTarget, uri: &str, a: &Attempt, text: &str) -> std::io:
 async fn stream(target: &SipTarget, uri: &str, a: &Attempt, text: &str) -> std::io::Result<u16> {
     let tls = target.transport == Transport::Tls;
     let mut s = client::connect(&target.host, target.port, tls).await?;
-    let msg = request(uri, "dispatchd.invalid", if tls { "TLS" } else { "TCP" }, a, text);
+    let (msg, call_id) = request(uri, "dispatchd.invalid", if tls { "TLS" } else { "TCP" }, a, text);
     s.write_all(msg.as_bytes()).await?;
     let mut buf = Vec::new();
     let mut framer = Framer::default();
@@ -122,7 +127,7 @@ async fn stream(target: &SipTarget, uri: &str, a: &Attempt, text: &str) -> std::
         loop {
             match framer.next(&buf) {
                 Ok(Some(Frame::Message(len))) => {
-                    let status = status_of(&buf[..len]);
+                    let status = status_of(&buf[..len], &call_id);
                     buf.drain(..len);
                     if let Some(s) = status.filter(|s| *s >= 200) {
                         return Ok(s);
@@ -168,16 +173,39 @@ mod tests {
 
     #[test]
     fn the_request_is_one_message_and_injects_nothing() {
-        let m = request("sip:1001@10.0.0.30", "10.0.0.20:40000", "UDP", &attempt(), "line one\r\nX-Injected: yes");
+        let (m, call_id) =
+            request("sip:1001@10.0.0.30", "10.0.0.20:40000", "UDP", &attempt(), "line one\r\nX-Injected: yes");
         assert!(!m.contains("\r\nX-Injected") && !m.contains("\r\nX-Evil"), "{m}");
-        match crate::sip::wire::parse_datagram(m.as_bytes()) {
-            crate::sip::wire::Verdict::Ok(msg) => {
+        match parse_datagram(m.as_bytes()) {
+            Verdict::Ok(msg) => {
                 assert_eq!(msg.method(), Some("MESSAGE"));
+                assert_eq!(msg.call_id(), call_id);
                 assert_eq!(msg.body.len(), "line oneX-Injected: yes".len());
             }
             v => panic!("{v:?}"),
         }
-        assert_eq!(status_of(b"SIP/2.0 202 Accepted\r\n"), Some(202));
-        assert_eq!(status_of(b"garbage"), None);
+    }
+
+    #[test]
+    fn only_a_well_formed_answer_to_our_request_counts() {
+        let answer = |status: &str, call_id: &str, cseq: &str| {
+            format!(
+                "SIP/2.0 {status}\r\nVia: SIP/2.0/UDP 10.0.0.20:40000;branch=z9hG4bK-dd-1\r\nFrom: <sip:d@x>;tag=1\r\n\
+                 To: <sip:1001@x>;tag=2\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        let ours = "00ab@dispatchd";
+        assert_eq!(status_of(answer("202 Accepted", ours, "1 MESSAGE").as_bytes(), ours), Some(202));
+        assert_eq!(status_of(answer("404 Not Found", ours, "1 MESSAGE").as_bytes(), ours), Some(404));
+        assert_eq!(status_of(answer("200 OK", "other@x", "1 MESSAGE").as_bytes(), ours), None);
+        assert_eq!(status_of(answer("200 OK", ours, "1 INVITE").as_bytes(), ours), None);
+        assert_eq!(status_of(answer("2000 OK", ours, "1 MESSAGE").as_bytes(), ours), None);
+        assert_eq!(status_of(b"SIP/2.0 200 OK\r\n", ours), None);
+        assert_eq!(status_of("SIP/2.0 200 ÖK \u{0}\r\n\r\n".as_bytes(), ours), None);
+        assert_eq!(status_of(b"garbage", ours), None);
+        assert_eq!(status_of(&[0xff; 70_000], ours), None);
+        // A request is not an answer.
+        let req = request("sip:1001@10.0.0.30", "10.0.0.20:40000", "UDP", &attempt(), "x");
+        assert_eq!(status_of(req.0.as_bytes(), &req.1), None);
     }
 }
