@@ -2,8 +2,8 @@
 //! (with the daemon's `redis.url` and `redis.prefix`) and print. Errors come
 //! back as one line for `main` to print (exit 1).
 
-use std::fmt::Write as _;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use crate::config::Settings;
 use crate::domain::ids::{mask, normalize_id};

@@ -378,13 +378,23 @@ mod tests {
                 Severity::High,
                 "a",
                 0,
-                &[(1_000, "offered", "d.1"), (2_000, "acknowledged", "d.1"), (9_000, "reminded", ""), (12_000, "reminded", "")],
+                &[
+                    (1_000, "offered", "d.1"),
+                    (2_000, "acknowledged", "d.1"),
+                    (9_000, "reminded", ""),
+                    (12_000, "reminded", ""),
+                ],
             ),
             inc(
                 Severity::High,
                 "b",
                 0,
-                &[(1_000, "offered", "d.1"), (2_000, "acknowledged", "d.1"), (9_000, "reminded", ""), (12_000, "ack_expired", "d.1")],
+                &[
+                    (1_000, "offered", "d.1"),
+                    (2_000, "acknowledged", "d.1"),
+                    (9_000, "reminded", ""),
+                    (12_000, "ack_expired", "d.1"),
+                ],
             ),
         ];
         let r = compute(&range(), &incs, &TargetsSettings::default());

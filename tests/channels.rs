@@ -42,7 +42,13 @@ fn fallback(after: &str, order: &str) -> String {
 }
 
 fn put_available(d: &Daemon, id: &str) {
-    let (status, body) = http(d.http_port, "PUT", &format!("/v1/responders/{id}/availability"), Some(ADMIN_TOKEN), Some(r#"{"status":"available"}"#));
+    let (status, body) = http(
+        d.http_port,
+        "PUT",
+        &format!("/v1/responders/{id}/availability"),
+        Some(ADMIN_TOKEN),
+        Some(r#"{"status":"available"}"#),
+    );
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["availability"], "available", "{v}");
@@ -55,7 +61,9 @@ fn contacted(d: &Daemon, id: &str) -> Vec<(String, String)> {
         .unwrap()
         .iter()
         .filter(|e| e["event"] == "contacted")
-        .map(|e| (e["detail"]["channel"].as_str().unwrap_or("").into(), e["detail"]["outcome"].as_str().unwrap_or("").into()))
+        .map(|e| {
+            (e["detail"]["channel"].as_str().unwrap_or("").into(), e["detail"]["outcome"].as_str().unwrap_or("").into())
+        })
         .collect()
 }
 
@@ -113,7 +121,12 @@ impl Hook {
     }
 }
 
-fn serve_hook(s: TcpStream, tx: mpsc::Sender<(Value, bool, Instant)>, replies: Arc<Mutex<Vec<Reply>>>, count: Arc<Mutex<usize>>) {
+fn serve_hook(
+    s: TcpStream,
+    tx: mpsc::Sender<(Value, bool, Instant)>,
+    replies: Arc<Mutex<Vec<Reply>>>,
+    count: Arc<Mutex<usize>>,
+) {
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut len = 0;
     let mut sig = String::new();
@@ -249,9 +262,14 @@ fn ami_session(
                 let name = format!("{}-00000001", get("Channel"));
                 let _ = originates.send(a.clone());
                 let page = plan.lock().unwrap().pop().unwrap_or(Page::NoDigit);
-                let newchannel = format!("Event: Newchannel\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\n\r\n");
-                let answered = format!("Event: OriginateResponse\r\nActionID: {id}\r\nResponse: Success\r\nChannel: {name}\r\nReason: 4\r\nUniqueid: {ch}\r\n\r\n");
-                let hangup = format!("Event: Hangup\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\nCause: 16\r\n\r\n");
+                let newchannel =
+                    format!("Event: Newchannel\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\n\r\n");
+                let answered = format!(
+                    "Event: OriginateResponse\r\nActionID: {id}\r\nResponse: Success\r\nChannel: {name}\r\nReason: 4\r\nUniqueid: {ch}\r\n\r\n"
+                );
+                let hangup = format!(
+                    "Event: Hangup\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\nCause: 16\r\n\r\n"
+                );
                 let failed = |cause: u8, reason: u8| {
                     format!(
                         "{newchannel}Event: Hangup\r\nChannel: {name}\r\nUniqueid: {ch}\r\nLinkedid: {ch}\r\nCause: {cause}\r\n\r\n\
@@ -295,7 +313,10 @@ fn var(a: &HashMap<String, Vec<String>>, name: &str) -> String {
 }
 
 fn ami_toml(ami: &Ami) -> String {
-    format!("[acd]\nmax_backoff = \"500ms\"\n[acd.asterisk]\naddress = \"127.0.0.1:{}\"\nusername = \"dispatchd\"\nsecret = \"s\"\n", ami.port)
+    format!(
+        "[acd]\nmax_backoff = \"500ms\"\n[acd.asterisk]\naddress = \"127.0.0.1:{}\"\nusername = \"dispatchd\"\nsecret = \"s\"\n",
+        ami.port
+    )
 }
 
 fn short_escalation(ack: &str) -> String {
@@ -312,7 +333,9 @@ fn short_escalation(ack: &str) -> String {
 fn a_responder_without_a_websocket_is_reached_at_once_by_webhook() {
     let redis = Redis::start();
     let hook = Hook::start();
-    let extra = responder("r-hook", 1, &format!("webhook = \"{}\"", hook.url())) + &fallback("15s", "\"webhook\"") + &short_escalation("30s");
+    let extra = responder("r-hook", 1, &format!("webhook = \"{}\"", hook.url()))
+        + &fallback("15s", "\"webhook\"")
+        + &short_escalation("30s");
     let d = Daemon::start(&redis, Options { extra, ..Options::default() });
     // Never opened a console: off duty until a supervisor puts it on call.
     let id0 = place_call(&d, "hook-0", "2,1");
@@ -328,7 +351,8 @@ fn a_responder_without_a_websocket_is_reached_at_once_by_webhook() {
     wait_contacted(&d, &id0, "webhook", "delivered");
     let inc = d.incident(&id0);
     assert_eq!((inc["state"].as_str(), inc["assigned_to"].as_str()), (Some("offered"), Some("r-hook")));
-    let offered_at = inc["timeline"].as_array().unwrap().iter().find(|e| e["event"] == "offered").unwrap()["at"].clone();
+    let offered_at =
+        inc["timeline"].as_array().unwrap().iter().find(|e| e["event"] == "offered").unwrap()["at"].clone();
     eprintln!("offer {offered_at} → webhook received {:?} after the PUT", arrived);
 
     // A receiver that fails once, then takes it; then a slow one (times out).
@@ -337,7 +361,10 @@ fn a_responder_without_a_websocket_is_reached_at_once_by_webhook() {
     let id1 = place_call(&d, "hook-1", "2");
     let (first, ..) = hook.next();
     let (second, ..) = hook.next();
-    assert_eq!((first["incident_id"].as_str(), second["incident_id"].as_str()), (Some(id1.as_str()), Some(id1.as_str())));
+    assert_eq!(
+        (first["incident_id"].as_str(), second["incident_id"].as_str()),
+        (Some(id1.as_str()), Some(id1.as_str()))
+    );
     wait_contacted(&d, &id1, "webhook", "delivered");
     r#impl_close(&d, &id1);
     hook.replies.lock().unwrap().extend([Reply::Slow, Reply::Slow]);
@@ -347,7 +374,8 @@ fn a_responder_without_a_websocket_is_reached_at_once_by_webhook() {
 
 /// Resolves an incident by hand, so the responder is free for the next one.
 fn r#impl_close(d: &Daemon, id: &str) {
-    let (status, body) = http(d.http_port, "POST", &format!("/v1/incidents/{id}/resolve"), Some(ADMIN_TOKEN), Some("{}"));
+    let (status, body) =
+        http(d.http_port, "POST", &format!("/v1/incidents/{id}/resolve"), Some(ADMIN_TOKEN), Some("{}"));
     assert_eq!(status, 200, "{body}");
 }
 
@@ -467,12 +495,10 @@ fn hostile_far_ends_and_availability_bodies() {
     let redis = Redis::start();
     let hook = Hook::start();
     let (phone, phone_port) = lying_phone();
-    let extra = responder(
-        "r-x",
-        1,
-        &format!("sip_uri = \"sip:crew@127.0.0.1:{phone_port}\"\nwebhook = \"{}\"", hook.url()),
-    ) + &fallback("15s", "\"sip_message\", \"webhook\"")
-        + &short_escalation("60s");
+    let extra =
+        responder("r-x", 1, &format!("sip_uri = \"sip:crew@127.0.0.1:{phone_port}\"\nwebhook = \"{}\"", hook.url()))
+            + &fallback("15s", "\"sip_message\", \"webhook\"")
+            + &short_escalation("60s");
     let d = Daemon::start(&redis, Options { extra, ..Options::default() });
 
     // The availability endpoint refuses what is not for it.
@@ -483,7 +509,16 @@ fn hostile_far_ends_and_availability_bodies() {
     assert_eq!(put("r-x", Some("wrong"), r#"{"status":"available"}"#).0, 401);
     assert_eq!(put("nobody", Some(ADMIN_TOKEN), r#"{"status":"available"}"#).0, 404);
     assert_eq!(put("r-%C3%BC%00", Some(ADMIN_TOKEN), r#"{"status":"available"}"#).0, 404);
-    for bad in ["", "not json", "[]", "null", r#"{"status":"maybe"}"#, r#"{"status":7}"#, r#"{"status":"AVAILABLE"}"#, "{\"status\":\"availablé\"}"] {
+    for bad in [
+        "",
+        "not json",
+        "[]",
+        "null",
+        r#"{"status":"maybe"}"#,
+        r#"{"status":7}"#,
+        r#"{"status":"AVAILABLE"}"#,
+        "{\"status\":\"availablé\"}",
+    ] {
         let (status, body) = put("r-x", Some(ADMIN_TOKEN), bad);
         assert_eq!(status, 400, "{bad:?}: {body}");
         assert!(body.contains("\"error\""), "{body}");
@@ -534,14 +569,18 @@ fn ami_page_calls_digit_one_two_busy_and_no_digit() {
     let id = place_call(&d, "page-1", "2,1");
     let o = ami.originates.recv_timeout(S10).expect("an Originate");
     let get = |k: &str| o.get(k).and_then(|v| v.first()).cloned().unwrap_or_default();
-    assert_eq!((get("Channel").as_str(), get("Context").as_str(), get("Exten").as_str()), ("PJSIP/1001", "dispatchd-page", "s"));
+    assert_eq!(
+        (get("Channel").as_str(), get("Context").as_str(), get("Exten").as_str()),
+        ("PJSIP/1001", "dispatchd-page", "s")
+    );
     assert_eq!(get("Async"), "true");
     assert!(!get("ChannelId").is_empty() && get("ActionID").contains(&get("ChannelId")));
     assert_eq!(var(&o, "DISPATCHD_INCIDENT"), id);
     assert_eq!(var(&o, "DISPATCHD_DISPATCH"), format!("{id}.1"));
     assert!(var(&o, "DISPATCHD_TEXT").contains("CRITICAL outage"), "{o:?}");
     wait_until("acknowledged by digit", S10, || d.incident(&id)["state"] == "acknowledged");
-    let ack = d.incident(&id)["timeline"].as_array().unwrap().iter().find(|e| e["event"] == "acknowledged").unwrap().clone();
+    let ack =
+        d.incident(&id)["timeline"].as_array().unwrap().iter().find(|e| e["event"] == "acknowledged").unwrap().clone();
     assert_eq!(ack["detail"]["channel"], "pbx_call", "{ack}");
     wait_contacted(&d, &id, "pbx_call", "acknowledged");
     r#impl_close(&d, &id);
@@ -636,7 +675,12 @@ fn esl_command(r: &mut BufReader<TcpStream>) -> Option<String> {
 /// subscription, then `bgapi` jobs. An originate answers `+OK Job-UUID`, then
 /// plays its page: the channel's events and the job's result, in the order
 /// FreeSWITCH writes them (a failed call hangs up before the job says why).
-fn esl_session(s: TcpStream, plan: Arc<Mutex<Vec<Page>>>, originates: mpsc::Sender<String>, kills: mpsc::Sender<String>) {
+fn esl_session(
+    s: TcpStream,
+    plan: Arc<Mutex<Vec<Page>>>,
+    originates: mpsc::Sender<String>,
+    kills: mpsc::Sender<String>,
+) {
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     let _ = w.write_all(b"Content-Type: auth/request\n\n");
@@ -654,7 +698,12 @@ fn esl_session(s: TcpStream, plan: Arc<Mutex<Vec<Page>>>, originates: mpsc::Send
             let job = cmd.lines().find_map(|l| l.strip_prefix("Job-UUID: ")).unwrap_or("").trim().to_string();
             let mut out = format!("Content-Type: command/reply\nReply-Text: +OK Job-UUID: {job}\nJob-UUID: {job}\n\n");
             let _ = originates.send(arg.to_string());
-            let uuid = arg.split("origination_uuid=").nth(1).and_then(|x| x.split([',', '}']).next()).unwrap_or("").to_string();
+            let uuid = arg
+                .split("origination_uuid=")
+                .nth(1)
+                .and_then(|x| x.split([',', '}']).next())
+                .unwrap_or("")
+                .to_string();
             let var = |name: &str| {
                 arg.split(&format!("{name}='")).nth(1).and_then(|x| x.split('\'').next()).unwrap_or("").to_string()
             };
@@ -715,7 +764,10 @@ fn esl_page_calls_digit_one_two_busy_no_answer_and_no_digit() {
         + &responder("r-fs2", 2, "phone = \"user/1002\"")
         + &fallback("1s", "\"pbx_call\"")
         + &short_escalation("60s")
-        + &format!("[acd]\nmax_backoff = \"500ms\"\n[acd.freeswitch]\naddress = \"127.0.0.1:{}\"\npassword = \"ClueCon\"\n", esl.port);
+        + &format!(
+            "[acd]\nmax_backoff = \"500ms\"\n[acd.freeswitch]\naddress = \"127.0.0.1:{}\"\npassword = \"ClueCon\"\n",
+            esl.port
+        );
     let d = Daemon::start(&redis, Options { extra, ..Options::default() });
     put_available(&d, "r-fs");
 
@@ -724,7 +776,10 @@ fn esl_page_calls_digit_one_two_busy_no_answer_and_no_digit() {
     let o = esl.originates.recv_timeout(S10).expect("a bgapi originate");
     assert!(o.starts_with("{origination_uuid="), "{o}");
     assert!(o.ends_with("}user/1001 s XML dispatchd-page"), "{o}");
-    assert!(o.contains(&format!("dispatchd_incident='{id}'")) && o.contains(&format!("dispatchd_dispatch='{id}.1'")), "{o}");
+    assert!(
+        o.contains(&format!("dispatchd_incident='{id}'")) && o.contains(&format!("dispatchd_dispatch='{id}.1'")),
+        "{o}"
+    );
     assert!(o.contains("dispatchd_text='") && o.contains("CRITICAL outage"), "{o}");
     wait_until("acknowledged by digit", S10, || d.incident(&id)["state"] == "acknowledged");
     wait_contacted(&d, &id, "pbx_call", "acknowledged");
@@ -800,7 +855,10 @@ fn reminders_then_release_and_none_after_resolve() {
         .iter()
         .map(|s| format!("[escalation.{s}]\nack_timeout = \"60s\"\nen_route_within = \"1s\"\non_scene_within = \"1s\"\nrelease_after = 1\n"))
         .collect();
-    let d = Daemon::start(&redis, Options { extra: roster(&[("r-a", 1, &["*"]), ("r-b", 2, &["*"])]) + &esc, ..Options::default() });
+    let d = Daemon::start(
+        &redis,
+        Options { extra: roster(&[("r-a", 1, &["*"]), ("r-b", 2, &["*"])]) + &esc, ..Options::default() },
+    );
     let mut a = Responder::connect(&d, "r-a");
     let mut b = Responder::connect(&d, "r-b");
     let id = place_call(&d, "rem-1", "2,1");
@@ -816,7 +874,10 @@ fn reminders_then_release_and_none_after_resolve() {
     let ev = events(&d.incident(&id));
     assert!(ev.contains(&"reminded".to_string()) && ev.contains(&"ack_expired".to_string()), "{ev:?}");
     let m = d.metrics();
-    assert!(metric_value(&m, "dispatchd_reminders_total", "en_route") >= 1.0 && metric_value(&m, "dispatchd_releases_total", "") >= 1.0);
+    assert!(
+        metric_value(&m, "dispatchd_reminders_total", "en_route") >= 1.0
+            && metric_value(&m, "dispatchd_releases_total", "") >= 1.0
+    );
 
     // Resolved at once: no reminder ever.
     assert_eq!(b.request(json!({"type": "ack", "dispatch_id": again["dispatch_id"]}), "b1")["type"], "ok");
@@ -832,7 +893,9 @@ fn reminders_then_release_and_none_after_resolve() {
 fn two_daemons_make_each_attempt_once() {
     let redis = Redis::start();
     let hook = Hook::start();
-    let extra = responder("r-hook", 1, &format!("webhook = \"{}\"", hook.url())) + &fallback("15s", "\"webhook\"") + &short_escalation("60s");
+    let extra = responder("r-hook", 1, &format!("webhook = \"{}\"", hook.url()))
+        + &fallback("15s", "\"webhook\"")
+        + &short_escalation("60s");
     let d1 = Daemon::start(&redis, Options { extra: extra.clone(), ..Options::default() });
     let _d2 = Daemon::start_another(&redis, Options { extra, ..Options::default() });
     put_available(&d1, "r-hook");
@@ -859,7 +922,12 @@ fn channels_without_their_means_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.toml");
         std::fs::write(&path, &toml).unwrap();
-        let out = Command::new(bin()).args(["check-config", "--config"]).arg(&path).env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY).output().unwrap();
+        let out = Command::new(bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(78), "{toml}: {text}");
         assert!(text.contains(key), "{toml}: expected {key} in {text}");

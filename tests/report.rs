@@ -205,11 +205,21 @@ fn scripted_day() -> Vec<Seed> {
         // Reached by webhook as well, acknowledged, then no progress: reminded, released.
         Seed::new(108, "high", "security", "resolved", 7 * H)
             .offer(30 * S, "r-a", 1)
-            .at(35 * S, "contacted", "dispatchd", json!({"responder": "r-a", "channel": "webhook", "outcome": "delivered"}))
+            .at(
+                35 * S,
+                "contacted",
+                "dispatchd",
+                json!({"responder": "r-a", "channel": "webhook", "outcome": "delivered"}),
+            )
             .at(40 * S, "caller_hangup", "sip", json!({"rung_s": 40.0}))
             .ack(75 * S, "r-a", 1)
             .at(375 * S, "reminded", "dispatchd", json!({"responder": "r-a", "due": "en_route", "n": 1}))
-            .at(380 * S, "contacted", "dispatchd", json!({"responder": "r-a", "channel": "webhook", "outcome": "timeout"}))
+            .at(
+                380 * S,
+                "contacted",
+                "dispatchd",
+                json!({"responder": "r-a", "channel": "webhook", "outcome": "timeout"}),
+            )
             .at(675 * S, "ack_expired", "dispatchd", json!({"responder": "r-a", "dispatch_id": "x.1", "reminders": 1}))
             .at(1000 * S, "resolved", "api", json!({"responder": "r-a"})),
         // low / enquiry: one resolved, one cancelled while offered.

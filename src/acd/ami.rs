@@ -1066,20 +1066,31 @@ Message: Authentication failed\r\n\
         assert_eq!(m(&digit), Some(("u-1".into(), Report::Digit('1'))));
         // Another UserEvent, an empty choice, no channel: nothing.
         assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "Other"), ("Uniqueid", "u-1"), ("Choice", "1")]), None);
-        assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", "")]), None);
+        assert_eq!(
+            m(&[("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", "")]),
+            None
+        );
         assert_eq!(m(&[("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Choice", "1")]), None);
         // Non-ASCII in the choice is a digit that means nothing (the pager ignores it).
         let odd = [("Event", "UserEvent"), ("UserEvent", "DispatchdPage"), ("Uniqueid", "u-1"), ("Choice", "١")];
         assert_eq!(m(&odd), Some(("u-1".into(), Report::Digit('١'))));
 
         let resp = |r: &str, reason: &str| {
-            m(&[("Event", "OriginateResponse"), ("ActionID", "dispatchd-page-u-2"), ("Response", r), ("Reason", reason)])
+            m(&[
+                ("Event", "OriginateResponse"),
+                ("ActionID", "dispatchd-page-u-2"),
+                ("Response", r),
+                ("Reason", reason),
+            ])
         };
         assert_eq!(resp("Success", "4"), Some(("u-2".into(), Report::Answered)));
         assert_eq!(resp("Failure", "5"), Some(("u-2".into(), Report::Failed(Outcome::Busy))));
         assert_eq!(resp("Failure", "3"), Some(("u-2".into(), Report::Failed(Outcome::NoAnswer))));
         assert_eq!(resp("Failure", "8"), Some(("u-2".into(), Report::Failed(Outcome::Failed("congestion".into())))));
-        assert_eq!(resp("Failure", "x"), Some(("u-2".into(), Report::Failed(Outcome::Failed("originate_failed".into())))));
+        assert_eq!(
+            resp("Failure", "x"),
+            Some(("u-2".into(), Report::Failed(Outcome::Failed("originate_failed".into()))))
+        );
         // Someone else's originate.
         assert_eq!(m(&[("Event", "OriginateResponse"), ("ActionID", "other-1"), ("Response", "Failure")]), None);
 
@@ -1092,7 +1103,13 @@ Message: Authentication failed\r\n\
     #[test]
     fn originate_and_hangup_actions_stay_one_action() {
         let vars = [("DISPATCHD_TEXT", "x\r\nAction: Command\r\nCommand: core stop now".to_string())];
-        let a = originate("id-1\r\nAction: Logoff", "PJSIP/1001\r\n\r\nAction: Hangup", "page", std::time::Duration::from_secs(30), &vars);
+        let a = originate(
+            "id-1\r\nAction: Logoff",
+            "PJSIP/1001\r\n\r\nAction: Hangup",
+            "page",
+            std::time::Duration::from_secs(30),
+            &vars,
+        );
         assert_eq!(a.matches("\r\n\r\n").count(), 1, "{a}");
         assert!(a.ends_with("\r\n\r\n"));
         assert_eq!(a.lines().filter(|l| l.starts_with("Action:")).count(), 1, "{a}");

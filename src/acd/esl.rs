@@ -891,7 +891,10 @@ mod tests {
         assert_eq!(auth_command("ClueCon").as_deref(), Ok("auth ClueCon\n\n"));
         assert_eq!(auth_command("a\n\napi shutdown"), Err(BadPassword));
         assert_eq!(auth_command("x\r"), Err(BadPassword));
-        assert_eq!(EVENT_SUBSCRIPTION, "event plain CHANNEL_HANGUP DTMF BACKGROUND_JOB CUSTOM callcenter::info dispatchd::page\n\n");
+        assert_eq!(
+            EVENT_SUBSCRIPTION,
+            "event plain CHANNEL_HANGUP DTMF BACKGROUND_JOB CUSTOM callcenter::info dispatchd::page\n\n"
+        );
         let custom_at = EVENT_SUBSCRIPTION.find("CUSTOM").unwrap_or(0);
         assert!(EVENT_SUBSCRIPTION.find("CHANNEL_HANGUP").is_some_and(|i| i < custom_at));
         assert!(EVENT_SUBSCRIPTION.find("DTMF").is_some_and(|i| i < custom_at));
@@ -1142,11 +1145,14 @@ mod tests {
     fn page_reports_digit_job_and_hangup() {
         use crate::dispatcher::pager::Report;
         use crate::domain::dispatch::Outcome;
-        let digit = [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", "2")];
+        let digit =
+            [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", "2")];
         assert_eq!(page_report(&ev(&digit)), Some(("u-1".into(), Report::Digit('2'))));
-        let other = [("Event-Name", "CUSTOM"), ("Event-Subclass", "callcenter::info"), ("Unique-ID", "u-1"), ("Choice", "2")];
+        let other =
+            [("Event-Name", "CUSTOM"), ("Event-Subclass", "callcenter::info"), ("Unique-ID", "u-1"), ("Choice", "2")];
         assert_eq!(page_report(&ev(&other)), None);
-        let blank = [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", " ")];
+        let blank =
+            [("Event-Name", "CUSTOM"), ("Event-Subclass", "dispatchd::page"), ("Unique-ID", "u-1"), ("Choice", " ")];
         assert_eq!(page_report(&ev(&blank)), None);
 
         let job = |result: &str| EslEvent {
@@ -1160,7 +1166,8 @@ mod tests {
         assert_eq!(odd, Some(("u-2".into(), Report::Failed(Outcome::Failed("originate_failed".into())))));
         assert_eq!(page_report(&job("garbage")), None);
 
-        let hangup = |cause: &str| ev(&[("Event-Name", "CHANNEL_HANGUP"), ("Unique-ID", "u-3"), ("Hangup-Cause", cause)]);
+        let hangup =
+            |cause: &str| ev(&[("Event-Name", "CHANNEL_HANGUP"), ("Unique-ID", "u-3"), ("Hangup-Cause", cause)]);
         assert_eq!(page_report(&hangup("USER_BUSY")), Some(("u-3".into(), Report::Hangup(Outcome::Busy))));
         let normal = page_report(&hangup("NORMAL_CLEARING"));
         assert_eq!(normal, Some(("u-3".into(), Report::Hangup(Outcome::Failed("not_answered".into())))));
@@ -1169,7 +1176,13 @@ mod tests {
     #[test]
     fn originate_and_kill_stay_one_command() {
         let vars = [("DISPATCHD_TEXT", "it's {x},y\n\nexit\n\n".to_string())];
-        let c = originate("u-1\n\napi shutdown", "user/1001\n\nexit", "dispatchd-page", std::time::Duration::from_secs(25), &vars);
+        let c = originate(
+            "u-1\n\napi shutdown",
+            "user/1001\n\nexit",
+            "dispatchd-page",
+            std::time::Duration::from_secs(25),
+            &vars,
+        );
         assert_eq!(c.matches("\n\n").count(), 1, "{c}");
         assert!(c.ends_with("\n\n"));
         assert!(c.contains("originate_timeout=25,") && c.contains("dispatchd_text='its xyexit'"), "{c}");
