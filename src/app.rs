@@ -212,7 +212,10 @@ async fn wait_for_redis(store: &Store, token: &CancellationToken) -> anyhow::Res
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match store.load_library().await {
-            Ok(()) => return Ok(true),
+            Ok(()) => match store.migrate_layout().await {
+                Ok(_) => return Ok(true),
+                Err(e) => tracing::warn!(error = %e, "moving the keys to the hash-tagged layout"),
+            },
             Err(e @ StoreError::TooOld) => return Err(e.into()),
             Err(e) => tracing::warn!(error = %e, "waiting for Redis"),
         }

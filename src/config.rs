@@ -593,8 +593,11 @@ impl Settings {
             return Err(err("redis.url", "not a valid redis:// URL"));
         }
         let p = &self.redis.prefix;
-        if p.is_empty() || p.len() > 64 || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
-            return Err(err("redis.prefix", "must be 1 to 64 characters without spaces"));
+        if p.is_empty()
+            || p.len() > 64
+            || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'{' || b == b'}')
+        {
+            return Err(err("redis.prefix", "must be 1 to 64 characters without spaces or braces"));
         }
         if self.redis.timeout.is_zero() {
             return Err(err("redis.timeout", "must be more than zero"));

@@ -298,7 +298,7 @@ fn assert_call_life(d: &Daemon, redis: &Redis, source: &str, caller: &str, queue
     let inc = wait_event(d, &id, "caller_hangup");
     // After every event of the call (digits and hang-ups included), the
     // caller's number is in the incident record and nowhere else (contract §7).
-    assert_eq!(redis.keys_holding(caller), [format!("t:inc:{id}")]);
+    assert_eq!(redis.keys_holding(caller), [format!("{{t}}:inc:{id}")]);
     assert_eq!(inc["source"], source, "{inc:#}");
     assert_eq!(inc["caller"], caller);
     assert_eq!(inc["queue"], queue);

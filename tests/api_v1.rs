@@ -153,7 +153,7 @@ fn open_by_hand_then_read_it_back() {
     assert_eq!(d.incident(&id), inc, "GET shows what POST answered");
     assert_eq!(d.incident(&id.to_lowercase())["id"], id.as_str());
     // Queued like a call's incident, and counted.
-    assert!(!redis.cli(&["ZSCORE", "t:queue", &id]).trim().is_empty());
+    assert!(!redis.cli(&["ZSCORE", "{t}:queue", &id]).trim().is_empty());
     let listed = d.incidents("?severity=critical");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], id.as_str());
@@ -179,9 +179,9 @@ fn resolve_cancel_and_conflicts() {
     assert_eq!((e["event"].as_str(), e["actor"].as_str()), (Some("resolved"), Some("api")));
     assert_eq!(e["detail"]["note"], "fixed remotely");
     assert_eq!(d.incident(&a)["state"], "resolved");
-    assert!(redis.cli(&["ZSCORE", "t:queue", &a]).trim().is_empty(), "out of the queue");
+    assert!(redis.cli(&["ZSCORE", "{t}:queue", &a]).trim().is_empty(), "out of the queue");
     // It expires `privacy.retention` (90 days by default) from now.
-    let ttl: i64 = redis.cli(&["TTL", &format!("t:inc:{a}")]).trim().parse().unwrap();
+    let ttl: i64 = redis.cli(&["TTL", &format!("{{t}}:inc:{a}")]).trim().parse().unwrap();
     assert!(ttl > 89 * 86_400 && ttl <= 90 * 86_400, "{ttl}");
 
     // Closed is closed: 409 either way, and nothing is appended.
@@ -245,7 +245,7 @@ fn cancel_and_resolve_free_the_responder() {
     // A late ack of the cancelled offer is refused.
     let r = alpha.request(json!({"type": "ack", "dispatch_id": offer["dispatch_id"]}), "late");
     assert_eq!(r["type"], "error", "{r}");
-    assert!(redis.cli(&["ZSCORE", "t:deadlines", &one]).trim().is_empty());
+    assert!(redis.cli(&["ZSCORE", "{t}:deadlines", &one]).trim().is_empty());
 
     // Free again: the next incident is offered to it.
     let two = open(&d, "outage", "high", "two")["id"].as_str().unwrap().to_string();
@@ -276,7 +276,7 @@ fn cancel_and_resolve_free_the_responder() {
     assert_eq!(r["type"], "ok");
     let r = alpha.request(json!({"type": "status", "incident_id": three, "status": "resolved"}), "s4");
     assert_eq!(r["type"], "ok");
-    assert!(!redis.cli(&["ZSCORE", "t:closed", &three]).trim().is_empty());
+    assert!(!redis.cli(&["ZSCORE", "{t}:closed", &three]).trim().is_empty());
     let (_, v) = req(&d, "GET", "/v1/responders", None);
     assert_eq!(v["responders"][0]["availability"], "available");
 }
@@ -301,7 +301,7 @@ fn erase_a_callers_number_and_name() {
     assert_eq!(req(&d, "POST", &format!("/v1/incidents/{b}/resolve"), None).0, 200);
     assert_eq!(d.incident(&a)["caller"], "+442079460123");
     // The caller index (keyed by pseudonym) as intake writes it: used, then dropped.
-    let index = format!("t:caller:{}", pseudonym("+442079460123"));
+    let index = format!("{{t}}:caller:{}", pseudonym("+442079460123"));
     redis.cli(&["SADD", &index, &a, &b]);
 
     let (status, v) = req(&d, "DELETE", "/v1/callers/%2B442079460123", None);
@@ -314,8 +314,8 @@ fn erase_a_callers_number_and_name() {
         assert_eq!(e["event"], "note");
         assert_eq!(e["actor"], "api");
         assert_eq!(e["detail"], json!({"caller": "erased"}));
-        assert!(!redis.cli(&["HGETALL", &format!("t:inc:{id}")]).contains("442079460123"));
-        assert!(!redis.cli(&["LRANGE", &format!("t:inc:{id}:tl"), "0", "-1"]).contains("442079460123"));
+        assert!(!redis.cli(&["HGETALL", &format!("{{t}}:inc:{id}")]).contains("442079460123"));
+        assert!(!redis.cli(&["LRANGE", &format!("{{t}}:inc:{id}:tl"), "0", "-1"]).contains("442079460123"));
     }
     assert_eq!(redis.cli(&["EXISTS", &index]).trim(), "0");
     let inc = d.incident(&other);
@@ -344,17 +344,17 @@ fn closed_records_expire_after_the_retention() {
     // Resolved by hand: the expiry is set at once, on the record and its timeline.
     let id = place_call(&d, "retention-1", "2");
     // Pretend intake indexed the caller: the index expires with its last record.
-    redis.cli(&["HSET", &format!("t:inc:{id}"), "caller_pseudonym", "p-test"]);
-    redis.cli(&["SADD", "t:caller:p-test", &id]);
+    redis.cli(&["HSET", &format!("{{t}}:inc:{id}"), "caller_pseudonym", "p-test"]);
+    redis.cli(&["SADD", "{t}:caller:p-test", &id]);
     assert_eq!(req(&d, "POST", &format!("/v1/incidents/{id}/resolve"), None).0, 200);
-    for key in [format!("t:inc:{id}"), format!("t:inc:{id}:tl"), "t:caller:p-test".to_string()] {
+    for key in [format!("{{t}}:inc:{id}"), format!("{{t}}:inc:{id}:tl"), "{t}:caller:p-test".to_string()] {
         let ttl: i64 = redis.cli(&["TTL", &key]).trim().parse().unwrap();
         assert!((1..=2).contains(&ttl), "{key}: TTL {ttl}");
     }
     wait_until("the record to expire", Duration::from_secs(6), || {
         http_get(d.http_port, &format!("/v1/incidents/{id}"), Some(ADMIN_TOKEN)).0 == 404
     });
-    assert_eq!(redis.cli(&["EXISTS", &format!("t:inc:{id}:tl")]).trim(), "0");
+    assert_eq!(redis.cli(&["EXISTS", &format!("{{t}}:inc:{id}:tl")]).trim(), "0");
     assert!(d.incidents("").is_empty());
 
     // Resolved by the responder: the sweep sets the expiry, then removes what is left.
@@ -364,14 +364,14 @@ fn closed_records_expire_after_the_retention() {
     assert_eq!(alpha.request(json!({"type": "ack", "dispatch_id": offer["dispatch_id"]}), "a")["type"], "ok");
     let r = alpha.request(json!({"type": "status", "incident_id": two, "status": "resolved"}), "s");
     assert_eq!(r["type"], "ok");
-    assert!(!redis.cli(&["ZSCORE", "t:closed", &two]).trim().is_empty());
+    assert!(!redis.cli(&["ZSCORE", "{t}:closed", &two]).trim().is_empty());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = rt.block_on(async { dispatchd::store::Store::new(&redis.url(), "t", S5) }).unwrap();
     let retention = Duration::from_secs(2);
     // (The first record, closed over 2 s ago, goes from the lists now.)
     let mut removed = rt.block_on(store.expire_closed(retention)).unwrap();
-    let ttl: i64 = redis.cli(&["PTTL", &format!("t:inc:{two}")]).trim().parse().unwrap();
+    let ttl: i64 = redis.cli(&["PTTL", &format!("{{t}}:inc:{two}")]).trim().parse().unwrap();
     assert!(ttl > 0 && ttl <= 2000, "PTTL {ttl}");
     wait_until("the responder-resolved record to expire", Duration::from_secs(6), || {
         http_get(d.http_port, &format!("/v1/incidents/{two}"), Some(ADMIN_TOKEN)).0 == 404
@@ -379,13 +379,40 @@ fn closed_records_expire_after_the_retention() {
     removed += rt.block_on(store.expire_closed(retention)).unwrap();
     assert_eq!(removed, 2);
     for id in [&id, &two] {
-        assert!(redis.cli(&["ZSCORE", "t:closed", id]).trim().is_empty());
-        assert!(redis.cli(&["ZSCORE", "t:incidents", id]).trim().is_empty());
+        assert!(redis.cli(&["ZSCORE", "{t}:closed", id]).trim().is_empty());
+        assert!(redis.cli(&["ZSCORE", "{t}:incidents", id]).trim().is_empty());
     }
     // Open incidents are not touched by the sweep.
     let open_one = open(&d, "outage", "low", "still open")["id"].as_str().unwrap().to_string();
     rt.block_on(store.expire_closed(retention)).unwrap();
-    assert_eq!(redis.cli(&["TTL", &format!("t:inc:{open_one}")]).trim(), "-1");
+    assert_eq!(redis.cli(&["TTL", &format!("{{t}}:inc:{open_one}")]).trim(), "-1");
     let state = d.incident(&open_one)["state"].clone();
     assert!(state == "queued" || state == "offered", "{state}");
+}
+
+/// A deployment whose keys are in the layout before the hash tag
+/// (`<prefix>:…`) is moved to `{<prefix>}:…` at start: its incidents read
+/// back, the counter goes on, nothing is left behind.
+#[test]
+fn keys_of_the_layout_before_the_hash_tag_are_moved_at_start() {
+    let redis = Redis::start();
+    let d = Daemon::start(&redis, opts(&[("r-a", 1, &["*"])]));
+    let first = open(&d, "outage", "high", "before the move")["id"].as_str().unwrap().to_string();
+    drop(d);
+    // Back to the old layout, as a daemon of the earlier version left it.
+    let keys: Vec<String> = redis.cli(&["--scan", "--pattern", "{t}:*"]).lines().map(str::to_string).collect();
+    assert!(keys.len() > 3, "{keys:?}");
+    for k in &keys {
+        redis.cli(&["RENAME", k, &format!("t:{}", &k["{t}:".len()..])]);
+    }
+    assert_eq!(redis.cli(&["EXISTS", "t:seq"]).trim(), "1");
+
+    let d = Daemon::start(&redis, opts(&[("r-a", 1, &["*"])]));
+    let (status, inc) = req(&d, "GET", &format!("/v1/incidents/{first}"), None);
+    assert_eq!((status, inc["summary"].as_str()), (200, Some("before the move")), "{inc}");
+    assert!(inc["timeline"].as_array().is_some_and(|t| !t.is_empty()), "{inc}");
+    let second = open(&d, "outage", "high", "after the move")["id"].as_str().unwrap().to_string();
+    assert_ne!(second, first, "the counter went on");
+    assert_eq!(redis.cli(&["--scan", "--pattern", "t:*"]).trim(), "", "nothing left in the old layout");
+    assert!(d.log().contains("moved the keys to the hash-tagged layout"), "a warn line says so");
 }

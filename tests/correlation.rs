@@ -313,13 +313,13 @@ fn erasure_forgets_callers_known_only_from_call_events() {
     assert_eq!(status_of(&event(&d, "er-join", &join)), 202);
     assert!(d.incidents("").is_empty(), "a join of an ordinary queue opens nothing");
     // Remembered for the call's later events by pseudonym only, never the number (issue 10).
-    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller"]).trim(), "");
-    assert_eq!(redis.cli(&["HGET", "t:acall:er-1", "caller_pseudonym"]).trim().len(), 16);
+    assert_eq!(redis.cli(&["HGET", "{t}:acall:er-1", "caller"]).trim(), "");
+    assert_eq!(redis.cli(&["HGET", "{t}:acall:er-1", "caller_pseudonym"]).trim().len(), 16);
 
     let path = format!("/v1/callers/{}", caller.replace('+', "%2B"));
     let (code, body) = http(d.http_port, "DELETE", &path, Some(ADMIN_TOKEN), None);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(redis.cli(&["EXISTS", "t:acall:er-1"]).trim(), "0", "what was remembered of the call is gone");
+    assert_eq!(redis.cli(&["EXISTS", "{t}:acall:er-1"]).trim(), "0", "what was remembered of the call is gone");
     let keys = redis.cli(&["--scan", "--pattern", "t:*"]);
     assert!(!keys.contains(caller), "{keys}");
 }

@@ -3,12 +3,12 @@
 //! daemon and the real binary.
 //!
 //! The "test clock": a scripted day of incidents is written straight into Redis
-//! in exactly the format the daemon writes (the `t:inc:<id>` hash with
-//! `opened_ms`, the `t:inc:<id>:tl` list of JSON `{at, event, actor, detail}`
-//! entries, `t:incidents` by opening ms — see `store/mod.rs` and the Lua
+//! in exactly the format the daemon writes (the `{t}:inc:<id>` hash with
+//! `opened_ms`, the `{t}:inc:<id>:tl` list of JSON `{at, event, actor, detail}`
+//! entries, `{t}:incidents` by opening ms — see `store/mod.rs` and the Lua
 //! scripts), with timestamps chosen to the millisecond. So every count and
 //! percentile below is known exactly, without waiting for real time to pass.
-//! The records are left out of `t:queue`, `t:deadlines` and `t:closed`, so the
+//! The records are left out of `{t}:queue`, `{t}:deadlines` and `{t}:closed`, so the
 //! running daemon neither dispatches nor expires them. One more test drives a
 //! real call through the daemon and checks the report counts it.
 
@@ -103,7 +103,7 @@ impl Seed {
     fn write(&self, con: &mut redis::Connection, day_ms: i64) {
         let id = self.id();
         let opened = day_ms + self.open_ms;
-        let rec = format!("t:inc:{id}");
+        let rec = format!("{{t}}:inc:{id}");
         let exhausted = self.steps.iter().any(|s| s.1 == "exhausted");
         let mut pipe = redis::pipe();
         let hset = pipe.cmd("HSET").arg(&rec);
@@ -146,7 +146,7 @@ impl Seed {
             let entry = json!({"at": iso(opened + at), "event": event, "actor": actor, "detail": detail});
             pipe.cmd("RPUSH").arg(format!("{rec}:tl")).arg(entry.to_string());
         }
-        pipe.cmd("ZADD").arg("t:incidents").arg(opened).arg(&id);
+        pipe.cmd("ZADD").arg("{t}:incidents").arg(opened).arg(&id);
         pipe.query::<()>(con).unwrap();
     }
 }
@@ -245,7 +245,7 @@ fn seed(redis: &Redis) -> Vec<Seed> {
         s.write(&mut con, ms(DAY));
     }
     // Indexed but expired (its record is gone): skipped.
-    redis.cli(&["ZADD", "t:incidents", &(ms(DAY) + 10 * H).to_string(), &dispatchd::domain::ids::incident_id(113)]);
+    redis.cli(&["ZADD", "{t}:incidents", &(ms(DAY) + 10 * H).to_string(), &dispatchd::domain::ids::incident_id(113)]);
     day
 }
 

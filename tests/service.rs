@@ -350,10 +350,10 @@ fn caller(d_addr: std::net::SocketAddr, thread: usize, stop: Arc<AtomicBool>, ou
 fn incomplete(redis: &Redis, ids: &[String]) -> Vec<String> {
     const SCRIPT: &str = r#"
 local ids = ARGV
-if #ids == 0 then ids = redis.call('ZRANGE', 't:incidents', 0, -1) end
+if #ids == 0 then ids = redis.call('ZRANGE', '{t}:incidents', 0, -1) end
 local bad = {}
 for _, id in ipairs(ids) do
-  local k = 't:inc:' .. id
+  local k = '{t}:inc:' .. id
   local f = redis.call('HMGET', k, 'id', 'severity', 'category', 'state')
   if not f[1] or not f[2] or not f[3] or not f[4] then
     bad[#bad + 1] = id .. ' record'
@@ -429,7 +429,7 @@ fn sigterm_under_load_drains_and_exits_zero() {
     // …that is in Redis whole, and nothing in Redis is half-written.
     assert_eq!(incomplete(&redis, &ids), Vec::<String>::new());
     assert_eq!(incomplete(&redis, &[]), Vec::<String>::new());
-    let stored: usize = redis.cli(&["ZCARD", "t:incidents"]).trim().parse().unwrap();
+    let stored: usize = redis.cli(&["ZCARD", "{t}:incidents"]).trim().parse().unwrap();
     assert!(stored >= ids.len(), "{stored} incidents stored, {} acknowledged", ids.len());
 
     // Responders were told the daemon is going away.
@@ -493,7 +493,7 @@ fn during_the_drain_new_invites_get_503_and_writes_in_flight_finish() {
     assert_eq!(d.stop(), Some(0), "{}", d.log());
     assert_eq!(incomplete(&redis, &[ringing_id, slow_id]), Vec::<String>::new());
     assert_eq!(incomplete(&redis, &[]), Vec::<String>::new());
-    assert_eq!(redis.cli(&["ZCARD", "t:incidents"]).trim(), "2", "the refused INVITE opened nothing");
+    assert_eq!(redis.cli(&["ZCARD", "{t}:incidents"]).trim(), "2", "the refused INVITE opened nothing");
 }
 
 // ---- SIGHUP ------------------------------------------------------------------
@@ -539,7 +539,7 @@ fn sighup_with_a_good_file_changes_ivr_and_roster_without_dropping_anything() {
     // The IVR map is the new one; the mode is still shadow (the call rings).
     let (p7, id7) = ring(&d, "hup-after-7", "7");
     assert_eq!(classified(&d, &id7), ("flood".into(), "critical".into()));
-    assert_eq!(redis.cli(&["HGET", &format!("t:inc:{id7}"), "instructions"]).trim(), "Sandbags.");
+    assert_eq!(redis.cli(&["HGET", &format!("{{t}}:inc:{id7}"), "instructions"]).trim(), "Sandbags.");
     hang_up(&p7, "hup-after-7");
     // Old rows still apply.
     let (p21, id21) = ring(&d, "hup-after-21", "2,1");
@@ -548,9 +548,9 @@ fn sighup_with_a_good_file_changes_ivr_and_roster_without_dropping_anything() {
 
     // The new responder can connect, and Redis knows its tier and skills.
     let mut bravo = Responder::connect(&d, "r-bravo");
-    assert_eq!(redis.cli(&["SISMEMBER", "t:roster", "r-bravo"]).trim(), "1");
-    assert_eq!(redis.cli(&["HGET", "t:resp:r-bravo", "tier"]).trim(), "2");
-    assert_eq!(redis.cli(&["HGET", "t:resp:r-bravo", "skills"]).trim(), ",flood,outage,");
+    assert_eq!(redis.cli(&["SISMEMBER", "{t}:roster", "r-bravo"]).trim(), "1");
+    assert_eq!(redis.cli(&["HGET", "{t}:resp:r-bravo", "tier"]).trim(), "2");
+    assert_eq!(redis.cli(&["HGET", "{t}:resp:r-bravo", "skills"]).trim(), ",flood,outage,");
     assert_eq!(bravo.request(json!({"type": "availability", "status": "available"}), "b1")["type"], "ok");
 
     // Nothing was dropped: r-alpha's connection still works…

@@ -155,7 +155,7 @@ fn lua_and_rust_incident_ids_agree() {
     let mut seqs: Vec<u64> = (1..=80).collect();
     seqs.extend([1023, 1024, 1_048_575, 1_048_576, 33_554_431, 987_654_321, 1 << 40, (1 << 53) - 1]);
     for (i, seq) in seqs.into_iter().enumerate() {
-        r.redis.cli(&["SET", "t:seq", &(seq - 1).to_string()]);
+        r.redis.cli(&["SET", "{t}:seq", &(seq - 1).to_string()]);
         let id = r.open(&format!("ids-{i}"), Severity::Low, "triage", T0);
         assert_eq!(id, incident_id(seq), "seq {seq}");
         assert_eq!(dispatchd::domain::ids::normalize_id(&id).as_deref(), Some(id.as_str()));
@@ -546,11 +546,11 @@ fn closing_does_not_read_the_callers_history() {
     for id in &ids[..299] {
         close(id);
     }
-    assert_eq!(r.redis.cli(&["PTTL", "t:caller:busy-caller"]).trim(), "-1", "one is still open");
+    assert_eq!(r.redis.cli(&["PTTL", "{t}:caller:busy-caller"]).trim(), "-1", "one is still open");
     r.redis.cli(&["CONFIG", "RESETSTAT"]);
     close(&ids[299]);
     let stats = r.redis.cli(&["INFO", "commandstats"]);
     assert!(!stats.contains("cmdstat_smembers"), "no read of the caller's incidents: {stats}");
-    let ttl: i64 = r.redis.cli(&["PTTL", "t:caller:busy-caller"]).trim().parse().unwrap();
+    let ttl: i64 = r.redis.cli(&["PTTL", "{t}:caller:busy-caller"]).trim().parse().unwrap();
     assert!(ttl > 0, "the index expires with the last record: {ttl}");
 }

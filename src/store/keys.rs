@@ -1,8 +1,12 @@
 //! Every key name of one deployment, once: the Rust side builds keys with
 //! these, and the scripts get the same names in their generated prelude
 //! (`K.queue`, `K.inc(id)`, …), so a key is spelled in one place.
+//!
+//! Every key starts with the deployment's hash tag, `{<redis.prefix>}:`: the
+//! keys of one deployment all hash to one Redis Cluster slot, so each script
+//! operation (which touches several of them) is valid on a cluster node too.
 
-/// Keys of which a deployment has one: `<prefix>:<suffix>`.
+/// Keys of which a deployment has one: `{<prefix>}:<suffix>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Key {
     /// The incident counter (ids are unique across daemons).
@@ -58,7 +62,7 @@ impl Key {
     }
 }
 
-/// Keys of which there is one per something: `<prefix>:<family>:<id><suffix>`.
+/// Keys of which there is one per something: `{<prefix>}:<family>:<id><suffix>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// The record (hash).
@@ -161,16 +165,25 @@ impl Family {
 /// Builds the keys of one deployment.
 #[derive(Debug, Clone)]
 pub struct Keys {
+    /// `{<redis.prefix>}`: the hash tag every key starts with.
     prefix: String,
+    /// `<redis.prefix>` as configured (the layout before the hash tag used it bare).
+    bare: String,
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
-        Keys { prefix: prefix.to_string() }
+        Keys { prefix: format!("{{{prefix}}}"), bare: prefix.to_string() }
     }
 
+    /// What every key starts with (before its `:`): `{<redis.prefix>}`.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The configured prefix without its braces.
+    pub fn bare(&self) -> &str {
+        &self.bare
     }
 
     pub fn key(&self, k: Key) -> String {
@@ -180,5 +193,23 @@ impl Keys {
     pub fn of(&self, f: Family, id: &str) -> String {
         let (_, family, suffix) = f.names();
         format!("{}:{family}:{id}{suffix}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_carries_the_hash_tag() {
+        let k = Keys::new("dispatchd");
+        assert_eq!(k.key(Key::Queue), "{dispatchd}:queue");
+        assert_eq!(k.of(Family::Timeline, "INC-00001"), "{dispatchd}:inc:INC-00001:tl");
+        for key in Key::ALL {
+            assert!(k.key(key).starts_with("{dispatchd}:"));
+        }
+        for f in Family::ALL {
+            assert!(k.of(f, "x").starts_with("{dispatchd}:"));
+        }
     }
 }

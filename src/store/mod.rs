@@ -103,6 +103,17 @@ impl At {
     }
 }
 
+/// `s` as a literal in a SCAN MATCH pattern.
+fn glob_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut out, c| {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+        out
+    })
+}
+
 /// The queue orders by this score: severity rank, then opening time in ms
 /// (13 digits until the year 2286, so the sum is exact in a double).
 pub fn queue_score(severity: Severity, opened_ms: i64) -> String {
@@ -186,6 +197,63 @@ impl Store {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().to_ascii_lowercase().contains("unknown command") => Err(StoreError::TooOld),
             Err(e) => Self::counted(Err(e)),
+        }
+    }
+
+    /// Moves a deployment's keys from the layout before the hash tag
+    /// (`<prefix>:…`) to `{<prefix>}:…`, once: when the old layout has an
+    /// incident counter and the new one has none. Under a lock, so one daemon
+    /// moves them while the others wait; the counter moves last, so its
+    /// presence in the new layout means the move is complete (a move cut off
+    /// half-way is finished by the next start). Returns the keys moved.
+    pub async fn migrate_layout(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        let (old_seq, new_seq) = (format!("{}:seq", self.keys.bare()), self.key(Key::Seq));
+        let lock = format!("{}:migrating", self.keys.prefix());
+        let mut moved = 0u64;
+        loop {
+            let (old, new): (bool, bool) =
+                Self::counted(redis::pipe().exists(&old_seq).exists(&new_seq).query_async(&mut c).await)?;
+            if !old || new {
+                return Ok(moved);
+            }
+            let mine: Option<String> = Self::counted(
+                redis::cmd("SET").arg(&lock).arg("1").arg("NX").arg("PX").arg(60_000).query_async(&mut c).await,
+            )?;
+            if mine.is_none() {
+                // Another daemon is moving them: wait for the counter to arrive.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let pattern = format!("{}:*", glob_escape(self.keys.bare()));
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = Self::counted(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await,
+                )?;
+                let mut pipe = redis::pipe();
+                for k in batch.iter().filter(|k| **k != old_seq) {
+                    let to = format!("{}{}", self.keys.prefix(), &k[self.keys.bare().len()..]);
+                    pipe.cmd("RENAMENX").arg(k).arg(to).ignore();
+                    moved += 1;
+                }
+                Self::counted(pipe.query_async::<()>(&mut c).await)?;
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            let _: i64 = Self::counted(redis::cmd("RENAMENX").arg(&old_seq).arg(&new_seq).query_async(&mut c).await)?;
+            let _: i64 = Self::counted(redis::cmd("DEL").arg(&lock).query_async(&mut c).await)?;
+            moved += 1;
+            tracing::warn!(keys = moved, from = %format!("{}:", self.keys.bare()), to = %format!("{}:", self.keys.prefix()), "moved the keys to the hash-tagged layout");
         }
     }
 
@@ -368,6 +436,12 @@ mod tests {
             (redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError), "user_script:1: bad").into();
         assert!(!StoreError::Redis(script).is_unavailable());
         assert!(!StoreError::Corrupt("INC-1".into(), "state").is_unavailable());
+    }
+
+    #[test]
+    fn glob_patterns_take_a_prefix_literally() {
+        assert_eq!(glob_escape("dispatchd"), "dispatchd");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 
     #[test]
