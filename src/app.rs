@@ -40,8 +40,8 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     let hangups = shutdown::hangups().context("installing the SIGHUP handler")?;
     systemd::status("starting: waiting for Redis");
 
-    let store =
-        Store::new(settings.redis.url.expose(), &settings.redis.prefix, settings.redis.timeout).context("redis.url")?;
+    let store = Store::from_settings(&settings.redis).context("redis.url")?;
+    tokio::spawn(store.primary().clone().watch(token.clone()));
     if !wait_for_redis(&store, &token).await? {
         systemd::stopping();
         tracing::info!("dispatchd stopped before it was ready");

@@ -30,15 +30,15 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Resul
         .block_on(f)
 }
 
-fn intake(settings: &Settings) -> Result<Intake, String> {
-    Intake::connect(settings).map_err(|e| format!("redis.url: {e}"))
+async fn intake(settings: &Settings) -> Result<Intake, String> {
+    Intake::connect(settings).await.map_err(|e| format!("redis: {e}"))
 }
 
 /// `dispatchd report`: the report of incidents opened in `[since, until)`.
 pub fn report(settings: &Settings, since: &str, until: &str, format: Format) -> Result<String, String> {
     let range = parse_range(Some(since), Some(until))?;
     let facts = block_on(async {
-        let intake = intake(settings)?;
+        let intake = intake(settings).await?;
         intake.report_facts(range.since_ms, range.until_ms).await.map_err(|e| format!("reading incidents: {e}"))
     })?;
     let report = compute(&range, &facts, &settings.targets);
@@ -53,7 +53,7 @@ pub fn report(settings: &Settings, since: &str, until: &str, format: Format) -> 
 pub fn review(settings: &Settings, id: &str) -> Result<String, String> {
     let Some(id) = normalize_id(id) else { return Err(format!("{}: not found", id.trim())) };
     let inc = block_on(async {
-        let intake = intake(settings)?;
+        let intake = intake(settings).await?;
         intake.incident(&id).await.map_err(|e| format!("reading {id}: {e}"))
     })?;
     match inc {

@@ -126,11 +126,25 @@ impl Default for SipSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
+    /// The Redis to use; with `sentinels`, only its credentials and database
+    /// count (the address is the primary's, found through the Sentinels).
     pub url: Secret,
     pub prefix: String,
     /// Extension: one Redis command (or script) taking longer fails.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Contract §12: Sentinel addresses (`host:port`); set = the primary is
+    /// found through them, and found again after a failover.
+    pub sentinels: Vec<String>,
+    /// The name the Sentinels monitor the primary under.
+    pub master_name: String,
+    /// Replicas that must have a write before an answer promising it
+    /// (180/603/202, `ok` to an ack) is sent (`WAIT`); 0 = do not wait.
+    pub min_replicas_ack: u32,
+    /// No replica acknowledgement in this time: 503 + Retry-After (or
+    /// `error` `unavailable`), nothing promised.
+    #[serde(deserialize_with = "duration")]
+    pub replicas_timeout: Duration,
 }
 
 impl Default for RedisSettings {
@@ -139,6 +153,10 @@ impl Default for RedisSettings {
             url: Secret("redis://127.0.0.1:6379/0".into()),
             prefix: "dispatchd".into(),
             timeout: Duration::from_millis(1500),
+            sentinels: Vec::new(),
+            master_name: "dispatchd".into(),
+            min_replicas_ack: 0,
+            replicas_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -464,6 +482,7 @@ pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Sett
             .with_list_parse_key("sip.allow")
             .with_list_parse_key("skills")
             .with_list_parse_key("acd.incident_queues")
+            .with_list_parse_key("redis.sentinels")
             .try_parsing(true)
             .source(Some(env_map)),
     );
@@ -598,6 +617,28 @@ impl Settings {
             || p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'{' || b == b'}')
         {
             return Err(err("redis.prefix", "must be 1 to 64 characters without spaces or braces"));
+        }
+        for (i, a) in self.redis.sentinels.iter().enumerate() {
+            let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(err(format!("redis.sentinels[{i}]"), "must be host:port"));
+            }
+        }
+        let name = &self.redis.master_name;
+        if !self.redis.sentinels.is_empty()
+            && (name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(err("redis.master_name", "must be 1 to 128 characters without spaces"));
+        }
+        if self.redis.min_replicas_ack > 64 {
+            return Err(err("redis.min_replicas_ack", "must be at most 64"));
+        }
+        if self.redis.min_replicas_ack > 0
+            && (self.redis.replicas_timeout.is_zero() || self.redis.replicas_timeout >= self.redis.timeout)
+        {
+            return Err(err("redis.replicas_timeout", "must be more than zero and less than redis.timeout"));
         }
         if self.redis.timeout.is_zero() {
             return Err(err("redis.timeout", "must be more than zero"));

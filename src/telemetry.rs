@@ -36,6 +36,10 @@ pub mod metric {
     pub const INTAKE_SECONDS: &str = "dispatchd_intake_seconds";
     /// Extension: 1 while Redis answers.
     pub const REDIS_UP: &str = "dispatchd_redis_up";
+    /// Contract §12: a new Redis primary found after a failover.
+    pub const REDIS_FAILOVERS: &str = "dispatchd_redis_failovers_total";
+    /// Durable writes refused for want of replica acknowledgements (`WAIT`).
+    pub const REDIS_WAIT_SHORT: &str = "dispatchd_redis_wait_short_total";
     /// Extension (issue 5): call events applied, by source and event.
     pub const CALL_EVENTS: &str = "dispatchd_call_events_total";
     /// Extension: correlation rules that fired, by rule.
@@ -82,6 +86,11 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!(metric::QUEUE_DEPTH, "Incidents waiting in the queue, by severity");
     describe_counter!(metric::REDIS_ERRORS, "Redis commands that failed");
     describe_gauge!(metric::REDIS_UP, "1 while Redis answers");
+    describe_counter!(metric::REDIS_FAILOVERS, "Redis primaries found at a new address after a failover");
+    describe_counter!(
+        metric::REDIS_WAIT_SHORT,
+        "writes answered unavailable because fewer replicas than redis.min_replicas_ack acknowledged them in time"
+    );
     describe_histogram!(metric::INTAKE_SECONDS, Unit::Seconds, "INVITE received to incident durably stored");
     describe_counter!(
         metric::DISPATCH_OFFERS,
@@ -107,6 +116,8 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     // and alerts see zeros rather than nothing.
     use crate::domain::incident::Severity;
     metrics::counter!(metric::REDIS_ERRORS).absolute(0);
+    metrics::counter!(metric::REDIS_FAILOVERS).absolute(0);
+    metrics::counter!(metric::REDIS_WAIT_SHORT).absolute(0);
     metrics::gauge!(metric::RESPONDERS_CONNECTED).set(0.0);
     metrics::gauge!(metric::SIP_TCP_CONNECTIONS).set(0.0);
     for m in ["INVITE", "ACK", "CANCEL", "BYE", "INFO", "OPTIONS"] {

@@ -202,7 +202,7 @@ pub(crate) mod tests {
         let mut settings = crate::config::Settings::default();
         settings.redis.url = crate::config::Secret::new("redis://127.0.0.1:1/0");
         settings.redis.timeout = Duration::from_millis(100);
-        Intake::connect(&settings).expect("intake")
+        Intake::new(crate::store::Store::from_settings(&settings.redis).expect("store"), &settings)
     }
 
     /// A listener for the in-test PBX, and the settings that reach it.

@@ -147,10 +147,12 @@ impl Intake {
         }
     }
 
-    /// Intake on its own store (the CLI's `report` and `review`).
-    pub fn connect(settings: &Settings) -> Result<Intake> {
-        let r = &settings.redis;
-        Ok(Intake::new(Store::new(r.url.expose(), &r.prefix, r.timeout)?, settings))
+    /// Intake on its own store (the CLI's `report` and `review`), its
+    /// primary found (through the Sentinels, when there are any).
+    pub async fn connect(settings: &Settings) -> Result<Intake> {
+        let store = Store::from_settings(&settings.redis)?;
+        store.primary().find_once().await.map_err(crate::store::StoreError::Redis)?;
+        Ok(Intake::new(store, settings))
     }
 
     /// This daemon's name in Redis (shared with the dispatcher).

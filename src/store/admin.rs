@@ -68,12 +68,12 @@ impl Store {
     /// (found through the index by pseudonym, and by reading the newest
     /// records). Returns how many records changed.
     pub async fn erase_caller(&self, number: &str, pseudonym: &str, at: At) -> Result<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let mut found = Vec::new();
         let page: isize = 1000;
         let mut start: isize = 0;
         while start < ERASE_SCAN_MAX {
-            let ids: Vec<String> = Self::counted(
+            let ids: Vec<String> = self.counted(
                 redis::cmd("ZREVRANGE")
                     .arg(self.key(Key::Incidents))
                     .arg(start)
@@ -88,7 +88,7 @@ impl Store {
             for id in &ids {
                 pipe.hget(self.of(Family::Inc, id), "caller");
             }
-            let callers: Vec<Option<String>> = Self::counted(pipe.query_async(&mut c).await)?;
+            let callers: Vec<Option<String>> = self.counted(pipe.query_async(&mut c).await)?;
             found.extend(ids.into_iter().zip(callers).filter(|(_, n)| n.as_deref() == Some(number)).map(|(id, _)| id));
             start += page;
         }

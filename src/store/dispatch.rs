@@ -255,8 +255,8 @@ impl Store {
     /// Whether attempt `a` is still wanted: its offer still stands (for a
     /// reminder: the incident still waits for progress from that responder).
     pub async fn still_wanted(&self, a: &Attempt) -> Result<bool> {
-        let mut c = self.conn.clone();
-        let (state, assigned, dispatch): (Option<String>, Option<String>, Option<String>) = Self::counted(
+        let mut c = self.conn()?;
+        let (state, assigned, dispatch): (Option<String>, Option<String>, Option<String>) = self.counted(
             redis::cmd("HMGET")
                 .arg(self.of(Family::Inc, &a.offer.incident_id))
                 .arg("state")
@@ -284,8 +284,8 @@ impl Store {
         for r in rids {
             pipe.hget(self.of(Family::Resp, r), "offer");
         }
-        let mut c = self.conn.clone();
-        let v: Vec<Option<String>> = Self::counted(pipe.query_async(&mut c).await)?;
+        let mut c = self.conn()?;
+        let v: Vec<Option<String>> = self.counted(pipe.query_async(&mut c).await)?;
         Ok(v.into_iter().map(|o| o.filter(|s| !s.is_empty())).collect())
     }
 
@@ -298,9 +298,9 @@ impl Store {
         for (_, id) in pairs {
             pipe.hgetall(self.of(Family::Inc, id));
         }
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let (time, recs): ((i64, i64), Vec<HashMap<String, String>>) = {
-            let mut v: Vec<redis::Value> = Self::counted(pipe.query_async(&mut c).await)?;
+            let mut v: Vec<redis::Value> = self.counted(pipe.query_async(&mut c).await)?;
             if v.is_empty() {
                 return Err(StoreError::Corrupt("TIME".into(), "no answer"));
             }
@@ -348,8 +348,8 @@ impl Store {
         for r in rids {
             pipe.cmd("HMGET").arg(self.of(Family::Resp, r)).arg("lease").arg("availability");
         }
-        let mut c = self.conn.clone();
-        let mut v: Vec<redis::Value> = Self::counted(pipe.query_async(&mut c).await)?;
+        let mut c = self.conn()?;
+        let mut v: Vec<redis::Value> = self.counted(pipe.query_async(&mut c).await)?;
         if v.is_empty() {
             return Err(StoreError::Corrupt("TIME".into(), "no answer"));
         }

@@ -267,15 +267,15 @@ impl Store {
 
     /// One field of an incident's record.
     pub async fn field(&self, id: &str, name: &str) -> Result<Option<String>> {
-        let mut c = self.conn.clone();
-        Self::counted(c.hget(self.of(Family::Inc, id), name).await)
+        let mut c = self.conn()?;
+        self.counted(c.hget(self.of(Family::Inc, id), name).await)
     }
 
     /// What is known of a call (`p:acall:<key>`), its incident id if any, and
     /// the store's time then (ms): the time the event is applied at.
     pub async fn call_state(&self, call_key: &str) -> Result<(HashMap<String, String>, Option<String>, i64)> {
-        let mut c = self.conn.clone();
-        let (state, id, (s, us)): (HashMap<String, String>, Option<String>, (i64, i64)) = Self::counted(
+        let mut c = self.conn()?;
+        let (state, id, (s, us)): (HashMap<String, String>, Option<String>, (i64, i64)) = self.counted(
             redis::pipe()
                 .hgetall(self.of(Family::CallState, call_key))
                 .get(self.of(Family::Call, call_key))
@@ -328,8 +328,8 @@ impl Store {
     /// needs to tell them: `(id, state, eta_ms)`, and the store's time (ms).
     pub async fn caller_open_incident(&self, pseudonym: &str) -> Result<(Option<(String, State, Option<i64>)>, i64)> {
         let now = self.server_ms().await?;
-        let mut c = self.conn.clone();
-        let ids: Vec<String> = Self::counted(c.smembers(self.of(Family::Caller, pseudonym)).await)?;
+        let mut c = self.conn()?;
+        let ids: Vec<String> = self.counted(c.smembers(self.of(Family::Caller, pseudonym)).await)?;
         if ids.is_empty() {
             return Ok((None, now));
         }
@@ -338,7 +338,7 @@ impl Store {
             pipe.cmd("HMGET").arg(self.of(Family::Inc, id)).arg("state").arg("opened_ms").arg("eta_ms");
         }
         let rows: Vec<(Option<String>, Option<String>, Option<String>)> =
-            Self::counted(pipe.query_async(&mut c).await)?;
+            self.counted(pipe.query_async(&mut c).await)?;
         let mut best: Option<(i64, String, State, Option<i64>)> = None;
         for (id, (state, opened, eta)) in ids.into_iter().zip(rows) {
             let Some(state) = state.as_deref().and_then(State::parse) else { continue };

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use std::sync::Arc;
 
 use redis::AsyncCommands;
@@ -37,10 +37,12 @@ pub mod dispatch;
 pub mod intake;
 pub mod keys;
 pub mod prelude;
+pub mod primary;
 pub mod pubsub;
 pub mod report;
 
 use keys::{Family, Key, Keys};
+use primary::Primary;
 use prelude::{Library, Script};
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
@@ -61,6 +63,8 @@ pub enum StoreError {
     Corrupt(String, &'static str),
     #[error("this Redis has no function libraries (FUNCTION LOAD): dispatchd needs Redis 7.0 or later")]
     TooOld,
+    #[error("no Redis primary known (the Sentinels are being asked)")]
+    NoPrimary,
 }
 
 impl StoreError {
@@ -78,6 +82,7 @@ impl StoreError {
                     // Out of memory, failing to persist, busy with a script: it passes.
                     || matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY" | "LOADING" | "READONLY"))
             }
+            StoreError::NoPrimary => true,
             StoreError::Corrupt(..) | StoreError::TooOld => false,
         }
     }
@@ -122,23 +127,31 @@ pub fn queue_score(severity: Severity, opened_ms: i64) -> String {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
-    url: String,
+    primary: Arc<Primary>,
     keys: Keys,
     lib: Arc<Library>,
 }
 
 impl Store {
-    /// Creates the store; the connection is made lazily and remade after failures.
+    /// A store on the one Redis at `url`; the connection is made lazily and
+    /// remade after failures.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Store> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Store { conn, url: url.to_string(), keys: Keys::new(prefix), lib: Arc::new(Library::new()) })
+        Ok(Store::on(Primary::new(url, &[], "", timeout)?, prefix))
+    }
+
+    /// The store `[redis]` describes: one server, or the primary of a
+    /// Sentinel-monitored set (then [`Store::primary`]'s `watch` finds it).
+    pub fn from_settings(r: &crate::config::RedisSettings) -> Result<Store> {
+        Ok(Store::on(Primary::new(r.url.expose(), &r.sentinels, &r.master_name, r.timeout)?, &r.prefix))
+    }
+
+    fn on(primary: Primary, prefix: &str) -> Store {
+        Store { primary: Arc::new(primary), keys: Keys::new(prefix), lib: Arc::new(Library::new()) }
+    }
+
+    /// Where the primary is (its watcher is run by the daemon).
+    pub fn primary(&self) -> &Arc<Primary> {
+        &self.primary
     }
 
     fn key(&self, k: Key) -> String {
@@ -149,16 +162,27 @@ impl Store {
         self.keys.of(f, id)
     }
 
-    fn counted<T>(r: std::result::Result<T, redis::RedisError>) -> Result<T> {
+    /// A command's result: a failure counts, and one a failover explains
+    /// sends the store looking for the primary again.
+    fn counted<T>(&self, r: std::result::Result<T, redis::RedisError>) -> Result<T> {
         r.map_err(|e| {
             metrics::counter!(metric::REDIS_ERRORS).increment(1);
+            self.primary.saw(&e);
             StoreError::Redis(e)
         })
     }
 
+    /// The connection to the primary in use.
+    fn conn(&self) -> Result<ConnectionManager> {
+        self.primary.node().map(|n| n.conn.clone()).ok_or(StoreError::NoPrimary)
+    }
+
     /// One value of a pipeline's answer, decoded.
     fn decode<T: redis::FromRedisValue>(v: redis::Value) -> Result<T> {
-        Self::counted(redis::from_redis_value(v).map_err(redis::RedisError::from))
+        redis::from_redis_value(v).map_err(|e| {
+            metrics::counter!(metric::REDIS_ERRORS).increment(1);
+            StoreError::Redis(redis::RedisError::from(e))
+        })
     }
 
     /// A call of `script`'s operation `op` at `at`; the op's own arguments follow.
@@ -171,13 +195,13 @@ impl Store {
     /// Runs a call of the library, loading the library first when this Redis
     /// does not have it (a new server, a flushed one, another version's).
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         match cmd.query_async(&mut c).await {
             Err(e) if e.to_string().contains("Function not found") => {
                 self.load_library().await?;
-                Self::counted(cmd.query_async(&mut c).await)
+                self.counted(cmd.query_async(&mut c).await)
             }
-            r => Self::counted(r),
+            r => self.counted(r),
         }
     }
 
@@ -190,13 +214,13 @@ impl Store {
     /// Loads the scripts into Redis (at startup; again whenever a call finds
     /// them missing). Redis 7.0 or later is needed for function libraries.
     pub async fn load_library(&self) -> Result<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let mut load = redis::cmd("FUNCTION");
         load.arg("LOAD").arg("REPLACE").arg(&self.lib.code);
         match load.query_async::<String>(&mut c).await {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().to_ascii_lowercase().contains("unknown command") => Err(StoreError::TooOld),
-            Err(e) => Self::counted(Err(e)),
+            Err(e) => self.counted(Err(e)),
         }
     }
 
@@ -207,17 +231,17 @@ impl Store {
     /// presence in the new layout means the move is complete (a move cut off
     /// half-way is finished by the next start). Returns the keys moved.
     pub async fn migrate_layout(&self) -> Result<u64> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let (old_seq, new_seq) = (format!("{}:seq", self.keys.bare()), self.key(Key::Seq));
         let lock = format!("{}:migrating", self.keys.prefix());
         let mut moved = 0u64;
         loop {
             let (old, new): (bool, bool) =
-                Self::counted(redis::pipe().exists(&old_seq).exists(&new_seq).query_async(&mut c).await)?;
+                self.counted(redis::pipe().exists(&old_seq).exists(&new_seq).query_async(&mut c).await)?;
             if !old || new {
                 return Ok(moved);
             }
-            let mine: Option<String> = Self::counted(
+            let mine: Option<String> = self.counted(
                 redis::cmd("SET").arg(&lock).arg("1").arg("NX").arg("PX").arg(60_000).query_async(&mut c).await,
             )?;
             if mine.is_none() {
@@ -228,7 +252,7 @@ impl Store {
             let pattern = format!("{}:*", glob_escape(self.keys.bare()));
             let mut cursor: u64 = 0;
             loop {
-                let (next, batch): (u64, Vec<String>) = Self::counted(
+                let (next, batch): (u64, Vec<String>) = self.counted(
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
@@ -244,14 +268,14 @@ impl Store {
                     pipe.cmd("RENAMENX").arg(k).arg(to).ignore();
                     moved += 1;
                 }
-                Self::counted(pipe.query_async::<()>(&mut c).await)?;
+                self.counted(pipe.query_async::<()>(&mut c).await)?;
                 cursor = next;
                 if cursor == 0 {
                     break;
                 }
             }
-            let _: i64 = Self::counted(redis::cmd("RENAMENX").arg(&old_seq).arg(&new_seq).query_async(&mut c).await)?;
-            let _: i64 = Self::counted(redis::cmd("DEL").arg(&lock).query_async(&mut c).await)?;
+            let _: i64 = self.counted(redis::cmd("RENAMENX").arg(&old_seq).arg(&new_seq).query_async(&mut c).await)?;
+            let _: i64 = self.counted(redis::cmd("DEL").arg(&lock).query_async(&mut c).await)?;
             moved += 1;
             tracing::warn!(keys = moved, from = %format!("{}:", self.keys.bare()), to = %format!("{}:", self.keys.prefix()), "moved the keys to the hash-tagged layout");
         }
@@ -259,22 +283,22 @@ impl Store {
 
     /// Whether Redis answers right now.
     pub async fn ping(&self) -> Result<()> {
-        let mut c = self.conn.clone();
-        Self::counted(redis::cmd("PING").query_async::<String>(&mut c).await).map(|_| ())
+        let mut c = self.conn()?;
+        self.counted(redis::cmd("PING").query_async::<String>(&mut c).await).map(|_| ())
     }
 
     /// The Redis server's clock, ms since the epoch.
     pub async fn server_ms(&self) -> Result<i64> {
-        let mut c = self.conn.clone();
-        let (s, us): (i64, i64) = Self::counted(redis::cmd("TIME").query_async(&mut c).await)?;
+        let mut c = self.conn()?;
+        let (s, us): (i64, i64) = self.counted(redis::cmd("TIME").query_async(&mut c).await)?;
         Ok(s * 1000 + us / 1000)
     }
 
     /// One incident with its timeline.
     pub async fn get(&self, id: &str) -> Result<Option<Incident>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         type Parts = (Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>, BTreeMap<String, u64>);
-        let (fields, tl, mut members, mut related, omitted): Parts = Self::counted(
+        let (fields, tl, mut members, mut related, omitted): Parts = self.counted(
             redis::pipe()
                 .hgetall(self.of(Family::Inc, id))
                 .lrange(self.of(Family::Timeline, id), 0, -1)
@@ -304,12 +328,12 @@ impl Store {
     /// Newest first, without timelines.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Incident>> {
         let limit = filter.limit.clamp(1, 500);
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let mut out = Vec::new();
         let page: isize = 200;
         let mut start: isize = 0;
         while out.len() < limit && start < LIST_SCAN_MAX {
-            let ids: Vec<String> = Self::counted(c.zrevrange(self.key(Key::Incidents), start, start + page - 1).await)?;
+            let ids: Vec<String> = self.counted(c.zrevrange(self.key(Key::Incidents), start, start + page - 1).await)?;
             if ids.is_empty() {
                 break;
             }
@@ -317,7 +341,7 @@ impl Store {
             for id in &ids {
                 pipe.hgetall(self.of(Family::Inc, id));
             }
-            let recs: Vec<Vec<(String, String)>> = Self::counted(pipe.query_async(&mut c).await)?;
+            let recs: Vec<Vec<(String, String)>> = self.counted(pipe.query_async(&mut c).await)?;
             for (id, fields) in ids.iter().zip(recs) {
                 if fields.is_empty() {
                     continue; // expired record
@@ -338,7 +362,7 @@ impl Store {
 
     /// Waiting incidents per severity (for `dispatchd_queue_depth`).
     pub async fn queue_depths(&self) -> Result<Vec<(Severity, u64)>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let key = self.key(Key::Queue);
         let mut pipe = redis::pipe();
         for s in Severity::ALL {
@@ -347,7 +371,7 @@ impl Store {
             let hi = format!("({}", u64::from(s.rank() + 1) * 10_000_000_000_000);
             pipe.zcount(&key, lo, hi);
         }
-        let counts: Vec<u64> = Self::counted(pipe.query_async(&mut c).await)?;
+        let counts: Vec<u64> = self.counted(pipe.query_async(&mut c).await)?;
         Ok(Severity::ALL.into_iter().zip(counts).collect())
     }
 }

@@ -46,7 +46,7 @@ impl Store {
     }
 
     async fn publish(&self, channel: &str, payload: &str) {
-        let mut c = self.conn.clone();
+        let Ok(mut c) = self.conn() else { return };
         let _: std::result::Result<i64, _> =
             redis::cmd("PUBLISH").arg(self.channel(channel)).arg(payload).query_async(&mut c).await;
     }
@@ -67,15 +67,18 @@ impl Store {
         self.publish(CANCEL, &encode_cancel(r)).await;
     }
 
-    /// Listens for notices on a connection of its own, calling `on` for each,
-    /// until the connection drops (`Err`) or `stop` resolves (`Ok`).
+    /// Listens for notices on a connection of its own to the primary,
+    /// calling `on` for each, until the connection drops or another primary
+    /// is in use (`Err`: listen again) or `stop` resolves (`Ok`).
     pub async fn listen(
         &self,
         stop: impl std::future::Future<Output = ()>,
         mut on: impl FnMut(Notice),
-    ) -> redis::RedisResult<()> {
-        let client = redis::Client::open(self.url.as_str())?;
-        let mut pubsub = client.get_async_pubsub().await?;
+    ) -> super::Result<()> {
+        let node = self.primary.node().ok_or(super::StoreError::NoPrimary)?;
+        let mut changes = self.primary.changes();
+        changes.mark_unchanged();
+        let mut pubsub = node.client.get_async_pubsub().await?;
         let (wake_ch, cancel_ch, remind_ch) = (self.channel(WAKE), self.channel(CANCEL), self.channel(REMIND));
         pubsub.subscribe(&[&wake_ch, &cancel_ch, &remind_ch]).await?;
         let mut stream = pubsub.on_message();
@@ -83,6 +86,7 @@ impl Store {
         loop {
             let msg = tokio::select! {
                 _ = &mut stop => return Ok(()),
+                _ = changes.changed() => return Err(super::StoreError::NoPrimary),
                 m = stream.next() => match m { Some(m) => m, None => return Ok(()) },
             };
             let payload: String = msg.get_payload().unwrap_or_default();

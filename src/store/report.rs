@@ -15,9 +15,9 @@ impl Store {
     /// The incidents opened in `[since_ms, until_ms)` (by `p:incidents`), oldest
     /// first, with their timelines; records that have expired are skipped.
     pub async fn report_facts(&self, since_ms: i64, until_ms: i64) -> Result<Vec<Facts>> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn()?;
         let ids: Vec<String> =
-            Self::counted(c.zrangebyscore(self.key(Key::Incidents), since_ms, format!("({until_ms}")).await)?;
+            self.counted(c.zrangebyscore(self.key(Key::Incidents), since_ms, format!("({until_ms}")).await)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
             let mut pipe = redis::pipe();
@@ -26,7 +26,7 @@ impl Store {
                 pipe.lrange(self.of(Family::Timeline, id), 0, -1);
             }
             // HMGET and LRANGE both answer arrays of (nil or) strings.
-            let replies: Vec<Vec<Option<String>>> = Self::counted(pipe.query_async(&mut c).await)?;
+            let replies: Vec<Vec<Option<String>>> = self.counted(pipe.query_async(&mut c).await)?;
             for (id, pair) in chunk.iter().zip(replies.chunks(2)) {
                 let [fields, timeline] = pair else { continue };
                 let (Some(Some(severity)), Some(category), Some(Some(opened))) =
