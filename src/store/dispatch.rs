@@ -195,7 +195,7 @@ impl Store {
         for ms in policy.en_route_within_ms {
             inv.arg(ms);
         }
-        let row: AnswerRow = self.run_json(&inv, dispatch_id).await?;
+        let row: AnswerRow = self.run_json_durable(&inv, dispatch_id).await?;
         Ok(match row {
             AnswerRow { error: Some(code), .. } => Answer::Refused(code),
             AnswerRow { release: Some(r), .. } => Answer::Declined(r),
@@ -227,7 +227,7 @@ impl Store {
         for ms in policy.on_scene_within_ms {
             inv.arg(ms);
         }
-        let row: StatusRow = self.run_json(&inv, incident_id).await?;
+        let row: StatusRow = self.run_json_durable(&inv, incident_id).await?;
         Ok(match row {
             StatusRow { ok: Some(_), .. } => Ok(()),
             StatusRow { error: Some(code), .. } => Err(code),

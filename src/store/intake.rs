@@ -224,7 +224,13 @@ impl Store {
                 inv.arg(t);
             }
         }
-        self.run_json(&inv, what).await
+        // What a call's answer promises (180/603, 202, an INFO's 200) waits
+        // for the replicas; a feed lease does not.
+        if matches!(op, "open" | "event" | "append") {
+            self.run_json_durable(&inv, what).await
+        } else {
+            self.run_json(&inv, what).await
+        }
     }
 
     /// Opens the incident for a call, or finds the one already opened for the

@@ -34,6 +34,7 @@ use crate::telemetry::metric;
 
 pub mod admin;
 pub mod dispatch;
+pub mod durable;
 pub mod intake;
 pub mod keys;
 pub mod prelude;
@@ -65,6 +66,10 @@ pub enum StoreError {
     TooOld,
     #[error("no Redis primary known (the Sentinels are being asked)")]
     NoPrimary,
+    #[error("fewer replicas than redis.min_replicas_ack acknowledged the write in time")]
+    ReplicasShort,
+    #[error("the connection failed during a durable write: {0}")]
+    Lost(String),
 }
 
 impl StoreError {
@@ -82,7 +87,7 @@ impl StoreError {
                     // Out of memory, failing to persist, busy with a script: it passes.
                     || matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY" | "LOADING" | "READONLY"))
             }
-            StoreError::NoPrimary => true,
+            StoreError::NoPrimary | StoreError::ReplicasShort | StoreError::Lost(_) => true,
             StoreError::Corrupt(..) | StoreError::TooOld => false,
         }
     }
@@ -130,6 +135,10 @@ pub struct Store {
     primary: Arc<Primary>,
     keys: Keys,
     lib: Arc<Library>,
+    /// `(min_replicas_ack, replicas_timeout)` when answers wait for replicas.
+    wait: Option<(u32, Duration)>,
+    /// The group-commit task of those writes, started on first use.
+    durable: Arc<std::sync::OnceLock<durable::Durable>>,
 }
 
 impl Store {
@@ -142,11 +151,21 @@ impl Store {
     /// The store `[redis]` describes: one server, or the primary of a
     /// Sentinel-monitored set (then [`Store::primary`]'s `watch` finds it).
     pub fn from_settings(r: &crate::config::RedisSettings) -> Result<Store> {
-        Ok(Store::on(Primary::new(r.url.expose(), &r.sentinels, &r.master_name, r.timeout)?, &r.prefix))
+        let mut store = Store::on(Primary::new(r.url.expose(), &r.sentinels, &r.master_name, r.timeout)?, &r.prefix);
+        if r.min_replicas_ack > 0 {
+            store.wait = Some((r.min_replicas_ack, r.replicas_timeout));
+        }
+        Ok(store)
     }
 
     fn on(primary: Primary, prefix: &str) -> Store {
-        Store { primary: Arc::new(primary), keys: Keys::new(prefix), lib: Arc::new(Library::new()) }
+        Store {
+            primary: Arc::new(primary),
+            keys: Keys::new(prefix),
+            lib: Arc::new(Library::new()),
+            wait: None,
+            durable: Arc::default(),
+        }
     }
 
     /// Where the primary is (its watcher is run by the daemon).
@@ -208,6 +227,27 @@ impl Store {
     /// Runs an operation whose answer is a JSON object, decoded as `T`.
     async fn run_json<T: DeserializeOwned>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let text: String = self.run(cmd).await?;
+        serde_json::from_str(&text).map_err(|_| StoreError::Corrupt(what.to_string(), "unexpected script answer"))
+    }
+
+    /// Runs a write an answer will promise: with `min_replicas_ack`, only
+    /// `Ok` once that many replicas have it (see [`durable`]).
+    async fn run_durable<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let Some((replicas, timeout)) = self.wait else { return self.run(cmd).await };
+        let d = self.durable.get_or_init(|| durable::Durable::start(self.primary.clone(), replicas, timeout));
+        let v = match d.run(cmd.clone()).await {
+            Err(StoreError::Redis(e)) if e.to_string().contains("Function not found") => {
+                self.load_library().await?;
+                d.run(cmd.clone()).await?
+            }
+            r => r?,
+        };
+        Self::decode(v)
+    }
+
+    /// [`Store::run_durable`] for an operation answering a JSON object.
+    async fn run_json_durable<T: DeserializeOwned>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
+        let text: String = self.run_durable(cmd).await?;
         serde_json::from_str(&text).map_err(|_| StoreError::Corrupt(what.to_string(), "unexpected script answer"))
     }
 
