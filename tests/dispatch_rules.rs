@@ -825,8 +825,13 @@ fn status_only_from_the_assigned_responder() {
         assert_eq!(entry["actor"], x.as_str(), "{entry}");
     }
 
-    // Resolved is final; and the other one still cannot touch it.
+    // Resolved is final: the one who resolved it saying so again (a retry
+    // after a lost answer) is answered ok, with nothing written twice; going
+    // back is not allowed; and the other one still cannot touch it.
     let r = step(&mut crew, &x, &one, "resolved", "x4");
+    assert_eq!(r["type"], "ok", "{r}");
+    assert_eq!(events(&d.incident(&one)).iter().filter(|e| *e == "resolved").count(), 1);
+    let r = step(&mut crew, &x, &one, "on_scene", "x5");
     assert_eq!(r["code"], "not_allowed", "{r}");
     let r = step(&mut crew, &y, &one, "resolved", "y-wrong2");
     assert_eq!(r["code"], "not_allowed", "{r}");

@@ -43,8 +43,8 @@ pub mod pubsub;
 pub mod report;
 
 use keys::{Family, Key, Keys};
-use primary::Primary;
 use prelude::{Library, Script};
+use primary::Primary;
 
 /// How long a call key keeps pointing at its incident (re-sends of an INVITE come within this).
 const CALL_KEY_TTL_S: u64 = 86_400;
@@ -373,7 +373,8 @@ impl Store {
         let page: isize = 200;
         let mut start: isize = 0;
         while out.len() < limit && start < LIST_SCAN_MAX {
-            let ids: Vec<String> = self.counted(c.zrevrange(self.key(Key::Incidents), start, start + page - 1).await)?;
+            let ids: Vec<String> =
+                self.counted(c.zrevrange(self.key(Key::Incidents), start, start + page - 1).await)?;
             if ids.is_empty() {
                 break;
             }

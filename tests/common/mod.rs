@@ -46,11 +46,23 @@ pub struct Redis {
     pub port: u16,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More arguments of redis-server (`--replicaof …`), kept for restarts.
+    args: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut r = Redis { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
+        Redis::start_with(&[])
+    }
+
+    /// A redis-server with more arguments (`["--replicaof", "127.0.0.1", "6379"]`).
+    pub fn start_with(args: &[&str]) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
         r.restart();
         r
     }
@@ -66,6 +78,7 @@ impl Redis {
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -148,6 +161,8 @@ pub struct Options {
     pub responders: String,
     /// More TOML: `[[responder]]` tables (see [`roster`]), `[escalation.*]`…
     pub extra: String,
+    /// More keys of the `[redis]` table (`sentinels = […]`, …).
+    pub redis: String,
     /// `[correlation.*]` tables. By default the repeat and surge rules are off
     /// ([`CORRELATION_OFF`]): most tests call from one number and open many
     /// incidents of one category. Tests of the rules set their own ("" = the
@@ -177,6 +192,7 @@ impl Default for Options {
             http: String::new(),
             responders: String::new(),
             extra: String::new(),
+            redis: String::new(),
             correlation: CORRELATION_OFF.to_string(),
             env: Vec::new(),
         }
@@ -312,6 +328,7 @@ tcp_max_connections = 32
 url = "{redis}"
 prefix = "t"
 timeout = "2s"
+{redis_extra}
 
 [responders]
 listen = "127.0.0.1:{ws}"
@@ -353,6 +370,7 @@ drain = "5s"
             sip_extra = o.sip,
             http_extra = o.http,
             responders_extra = o.responders,
+            redis_extra = o.redis,
         );
         std::fs::write(&self.config, text).unwrap();
     }

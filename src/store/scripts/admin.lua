@@ -62,6 +62,8 @@ local function handle()
       end
     end
     redis.call('HSET', k, 'state', to, to .. '_ms', now, 'ack_by_ms', '')
+    -- Not a step of the responder's: its retry of a status is not this one.
+    redis.call('HDEL', k, 'step_by')
     if f[1] == 'offered' then redis.call('HSET', k, 'assigned_to', '') end
     redis.call('ZREM', K.queue, id)
     redis.call('ZREM', K.deadlines, id)

@@ -403,10 +403,14 @@ local function handle()
     -- ARGV[9..12] on_scene_within (ms) per severity rank (the reminder after en_route)
     -- Returns {ok = new state} | {error = code}
     local rid, id, status = ARGV[4], ARGV[5], ARGV[6]
-    local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to')
+    local f = redis.call('HMGET', K.inc(id), 'state', 'assigned_to', 'step_by')
+    -- The step this responder already made, again: a retry after an answer
+    -- that did not arrive (or a write whose replicas did not confirm in
+    -- time, contract §12). The same answer, nothing written twice.
+    if f[2] == rid and f[1] == status and f[3] == rid then return cjson.encode({ok = status, repeated = true}) end
     if f[2] ~= rid or not PROGRESS[f[1]] or f[1] == 'resolved' then return cjson.encode({error = 'not_allowed'}) end
     if not PROGRESS[status] or PROGRESS[status] <= PROGRESS[f[1]] then return cjson.encode({error = 'not_allowed'}) end
-    redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now, 'reminders', 0)
+    redis.call('HSET', K.inc(id), 'state', status, status .. '_ms', now, 'reminders', 0, 'step_by', rid)
     redis.call('ZREM', K.fallback, id)
     if status == 'en_route' then
       local s = RANK[redis.call('HGET', K.inc(id), 'severity')] or 2
