@@ -12,7 +12,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -309,8 +309,9 @@ fn failover_and_kill_of_the_primary_lose_no_promised_incident() {
     let primary = t.node(third);
     let lost: Vec<String> = declined
         .iter()
-        .filter_map(|c| c.incident.clone())
-        .filter(|id| primary.cli(&["EXISTS", &format!("{{t}}:inc:{id}")]).trim() != "1")
+        .filter_map(|c| c.incident.as_ref().map(|id| (id, &c.call_id)))
+        .filter(|(id, _)| primary.cli(&["EXISTS", &format!("{{t}}:inc:{id}")]).trim() != "1")
+        .map(|(id, call)| format!("{id} (call {call})"))
         .collect();
     assert!(lost.is_empty(), "603 answered but not on the new primary: {lost:?}");
     assert!(declined.iter().all(|c| c.incident.is_some()), "a 603 without X-Incident-Id");
