@@ -52,6 +52,11 @@ fn bad_values_exit_78() {
         ("[[ivr]]\npath = \"2;1\"\ncategory = \"a\"\nseverity = \"low\"\n", "ivr[0].path"),
         ("[http]\nadmin_token_sha256 = \"abc\"\n", "http.admin_token_sha256"),
         ("[escalation.critical]\nack_timeout = \"0s\"\n", "escalation.critical.ack_timeout"),
+        ("[redis]\nprefix = \"a{b}\"\n", "redis.prefix"),
+        ("[redis]\nsentinels = [\"10.0.0.41\"]\n", "redis.sentinels[0]"),
+        ("[redis]\nsentinels = [\"10.0.0.41:26379\"]\nmaster_name = \"\"\n", "redis.master_name"),
+        ("[redis]\nmin_replicas_ack = 1\nreplicas_timeout = \"5s\"\n", "redis.replicas_timeout"),
+        ("[redis]\nmin_replicas_ack = -1\n", "redis.min_replicas_ack"),
         ("this is not toml", "config"),
     ] {
         let (code, text) = check_config(toml);

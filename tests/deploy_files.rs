@@ -668,6 +668,21 @@ assert d["build"]["dockerfile"] == "deploy/Dockerfile"
 assert d["depends_on"]["redis"]["condition"] == "service_healthy"
 for opt in ("prometheus", "grafana"):
     assert "monitoring" in s[opt].get("profiles", []), opt
+ha = load("deploy/compose.ha.yaml")["services"]
+assert set(["redis", "redis-replica-1", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3", "dispatchd"]) <= set(ha), ha.keys()
+for r in ("redis-replica-1", "redis-replica-2"):
+    cmd = ha[r]["command"]
+    assert cmd[cmd.index("--replicaof") + 1] == "redis", cmd
+for r in ("redis", "redis-replica-1", "redis-replica-2"):
+    cmd = ha[r]["command"]
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction", cmd
+    assert cmd[cmd.index("--appendonly") + 1] == "yes", cmd
+for s_ in ("sentinel-1", "sentinel-2", "sentinel-3"):
+    script = " ".join(ha[s_]["command"])
+    assert "sentinel monitor dispatchd redis 6379 2" in script and "--sentinel" in script, script
+env = ha["dispatchd"]["environment"]
+assert env["DISPATCHD__REDIS__SENTINELS"] == "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379", env
+assert env["DISPATCHD__REDIS__MASTER_NAME"] == "dispatchd" and env["DISPATCHD__REDIS__MIN_REPLICAS_ACK"] == "1", env
 rules = load("deploy/prometheus/alerts.yml")
 for g in rules["groups"]:
     for r in g["rules"]:
