@@ -19,6 +19,11 @@
 //!     cargo run --release --example loadgen -- dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS
 //!     cargo run --release --example loadgen -- idle WS_URL RESPONDERS
 //!     cargo run --release --example loadgen -- fallback SIP_ADDR API_ADDR ADMIN_TOKEN HOOK_PORT PHONE_PORT CALLS RATE
+//!     cargo run --release --example loadgen -- probe SIP_ADDR INTERVAL_MS
+//!
+//! `probe` mode: one call every INTERVAL_MS until stdin closes, each with its
+//! own Call-ID; prints `<ms since the epoch the INVITE left> <final status>`
+//! per call (0 when none came within 5 s), for the failover gap in deploy/bench.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -170,6 +175,65 @@ async fn idle(url: String, responders: usize) -> anyhow::Result<()> {
     let mut line = String::new();
     let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
     drop(held);
+    Ok(())
+}
+
+/// One call every `interval` until stdin closes: its send time and final status.
+async fn probe(sip: SocketAddr, interval: Duration) -> anyhow::Result<()> {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+    let local = sock.local_addr()?;
+    // Call-ID → (sent, epoch ms); answered ones are printed by the reader.
+    let pending: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
+    let reader = {
+        let (sock, pending) = (sock.clone(), pending.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                if status < 200 {
+                    continue;
+                }
+                let Some(call_id) = header(&text, "Call-ID") else { continue };
+                let Some(at) = pending.lock().unwrap().remove(call_id) else { continue };
+                println!("{at:.0} {status}");
+                let ack = format!(
+                    "ACK sip:incident@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-{call_id}\r\n\
+                     Max-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+                    header(&text, "From").unwrap_or_default(),
+                    header(&text, "To").unwrap_or_default()
+                );
+                let _ = sock.send_to(ack.as_bytes(), from).await;
+            }
+        })
+    };
+    let closed = tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+    });
+    tokio::pin!(closed);
+    let run: u32 = rand::random();
+    let mut tick = tokio::time::interval(interval);
+    for n in 0u64.. {
+        tokio::select! {
+            _ = &mut closed => break,
+            _ = tick.tick() => {}
+        }
+        pending.lock().unwrap().insert(format!("lg-{run}-{n}"), epoch_ms_f64());
+        sock.send_to(invite(local, run, n).as_bytes(), sip).await?;
+        // Calls without an answer for 5 s: status 0.
+        let stale: Vec<(String, f64)> = {
+            let now = epoch_ms_f64();
+            let mut p = pending.lock().unwrap();
+            let old: Vec<String> = p.iter().filter(|(_, at)| now - **at > 5000.0).map(|(k, _)| k.clone()).collect();
+            old.into_iter().filter_map(|k| p.remove(&k).map(|at| (k, at))).collect()
+        };
+        for (_, at) in stale {
+            println!("{at:.0} 0");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    reader.abort();
     Ok(())
 }
 
@@ -352,8 +416,9 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        ["probe", sip, ms] => probe(sip.parse()?, Duration::from_millis(ms.parse()?)).await,
         _ => anyhow::bail!(
-            "usage: loadgen dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS | loadgen idle WS_URL RESPONDERS | \
+            "usage: loadgen probe SIP_ADDR INTERVAL_MS | loadgen dispatch SIP_ADDR WS_URL RESPONDERS RATE SECONDS | loadgen idle WS_URL RESPONDERS | \
              loadgen fallback SIP_ADDR API_ADDR ADMIN_TOKEN HOOK_PORT PHONE_PORT CALLS RATE"
         ),
     }

@@ -76,6 +76,8 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            // A replica that must copy its primary in full (after a failover) gets it at once.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.args)
@@ -84,9 +86,7 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (run ./deploy/test)");
         self.child = Some(child);
-        let port = self.port;
         wait_until("redis", Duration::from_secs(10), || self.cli(&["PING"]).trim() == "PONG");
-        let _ = port;
     }
 
     /// SIGKILL: no goodbye, like a crash.
