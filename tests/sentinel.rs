@@ -239,6 +239,25 @@ fn readyz_watch(port: u16, stop: Arc<AtomicBool>) -> JoinHandle<bool> {
 }
 
 /// Waits until `d` opens incidents again (a call answered 603).
+/// A write on one connection, then `WAIT n 250`: did `n` replicas take it in time?
+fn acknowledged_by(port: u16, n: u32) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    if c.write_all(format!("SET settle 1\r\nWAIT {n} 250\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"\r\n") || got.iter().filter(|&&b| b == b'\n').count() < 2 {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+    }
+    got == format!("+OK\r\n:{n}\r\n").as_bytes()
+}
+
 fn wait_serving(d: &Daemon, tag: &str) {
     let mut n = 0;
     wait_until("calls answered 603 again", S20, || {
@@ -396,6 +415,9 @@ fn without_the_replicas_min_replicas_ack_answers_503_until_one_returns() {
             >= n
     };
     wait_until("the replicas in sync", S20, || online(2));
+    // A replica fresh from its first copy rewrites its AOF and may miss the
+    // first WAITs: wait until a write of ours is acknowledged by both quickly.
+    wait_until("the replicas acknowledging", S20, || acknowledged_by(primary.port, 2));
     let opts = Options {
         redis: "min_replicas_ack = 1\nreplicas_timeout = \"250ms\"\n".into(),
         extra: roster(&[("r-1", 1, &["*"])]) + &escalation("60s", 3),
