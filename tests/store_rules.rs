@@ -202,6 +202,37 @@ fn skills_decide_who_may_take_it_and_severity_decides_the_order() {
     assert_eq!(r.record(&crit).state, State::Offered);
 }
 
+/// A pass reads the queue a page at a time (16): an incident further down is
+/// still found, and incidents taken off the queue on the way (offered, or
+/// found closed) make no later one be skipped.
+#[test]
+fn a_deep_queue_is_read_page_by_page_skipping_nothing() {
+    let r = rig();
+    r.roster(&[("w1", 1, "water"), ("w2", 1, "water"), ("w3", 1, "water"), ("w4", 1, "water")]);
+    for rid in ["w1", "w2", "w3", "w4"] {
+        r.connect(rid, T0);
+    }
+    // Queue order = opening order: water at 0, 1, 16 and 32 (the first of the
+    // second and third pages), outages nobody can take elsewhere, and at 17
+    // and 18 two closed by a path that left them queued.
+    let mut water = Vec::new();
+    for i in 0..33 {
+        let at = T0 + 10 * i64::from(i);
+        if [0, 1, 16, 32].contains(&i) {
+            water.push(r.open(&format!("w{i}"), Severity::High, "water", at));
+        } else {
+            let id = r.open(&format!("o{i}"), Severity::High, "outage", at);
+            if i == 17 || i == 18 {
+                r.redis.cli(&["HSET", &format!("{{t}}:inc:{id}"), "state", "cancelled"]);
+            }
+        }
+    }
+    let mut offered: Vec<String> = r.offers(3, T0 + S).into_iter().map(|(i, _)| i).collect();
+    offered.sort();
+    water.sort();
+    assert_eq!(offered, water, "every water incident offered, none skipped");
+}
+
 #[test]
 fn decline_and_timeout_withdraw_and_escalate_to_the_next_tier() {
     let r = rig();

@@ -61,15 +61,19 @@ local function expire(releases)
   end
 end
 
+-- How far down the queue one pass looks for incidents a free responder can
+-- take, and how many it reads at once.
+local QUEUE_LOOK, QUEUE_PAGE = 500, 16
+
 -- Pairs waiting incidents with free responders. `pol`: max offers, ack timeout
 -- (ms) and max rounds per severity rank, this daemon.
 local function match(pol, offers, exhausted)
-  local queue = redis.call('ZRANGE', K.queue, 0, 499)
-  if #queue == 0 then return end
-  -- Responders are read lazily, in idle order (tier, then least recently
-  -- dispatched), and only as far as needed: usually the first one will do.
+  -- Free responders first: with none (every responder busy under a backlog)
+  -- the queue is not read at all.
   local idle = redis.call('ZRANGE', K.idle, 0, -1)
   if #idle == 0 then return end
+  -- Responders are read lazily, in idle order (tier, then least recently
+  -- dispatched), and only as far as needed: usually the first one will do.
   local cands, loaded = {}, 0
   local function cand(i)
     while loaded < i and loaded < #idle do
@@ -89,13 +93,32 @@ local function match(pol, offers, exhausted)
     return cands[i]
   end
   local used = 0
-  for _, id in ipairs(queue) do
+  -- The queue, most urgent first, read a page at a time (usually the first
+  -- page will do), up to QUEUE_LOOK incidents. An incident taken off the
+  -- queue here moves the later ones up a place: the next page starts that
+  -- much earlier.
+  local seen, removed, page = 0, 0, {}
+  local at = 0
+  local function next_queued()
+    at = at + 1
+    if at > #page then
+      if seen >= QUEUE_LOOK then return nil end
+      local from = seen - removed
+      page = redis.call('ZRANGE', K.queue, from, from + math.min(QUEUE_PAGE, QUEUE_LOOK - seen) - 1)
+      seen, at = seen + #page, 1
+    end
+    return page[at]
+  end
+  while true do
     if #offers >= pol.max or (loaded == #idle and used == #cands) then break end
+    local id = next_queued()
+    if not id then break end
     local k = K.inc(id)
     local f = redis.call('HMGET', k, 'state', 'category', 'severity', 'exhausted', 'exhausted_ms', 'round', 'tier', 'attempts',
       'summary', 'instructions', 'caller', 'queue', 'opened_ms', 'major')
     if f[1] ~= 'queued' then
       redis.call('ZREM', K.queue, id)
+      removed = removed + 1
     else
       local s = RANK[f[3]] or 2
       local cat = f[2] or ''
@@ -156,6 +179,7 @@ local function match(pol, offers, exhausted)
         redis.call('HSET', k, 'state', 'offered', 'assigned_to', pick.id, 'dispatch_id', dispatch_id,
           'attempts', attempts, 'ack_by_ms', ack_by, 'offered_ms', now, 'tier', pick.tier, 'round', round)
         redis.call('ZREM', K.queue, id)
+        removed = removed + 1
         redis.call('ZADD', K.deadlines, ack_by, id)
         redis.call('SADD', K.tried(id), pick.id)
         redis.call('HSET', K.resp(pick.id), 'offer', id, 'last', now)
