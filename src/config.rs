@@ -145,6 +145,11 @@ pub struct RedisSettings {
     /// `error` `unavailable`), nothing promised.
     #[serde(deserialize_with = "duration")]
     pub replicas_timeout: Duration,
+    /// Extension: how long an incident's opening waits for others to share
+    /// its script call (concurrent calls are opened together); 0 = only
+    /// those already waiting. At most 10 ms.
+    #[serde(deserialize_with = "duration")]
+    pub batch_wait: Duration,
 }
 
 impl Default for RedisSettings {
@@ -157,6 +162,7 @@ impl Default for RedisSettings {
             master_name: "dispatchd".into(),
             min_replicas_ack: 0,
             replicas_timeout: Duration::from_millis(250),
+            batch_wait: Duration::from_millis(1),
         }
     }
 }
@@ -631,6 +637,9 @@ impl Settings {
             && (name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(err("redis.master_name", "must be 1 to 128 characters without spaces"));
+        }
+        if self.redis.batch_wait > Duration::from_millis(10) {
+            return Err(err("redis.batch_wait", "must be at most 10ms"));
         }
         if self.redis.min_replicas_ack > 64 {
             return Err(err("redis.min_replicas_ack", "must be at most 64"));

@@ -34,6 +34,8 @@ pub mod metric {
     pub const REDIS_ERRORS: &str = "dispatchd_redis_errors_total";
     /// Extension: INVITE received → incident durably in Redis.
     pub const INTAKE_SECONDS: &str = "dispatchd_intake_seconds";
+    /// Extension (issue 14): incidents opened per script call (concurrent calls share one).
+    pub const INTAKE_BATCH: &str = "dispatchd_intake_batch_calls";
     /// Extension: 1 while Redis answers.
     pub const REDIS_UP: &str = "dispatchd_redis_up";
     /// Contract §12: a new Redis primary found after a failover.
@@ -76,6 +78,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(Matcher::Full(metric::INTAKE_BATCH.into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])?
         .install_recorder()?;
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(metric::SIP_REQUESTS, "SIP requests received, by method");
@@ -92,6 +95,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "writes answered unavailable because fewer replicas than redis.min_replicas_ack acknowledged them in time"
     );
     describe_histogram!(metric::INTAKE_SECONDS, Unit::Seconds, "INVITE received to incident durably stored");
+    describe_histogram!(
+        metric::INTAKE_BATCH,
+        "incidents opened (or found) per script call: concurrent calls share one"
+    );
     describe_counter!(
         metric::DISPATCH_OFFERS,
         "Dispatch offers, by outcome (offered, acknowledged, declined, ack_timeout, exhausted)"
@@ -146,7 +153,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     for r in ["repeat_call", "severity_raised", "related", "callback", "abandon_storm", "surge"] {
         metrics::counter!(metric::CORRELATIONS, "rule" => r).absolute(0);
     }
-    for h in [metric::CALL_TO_OFFER, metric::OFFER_TO_ACK, metric::INTAKE_SECONDS] {
+    for h in [metric::CALL_TO_OFFER, metric::OFFER_TO_ACK, metric::INTAKE_SECONDS, metric::INTAKE_BATCH] {
         // A histogram appears in the text format once it has a handle.
         let _ = metrics::histogram!(h);
     }

@@ -57,6 +57,7 @@ fn bad_values_exit_78() {
         ("[redis]\nsentinels = [\"10.0.0.41:26379\"]\nmaster_name = \"\"\n", "redis.master_name"),
         ("[redis]\nmin_replicas_ack = 1\nreplicas_timeout = \"5s\"\n", "redis.replicas_timeout"),
         ("[redis]\nmin_replicas_ack = -1\n", "redis.min_replicas_ack"),
+        ("[redis]\nbatch_wait = \"50ms\"\n", "redis.batch_wait"),
         ("this is not toml", "config"),
     ] {
         let (code, text) = check_config(toml);

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::keys::Family;
 use super::prelude::Script;
-use super::{At, CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, Result, Store};
+use super::{At, CALL_KEY_TTL_S, CALL_STATE_TTL_S, DEDUP_TTL_S, Result, Store, StoreError};
 use crate::domain::incident::{NewIncident, Severity, State};
 use crate::domain::policy::CorrelationSettings;
 use crate::domain::timeline::Entry;
@@ -148,7 +148,7 @@ pub struct Storm {
 /// object, the record's fields and its first timeline entries. `state` is what
 /// to remember of the call for its later events (an INVITE's incident needs
 /// nothing: its record has it).
-struct OpenArgs {
+pub(super) struct OpenArgs {
     json: Value,
     fields: Vec<(&'static str, String)>,
     timeline: Vec<String>,
@@ -194,6 +194,12 @@ fn state_map(pairs: &[(&'static str, String)]) -> Map<String, Value> {
 }
 
 impl OpenArgs {
+    /// The call waited `d` more before its script ran: it was opened that much earlier.
+    pub(super) fn add_age(&mut self, d: std::time::Duration) {
+        let age = self.json["age_ms"].as_u64().unwrap_or(0);
+        self.json["age_ms"] = json!(age + u64::try_from(d.as_millis()).unwrap_or(0));
+    }
+
     /// All in one JSON object (the callback of an `event`, a rare path).
     fn into_json(self) -> Value {
         let mut v = self.json;
@@ -209,28 +215,47 @@ impl Store {
         &self,
         op: &str,
         args: &Value,
-        open: Option<&OpenArgs>,
         at: At,
         what: &str,
     ) -> Result<T> {
         let mut inv = self.op(Script::Intake, op, at);
         inv.arg(args.to_string());
-        if let Some(o) = open {
-            inv.arg(o.fields.len());
-            for (k, v) in &o.fields {
-                inv.arg(*k).arg(v);
-            }
-            for t in &o.timeline {
-                inv.arg(t);
-            }
-        }
-        // What a call's answer promises (180/603, 202, an INFO's 200) waits
-        // for the replicas; a feed lease does not.
-        if matches!(op, "open" | "event" | "append") {
+        // What a call's answer promises (202, an INFO's 200) waits for the
+        // replicas; a feed lease does not.
+        if matches!(op, "event" | "append") {
             self.run_json_durable(&inv, what).await
         } else {
             self.run_json(&inv, what).await
         }
+    }
+
+    /// Opens (or finds) the incidents of `calls` in one script call, in order;
+    /// durable like every write a call's answer promises.
+    pub(super) async fn open_batch(&self, calls: &[&OpenArgs], at: At) -> Result<Vec<Opened>> {
+        let mut inv = self.op(Script::Intake, "open", at);
+        let list: Vec<Value> = calls
+            .iter()
+            .map(|c| {
+                let mut j = c.json.clone();
+                j["nf"] = json!(c.fields.len());
+                j["nt"] = json!(c.timeline.len());
+                j
+            })
+            .collect();
+        inv.arg(Value::Array(list).to_string());
+        for c in calls {
+            for (k, v) in &c.fields {
+                inv.arg(*k).arg(v);
+            }
+            for t in &c.timeline {
+                inv.arg(t);
+            }
+        }
+        let outs: Vec<Opened> = self.run_json_durable(&inv, "open").await?;
+        if outs.len() != calls.len() {
+            return Err(StoreError::Corrupt("open".into(), "one answer per call expected"));
+        }
+        Ok(outs)
     }
 
     /// Opens the incident for a call, or finds the one already opened for the
@@ -244,7 +269,13 @@ impl Store {
         at: At,
     ) -> Result<Opened> {
         let args = open_args(n, rules, state);
-        self.run_intake("open", &args.json, Some(&args), at, &n.call_key).await
+        if at == At::Server
+            && let Some(b) = self.batcher()
+        {
+            return b.open(args).await;
+        }
+        let mut outs = self.open_batch(&[&args], at).await?;
+        outs.pop().ok_or(StoreError::Corrupt("open".into(), "one answer per call expected"))
     }
 
     /// Appends timeline entries that need no other change (`(incident, entry)`),
@@ -254,7 +285,7 @@ impl Store {
             return Ok(());
         }
         let flat: Vec<String> = entries.iter().flat_map(|(id, e)| [id.clone(), e.to_json()]).collect();
-        let _: Value = self.run_intake("append", &json!(flat), None, at, "append").await?;
+        let _: Value = self.run_intake("append", &json!(flat), at, "append").await?;
         Ok(())
     }
 
@@ -267,7 +298,7 @@ impl Store {
             held: bool,
         }
         let args = json!({"name": name, "holder": holder, "ttl_ms": ttl.as_millis() as u64, "release": release});
-        let lease: Lease = self.run_intake("lease", &args, None, At::Server, name).await?;
+        let lease: Lease = self.run_intake("lease", &args, At::Server, name).await?;
         Ok(lease.held)
     }
 
@@ -327,7 +358,7 @@ impl Store {
             }
             args.insert("storm".into(), storm);
         }
-        self.run_intake("event", &Value::Object(args), None, at, &w.call_key).await
+        self.run_intake("event", &Value::Object(args), at, &w.call_key).await
     }
 
     /// The newest open incident of a caller (by pseudonym), with what an IVR

@@ -33,6 +33,7 @@ use crate::domain::timeline::{TimelineEntry, timestamp_ms};
 use crate::telemetry::metric;
 
 pub mod admin;
+pub mod batch;
 pub mod dispatch;
 pub mod durable;
 pub mod intake;
@@ -56,7 +57,7 @@ const DEDUP_TTL_S: u64 = 600;
 /// How many records a filtered list reads at most to fill one page.
 const LIST_SCAN_MAX: isize = 5_000;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -139,6 +140,10 @@ pub struct Store {
     wait: Option<(u32, Duration)>,
     /// The group-commit task of those writes, started on first use.
     durable: Arc<std::sync::OnceLock<durable::Durable>>,
+    /// `redis.batch_wait` when openings are batched (the daemon; see [`batch`]).
+    batch_wait: Option<Duration>,
+    /// The batching task, started on first use.
+    batcher: Arc<std::sync::OnceLock<batch::Batcher>>,
 }
 
 impl Store {
@@ -155,6 +160,7 @@ impl Store {
         if r.min_replicas_ack > 0 {
             store.wait = Some((r.min_replicas_ack, r.replicas_timeout));
         }
+        store.batch_wait = Some(r.batch_wait);
         Ok(store)
     }
 
@@ -165,7 +171,16 @@ impl Store {
             lib: Arc::new(Library::new()),
             wait: None,
             durable: Arc::default(),
+            batch_wait: None,
+            batcher: Arc::default(),
         }
+    }
+
+    /// The task that opens concurrent calls' incidents together, when this
+    /// store batches them (started in the current runtime on first use).
+    fn batcher(&self) -> Option<&batch::Batcher> {
+        let wait = self.batch_wait?;
+        Some(self.batcher.get_or_init(|| batch::Batcher::start(self.clone(), wait)))
     }
 
     /// Where the primary is (its watcher is run by the daemon).

@@ -6,9 +6,9 @@
 --
 -- ARGV[1] op ('open' | 'event' | 'append' | 'lease')   ARGV[2] prefix
 -- ARGV[3] now (ms, or '' for Redis's clock)   ARGV[4] the operation's arguments, JSON
--- 'open' only: ARGV[5] n, then n record field name/value pairs, then the first
--- timeline entries (JSON text without their time) — kept out of the JSON, which
--- would cost a decode and an unescape of every entry on each incoming call.
+-- 'open' only: after the JSON, each call's record fields and first timeline
+-- entries (JSON text without their time) — kept out of the JSON, which would
+-- cost a decode and an unescape of every entry on each incoming call.
 -- Returns a JSON object (see each op).
 --
 -- Keys (p = prefix; names in store/keys.rs), besides those described in dispatch.lua:
@@ -249,12 +249,22 @@ end
 local function handle()
   local a = cjson.decode(ARGV[4])
   if op == 'open' then
-    local n = tonumber(ARGV[5])
-    a.fields = {unpack(ARGV, 6, 5 + 2 * n)}
-    a.timeline = {unpack(ARGV, 6 + 2 * n)}
-    local out = open(a, a.rules or {})
-    remember(a.call_key, a.state, a.state_ttl, a.pseudonym)
-    return cjson.encode(out)
+    -- a: the calls to open, in order (concurrent calls come in one batch), each
+    -- {call_key, call_ttl, state_ttl, pseudonym, age_ms, generic, state, rules,
+    -- nf, nt}; after it, for each call in turn: nf record field name/value
+    -- pairs, then its nt first timeline entries. Returns what `open` did for
+    -- each, in order. One call's outcome never depends on its batch: they are
+    -- opened one after the other, as separate scripts would.
+    local at, outs = 5, {}
+    for i, c in ipairs(a) do
+      c.fields = {unpack(ARGV, at, at + 2 * c.nf - 1)}
+      at = at + 2 * c.nf
+      c.timeline = {unpack(ARGV, at, at + c.nt - 1)}
+      at = at + c.nt
+      outs[i] = open(c, c.rules or {})
+      remember(c.call_key, c.state, c.state_ttl, c.pseudonym)
+    end
+    return cjson.encode(outs)
 
   elseif op == 'event' then
     -- a: call_key, call_ttl, state {…}, dedup, dedup_ttl, entries (JSON text, for the

@@ -1,0 +1,94 @@
+//! Opening the incidents of concurrent calls in one script call.
+//!
+//! Every INVITE (and every incident opened through the API or by a PBX
+//! feed) is opened by the `open` operation of `intake.lua`. One task here
+//! takes every opening waiting at that moment, waits at most
+//! `redis.batch_wait` for more (never longer: the first call's answer waits
+//! with it), and sends them as one `FCALL`: one command, one round trip, one
+//! `WAIT` with `min_replicas_ack`, instead of one each. The script opens them
+//! one after the other exactly as separate calls would, so a call's outcome
+//! never depends on its batch. The batch succeeds or fails as a whole: a call
+//! in a failed batch is told its incident was not stored (503), and its retry
+//! finds the incident if the script had written it (idempotent per call key).
+//!
+//! While one batch is in Redis the next one fills, so under load batches
+//! grow by themselves and the wait adds nothing.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::intake::{OpenArgs, Opened};
+use super::{At, Result, Store, StoreError};
+
+/// Calls opened in one script call at most.
+pub const MAX_BATCH: usize = 64;
+
+struct Job {
+    args: OpenArgs,
+    queued: Instant,
+    reply: oneshot::Sender<Result<Opened>>,
+}
+
+/// The door to the batching task.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the task (in the current runtime) on `store`.
+    pub fn start(store: Store, wait: Duration) -> Batcher {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(batch_loop(store, rx, wait));
+        Batcher { tx }
+    }
+
+    /// Opens one call's incident with whatever else is being opened now.
+    pub(super) async fn open(&self, args: OpenArgs) -> Result<Opened> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { args, queued: Instant::now(), reply };
+        self.tx.send(job).await.map_err(|_| StoreError::NoPrimary)?;
+        answer.await.unwrap_or(Err(StoreError::NoPrimary))
+    }
+}
+
+async fn batch_loop(store: Store, mut rx: mpsc::Receiver<Job>, wait: Duration) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+            return;
+        }
+        if jobs.len() < MAX_BATCH && !wait.is_zero() {
+            let until = tokio::time::sleep(wait);
+            tokio::pin!(until);
+            while jobs.len() < MAX_BATCH {
+                let room = MAX_BATCH - jobs.len();
+                tokio::select! {
+                    biased;
+                    n = rx.recv_many(&mut jobs, room) => if n == 0 { break },
+                    _ = &mut until => break,
+                }
+            }
+        }
+        metrics::histogram!(crate::telemetry::metric::INTAKE_BATCH).record(jobs.len() as f64);
+        // The time a call waited here counts in its age (its incident was opened when it came).
+        for j in &mut jobs {
+            let waited = j.queued.elapsed();
+            j.args.add_age(waited);
+        }
+        let args: Vec<&OpenArgs> = jobs.iter().map(|j| &j.args).collect();
+        match store.open_batch(&args, At::Server).await {
+            Ok(outs) => {
+                for (j, o) in jobs.drain(..).zip(outs) {
+                    let _ = j.reply.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                for j in jobs.drain(..) {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
