@@ -104,8 +104,10 @@ pub async fn run(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Re
     // The SIP sockets outlive `token`: during the drain they keep reading, so
     // new INVITEs get 503 and ACKs stop retransmissions; closed after it.
     let sip_token = CancellationToken::new();
+    tokio::spawn(uas.clone().resend_loop(sip_token.clone()));
     if let Some(sock) = udp {
-        for _ in 0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
+        // One reader per runtime thread: more would only take turns.
+        for _ in 0..settings.runtime.worker_threads {
             tokio::spawn(transport::serve_udp(sock.clone(), allow.clone(), uas.clone(), sip_token.clone()));
         }
     }

@@ -166,7 +166,11 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             dispatchd::telemetry::init_logging(&settings.log);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(settings.runtime.worker_threads)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("dispatchd: cannot start the runtime: {e}");

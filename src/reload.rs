@@ -84,6 +84,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("privacy.caller_key", old.privacy.caller_key.expose() != new.privacy.caller_key.expose());
     check("log.format", old.log.format != new.log.format);
     check("log.level", old.log.level != new.log.level);
+    check("runtime.worker_threads", old.runtime.worker_threads != new.runtime.worker_threads);
     let (o, n) = (&old.escalation, &new.escalation);
     check("escalation.critical", differs(&o.critical, &n.critical));
     check("escalation.high", differs(&o.high, &n.high));

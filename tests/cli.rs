@@ -58,6 +58,7 @@ fn bad_values_exit_78() {
         ("[redis]\nmin_replicas_ack = 1\nreplicas_timeout = \"5s\"\n", "redis.replicas_timeout"),
         ("[redis]\nmin_replicas_ack = -1\n", "redis.min_replicas_ack"),
         ("[redis]\nbatch_wait = \"50ms\"\n", "redis.batch_wait"),
+        ("[runtime]\nworker_threads = 0\n", "runtime.worker_threads"),
         ("this is not toml", "config"),
     ] {
         let (code, text) = check_config(toml);

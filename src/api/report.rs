@@ -41,7 +41,12 @@ async fn report(State(st): State<ApiState>, RawQuery(raw): RawQuery) -> Response
         Err(p) => p.into_inner().targets.clone(),
     };
     match st.intake.report_facts(range.since_ms, range.until_ms).await {
-        Ok(facts) => Json(compute(&range, &facts, &targets)).into_response(),
+        // A long range is seconds of arithmetic: on the blocking pool, not on
+        // the threads that answer calls (`runtime.worker_threads`, 1 by default).
+        Ok(facts) => match tokio::task::spawn_blocking(move || compute(&range, &facts, &targets)).await {
+            Ok(report) => Json(report).into_response(),
+            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "report_failed"),
+        },
         Err(e) => {
             tracing::warn!(error = %e, "report not read");
             error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")

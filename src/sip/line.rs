@@ -457,6 +457,18 @@ impl Uas {
         );
     }
 
+    /// Resends unacknowledged final responses until shutdown (see `RESEND_TICK`).
+    pub async fn resend_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(super::transaction::RESEND_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.txs.resend_due(),
+            }
+        }
+    }
+
     /// Forgets finished transactions and idle sources; run every second.
     pub fn sweep(&self) {
         self.txs.sweep();

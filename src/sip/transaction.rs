@@ -13,7 +13,7 @@
 //! per early dialog (`D`) is its own business (`line.rs`); it works on the
 //! table under the one lock this layer holds.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -250,12 +250,50 @@ pub fn method_label(m: &str) -> &'static str {
 /// The server transactions and early dialogs of one UAS.
 pub struct Transactions<C, D> {
     table: Mutex<Table<C, D>>,
+    /// Final responses to INVITEs over UDP awaiting their ACK, soonest first:
+    /// one schedule run by [`Transactions::resend_due`], not a timer per call.
+    resends: Mutex<BinaryHeap<Resend>>,
 }
+
+/// A final response to resend at `due` unless acknowledged (Timer G), until `until` (Timer H).
+struct Resend {
+    due: Instant,
+    every: Duration,
+    until: Instant,
+    peer: Peer,
+    bytes: Bytes,
+    acked: Arc<AtomicBool>,
+}
+
+impl PartialEq for Resend {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due
+    }
+}
+
+impl Eq for Resend {}
+
+impl PartialOrd for Resend {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Resend {
+    /// Reversed: the heap's top is the soonest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.due.cmp(&self.due)
+    }
+}
+
+/// How often [`Transactions::resend_due`] should run: Timer G's first
+/// interval (T1, 500 ms) is then kept to within this.
+pub const RESEND_TICK: Duration = Duration::from_millis(20);
 
 impl<C, D> Default for Transactions<C, D> {
     fn default() -> Self {
         let table = Table { txs: HashMap::new(), dialogs: HashMap::new(), others: 0, other_bytes: 0 };
-        Transactions { table: Mutex::new(table) }
+        Transactions { table: Mutex::new(table), resends: Mutex::default() }
     }
 }
 
@@ -351,20 +389,37 @@ impl<C: Send + 'static, D> Transactions<C, D> {
         };
         peer.send(&bytes);
         if !peer.reliable() {
-            tokio::spawn(async move {
-                let deadline = Instant::now() + LINGER;
-                let mut g = T1;
-                loop {
-                    tokio::time::sleep(g).await;
-                    if acked.load(Ordering::Relaxed) || Instant::now() >= deadline {
-                        break;
-                    }
-                    peer.send(&bytes);
-                    g = (g * 2).min(T2);
-                }
-            });
+            let now = Instant::now();
+            let r = Resend { due: now + T1, every: T1, until: now + LINGER, peer, bytes, acked };
+            self.resends.lock().unwrap_or_else(|p| p.into_inner()).push(r);
         }
         dialog
+    }
+
+    /// Resends the final responses that are due and not yet acknowledged,
+    /// each again after twice the interval (at most T2) until Timer H; run
+    /// every [`RESEND_TICK`].
+    pub fn resend_due(&self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut heap = self.resends.lock().unwrap_or_else(|p| p.into_inner());
+            while heap.peek().is_some_and(|r| r.due <= now) {
+                due.extend(heap.pop());
+            }
+        }
+        due.retain_mut(|r| {
+            if r.acked.load(Ordering::Relaxed) || now >= r.until {
+                return false;
+            }
+            r.peer.send(&r.bytes);
+            r.every = (r.every * 2).min(T2);
+            r.due = now + r.every;
+            true
+        });
+        if !due.is_empty() {
+            self.resends.lock().unwrap_or_else(|p| p.into_inner()).extend(due);
+        }
     }
 
     /// An ACK: the final response's retransmissions stop.
