@@ -146,8 +146,10 @@ pub struct RedisSettings {
     #[serde(deserialize_with = "duration")]
     pub replicas_timeout: Duration,
     /// Extension: how long an incident's opening waits for others to share
-    /// its script call (concurrent calls are opened together); 0 = only
-    /// those already waiting. At most 10 ms.
+    /// its script call. 0 (the default): it shares it only with those already
+    /// waiting, which under load is most of them. A wait saves Redis CPU at
+    /// low rates and adds up to twice as much to every answer (the timer's
+    /// resolution is 1 ms). At most 10 ms.
     #[serde(deserialize_with = "duration")]
     pub batch_wait: Duration,
 }
@@ -162,7 +164,7 @@ impl Default for RedisSettings {
             master_name: "dispatchd".into(),
             min_replicas_ack: 0,
             replicas_timeout: Duration::from_millis(250),
-            batch_wait: Duration::from_millis(1),
+            batch_wait: Duration::ZERO,
         }
     }
 }

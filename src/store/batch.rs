@@ -2,10 +2,10 @@
 //!
 //! Every INVITE (and every incident opened through the API or by a PBX
 //! feed) is opened by the `open` operation of `intake.lua`. One task here
-//! takes every opening waiting at that moment, waits at most
-//! `redis.batch_wait` for more (never longer: the first call's answer waits
-//! with it), and sends them as one `FCALL`: one command, one round trip, one
-//! `WAIT` with `min_replicas_ack`, instead of one each. The script opens them
+//! takes every opening waiting at that moment, waits `redis.batch_wait` for
+//! more (0 by default: the first call's answer would wait with it), and sends
+//! them as one `FCALL`: one command, one round trip, one `WAIT` with
+//! `min_replicas_ack`, instead of one each. The script opens them
 //! one after the other exactly as separate calls would, so a call's outcome
 //! never depends on its batch. The batch succeeds or fails as a whole: a call
 //! in a failed batch is told its incident was not stored (503), and its retry
