@@ -24,10 +24,9 @@ use super::{At, Result, Store, StoreError};
 
 /// Calls opened in one script call at most. With `min_replicas_ack` a
 /// batch's cycle (the script, then the replica's ack) is several ms on a busy
-/// machine, and the line's rate is at most this many calls per cycle: 64
-/// held the rate with a replica to 4,000 calls/s where one call per round
-/// trip had reached 6,000 (`deploy/bench ha`). A batch this size keeps Redis
-/// busy for about 15 ms, which only happens under such a flood.
+/// machine, and the line's rate is at most this many calls per cycle. A
+/// batch this size keeps Redis busy for about 15 ms, which only happens
+/// under a flood.
 pub const MAX_BATCH: usize = 256;
 
 struct Job {
