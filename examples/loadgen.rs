@@ -182,7 +182,7 @@ async fn idle(url: String, responders: usize) -> anyhow::Result<()> {
 async fn probe(sip: SocketAddr, interval: Duration) -> anyhow::Result<()> {
     let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     let local = sock.local_addr()?;
-    // Call-ID → (sent, epoch ms); answered ones are printed by the reader.
+    // Call-ID → when it was sent (ms since the epoch); answered ones are printed by the reader.
     let pending: Arc<Mutex<HashMap<String, f64>>> = Arc::default();
     let reader = {
         let (sock, pending) = (sock.clone(), pending.clone());
