@@ -23,7 +23,18 @@ const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kamailio/kamai
 struct Proc(Child, &'static str);
 
 impl Drop for Proc {
+    /// SIGTERM first: Kamailio's main process then stops the worker processes
+    /// it forked (SIGKILL would leave them running after the test); SIGKILL if
+    /// it is still there after 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
