@@ -3,7 +3,7 @@
 //! Unknown keys are an error, and every value is validated before the daemon
 //! starts, so `dispatchd check-config` can name the offending key (exit 78).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -494,10 +494,12 @@ pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
 /// [`load`] with the environment given explicitly (for tests).
 pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Settings, ConfigError> {
     let mut builder = config::Config::builder();
+    let mut file_text = None;
     if let Some(path) = path {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        file_text = Some(text);
     }
     // DISPATCHD__SECTION__KEY. Only keys with this prefix count; list values are comma-separated.
     let env_map: std::collections::HashMap<String, String> =
@@ -514,7 +516,11 @@ pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Sett
             .try_parsing(true)
             .source(Some(env_map)),
     );
-    let raw = builder.build().map_err(|e| from_config_error(&e))?;
+    let raw = builder.build().map_err(|e| match &file_text {
+        // A value the TOML parser refuses (an integer beyond 64 bits, …): name its key.
+        Some(text) => file_error(text).unwrap_or_else(|| from_config_error(&e)),
+        None => from_config_error(&e),
+    })?;
     let settings: Settings = serde_path_to_error::deserialize(raw).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -522,6 +528,33 @@ pub fn load_from(path: Option<&Path>, env: Vec<(String, String)>) -> Result<Sett
     })?;
     settings.validate()?;
     Ok(settings)
+}
+
+/// The file's parse error named by the key on the line it points at
+/// (`section.key`, `ivr[1].path`), when the TOML parser says where it is.
+fn file_error(text: &str) -> Option<ConfigError> {
+    let e = toml::from_str::<toml::Table>(text).err()?;
+    let at = e.span()?.start;
+    let line_no = text.get(..at)?.matches('\n').count();
+    let mut section = String::new();
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    for line in text.lines().take(line_no) {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+            section = format!("{name}[{n}]");
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            section = name.trim().to_string();
+        }
+    }
+    let (key, _) = text.lines().nth(line_no)?.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('#') {
+        return None;
+    }
+    let key = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
+    Some(err(key, e.message().to_string()))
 }
 
 fn from_config_error(e: &config::ConfigError) -> ConfigError {
@@ -646,9 +679,16 @@ impl Settings {
         {
             return Err(err("redis.prefix", "must be 1 to 64 characters without spaces or braces"));
         }
+        if self.redis.sentinels.len() > 32 {
+            return Err(err("redis.sentinels", "at most 32 Sentinels"));
+        }
         for (i, a) in self.redis.sentinels.iter().enumerate() {
+            // A host name (at most 253 ASCII characters) or an IP address, then a port.
             let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0)
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host.bytes().all(|b| b.is_ascii_graphic())
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
             });
             if !ok {
                 return Err(err(format!("redis.sentinels[{i}]"), "must be host:port"));

@@ -67,6 +67,50 @@ fn bad_values_exit_78() {
     }
 }
 
+/// The keys of contract §12 and `[runtime]`, `redis.batch_wait`: malformed,
+/// oversized and non-ASCII values are refused naming the key (exit 78), never
+/// a crash; a non-ASCII Sentinel master name is a name like any other.
+#[test]
+fn redis_ha_and_runtime_keys_refuse_bad_values() {
+    let long_host = format!("{}:26379", "h".repeat(300));
+    let many: Vec<String> = (0..33).map(|i| format!("\"10.0.0.{i}:26379\"")).collect();
+    let many = format!("[redis]\nsentinels = [{}]\n", many.join(", "));
+    let cases: Vec<(String, &str)> = vec![
+        ("[redis]\nsentinels = \"10.0.0.41:26379\"\n".into(), "redis.sentinels"),
+        ("[redis]\nsentinels = [\"hôst.example:26379\"]\n".into(), "redis.sentinels[0]"),
+        ("[redis]\nsentinels = [\"10.0.0.41:２６３７９\"]\n".into(), "redis.sentinels[0]"),
+        ("[redis]\nsentinels = [\"10.0.0.41:99999\"]\n".into(), "redis.sentinels[0]"),
+        ("[redis]\nsentinels = [\"10.0.0.41:0\"]\n".into(), "redis.sentinels[0]"),
+        (format!("[redis]\nsentinels = [\"{long_host}\"]\n"), "redis.sentinels[0]"),
+        (many, "redis.sentinels"),
+        (
+            format!("[redis]\nsentinels = [\"10.0.0.41:26379\"]\nmaster_name = \"{}\"\n", "m".repeat(200)),
+            "redis.master_name",
+        ),
+        ("[redis]\nsentinels = [\"10.0.0.41:26379\"]\nmaster_name = \"a b\"\n".into(), "redis.master_name"),
+        ("[redis]\nmin_replicas_ack = \"one\"\n".into(), "redis.min_replicas_ack"),
+        ("[redis]\nmin_replicas_ack = 99999999999999999999\n".into(), "redis.min_replicas_ack"),
+        ("[redis]\nmin_replicas_ack = 65\n".into(), "redis.min_replicas_ack"),
+        ("[redis]\nmin_replicas_ack = 1\nreplicas_timeout = \"250мс\"\n".into(), "redis.replicas_timeout"),
+        ("[redis]\nreplicas_timeout = \"99999999999999h\"\n".into(), "redis.replicas_timeout"),
+        ("[redis]\nbatch_wait = \"soon\"\n".into(), "redis.batch_wait"),
+        ("[redis]\nbatch_wait = \"１ms\"\n".into(), "redis.batch_wait"),
+        ("[redis]\nbatch_wait = \"99999999999999999999999ms\"\n".into(), "redis.batch_wait"),
+        ("[runtime]\nworker_threads = \"two\"\n".into(), "runtime.worker_threads"),
+        ("[runtime]\nworker_threads = 65\n".into(), "runtime.worker_threads"),
+        ("[runtime]\nworker_threads = 99999999999999999999999\n".into(), "runtime.worker_threads"),
+        ("[runtime]\nthreads = 2\n".into(), "runtime.threads"),
+    ];
+    for (toml, key) in cases {
+        let (code, text) = check_config(&toml);
+        assert_eq!(code, 78, "{toml}: {text}");
+        assert!(text.contains(key), "{toml}: expected {key} in {text}");
+        assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    }
+    let (code, text) = check_config("[redis]\nsentinels = [\"10.0.0.41:26379\"]\nmaster_name = \"調度\"\n");
+    assert_eq!(code, 0, "{text}");
+}
+
 #[test]
 fn environment_is_a_layer_and_is_checked_too() {
     let dir = tempfile::tempdir().unwrap();
