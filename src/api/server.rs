@@ -76,10 +76,10 @@ pub async fn serve(
             match tls {
                 Some(tls) => {
                     if let Some(s) = tls.accept(stream).await {
-                        connection(s, router, limits.idle_timeout, shutdown).await;
+                        connection(s, router, limits.idle_timeout, 64 * 1024, shutdown).await;
                     }
                 }
-                None => connection(stream, router, limits.idle_timeout, shutdown).await,
+                None => connection(stream, router, limits.idle_timeout, 64 * 1024, shutdown).await,
             }
         });
     }
@@ -87,15 +87,19 @@ pub async fn serve(
     conns.wait().await;
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+/// Serves `router` on one HTTP/1.1 connection until it closes, sends no
+/// request head within `idle`, or shutdown (then gracefully); at most
+/// `max_buf` bytes buffered for a request head.
+pub async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: S,
     router: Router,
     idle: Duration,
+    max_buf: usize,
     shutdown: CancellationToken,
 ) {
     let service = TowerToHyperService::new(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(idle).max_buf_size(64 * 1024);
+    builder.timer(TokioTimer::new()).header_read_timeout(idle).max_buf_size(max_buf);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {

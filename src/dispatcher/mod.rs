@@ -76,21 +76,6 @@ pub struct Dispatch {
     resync_soon: AtomicBool,
 }
 
-/// The `outcome` label of `dispatchd_contact_outcomes_total` (a failure's
-/// detail is in the timeline, not in a label).
-fn outcome_label(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Delivered => "delivered",
-        Outcome::Acknowledged => "acknowledged",
-        Outcome::Declined => "declined",
-        Outcome::NoDigit => "no_digit",
-        Outcome::NoAnswer => "no_answer",
-        Outcome::Busy => "busy",
-        Outcome::Stopped => "stopped",
-        Outcome::Failed(_) => "failed",
-    }
-}
-
 /// A name for this daemon in Redis: host, pid and a random part.
 pub fn daemon_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -362,7 +347,7 @@ impl Dispatch {
         tokio::spawn(async move {
             let stop = Box::pin(self.clone().until_settled(a.clone()));
             let outcome = self.reach.attempt(&a, stop).await;
-            metrics::counter!(metric::CONTACT_OUTCOMES, "channel" => a.channel.as_str(), "outcome" => outcome_label(&outcome))
+            metrics::counter!(metric::CONTACT_OUTCOMES, "channel" => a.channel.as_str(), "outcome" => outcome.label())
                 .increment(1);
             tracing::info!(incident_id = %a.offer.incident_id, responder = %a.offer.responder, channel = a.channel.as_str(), outcome = outcome.as_str(), "attempt ended");
             if let Err(e) = self.store.contacted(&a, &outcome, At::Server).await {

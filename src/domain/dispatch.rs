@@ -149,7 +149,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// What the timeline says: a failure's own reason.
     pub fn as_str(&self) -> &str {
+        match self {
+            Outcome::Failed(why) => why,
+            o => o.label(),
+        }
+    }
+
+    /// The outcome's kind, a failure of any reason being `failed` (the
+    /// `outcome` label of `dispatchd_contact_outcomes_total`).
+    pub fn label(&self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
             Outcome::Acknowledged => "acknowledged",
@@ -158,7 +168,7 @@ impl Outcome {
             Outcome::NoAnswer => "no_answer",
             Outcome::Busy => "busy",
             Outcome::Stopped => "stopped",
-            Outcome::Failed(why) => why,
+            Outcome::Failed(_) => "failed",
         }
     }
 

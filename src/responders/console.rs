@@ -13,8 +13,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use rust_embed::RustEmbed;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -71,18 +69,7 @@ pub fn router() -> Router {
 
 /// Serves the console on one connection (HTTP/1.1) until it closes, idles or shutdown.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, shutdown: CancellationToken) {
-    let service = TowerToHyperService::new(router());
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(IDLE).max_buf_size(16 * 1024);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    crate::api::server::connection(io, router(), IDLE, 16 * 1024, shutdown).await
 }
 
 /// The files the console is made of (for tests and `check-config`-like checks).
