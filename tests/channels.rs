@@ -919,17 +919,8 @@ fn channels_without_their_means_are_refused() {
         (fallback("15s", "\"carrier_pigeon\""), "fallback.order"),
     ];
     for (toml, key) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.toml");
-        std::fs::write(&path, &toml).unwrap();
-        let out = Command::new(bin())
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(78), "{toml}: {text}");
+        let (code, text) = check_config(&toml);
+        assert_eq!(code, 78, "{toml}: {text}");
         assert!(text.contains(key), "{toml}: expected {key} in {text}");
     }
 }

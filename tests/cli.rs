@@ -4,19 +4,7 @@ mod common;
 
 use std::process::Command;
 
-fn check_config(toml: &str) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(common::bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("DISPATCHD__PRIVACY__CALLER_KEY", common::CALLER_KEY)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
+use common::check_config;
 
 #[test]
 fn example_config_is_valid() {

@@ -164,29 +164,14 @@ fn unusable_tls_files_exit_78_naming_the_key() {
         (&cert, &cert, "tls.key"),
     ] {
         let toml = format!("[tls]\ncert = {c:?}\nkey = {k:?}\n");
-        let path = dir.path().join("d.toml");
-        std::fs::write(&path, &toml).unwrap();
-        let out = std::process::Command::new(bin())
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(78), "{toml}: {text}");
+        let (code, text) = check_config(&toml);
+        assert_eq!(code, 78, "{toml}: {text}");
         assert!(text.contains(want), "{toml}: expected {want} in {text}");
     }
     // sip.tls without [tls]: refused too.
-    let path = dir.path().join("d.toml");
-    std::fs::write(&path, "[sip]\ntls = \"127.0.0.1:5061\"\n").unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sip.tls"));
+    let (code, text) = check_config("[sip]\ntls = \"127.0.0.1:5061\"\n");
+    assert_eq!(code, 78);
+    assert!(text.contains("sip.tls"), "{text}");
 }
 
 trait OverHttps {

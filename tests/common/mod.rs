@@ -242,6 +242,23 @@ pub struct Daemon {
     redis_url: String,
 }
 
+/// `dispatchd check-config` on a file holding `toml`: its exit code and output
+/// (stdout then stderr).
+#[allow(dead_code)]
+pub fn check_config(toml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("DISPATCHD__PRIVACY__CALLER_KEY", CALLER_KEY)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dispatchd")
 }
