@@ -185,6 +185,27 @@ fn lowest_tier_first_then_least_recently_dispatched() {
     assert_eq!(second, [(i2, other.to_string())], "the other tier-1 responder, who waited longer");
 }
 
+/// An opening says whether anyone could take an offer now: the daemon runs
+/// a dispatch pass for it only then (a responder who becomes free runs one).
+#[test]
+fn an_opening_says_whether_a_responder_is_idle() {
+    let r = rig();
+    let open = |key: &str, at: i64| r.open_with(&new_incident(key, Severity::High, "outage", ""), &Rules::none(), at);
+    assert!(!open("c1", T0).idle, "nobody on the roster");
+    r.roster(&[("solo", 1, "*")]);
+    assert!(!open("c2", T0 + S).idle, "on the roster but not connected");
+    r.connect("solo", T0 + 2 * S);
+    let o = open("c3", T0 + 3 * S);
+    assert!(o.idle && o.created == 1, "connected and available");
+    r.block(r.store.set_availability("solo", Availability::Busy.as_str(), At::Ms(T0 + 4 * S))).unwrap();
+    assert!(!open("c4", T0 + 5 * S).idle, "busy");
+    // The pass a free responder runs finds what was opened meanwhile, most severe and oldest first.
+    r.block(r.store.set_availability("solo", Availability::Available.as_str(), At::Ms(T0 + 6 * S))).unwrap();
+    let offers = r.offers(3, T0 + 7 * S);
+    assert_eq!(offers.len(), 1);
+    assert_eq!(r.field(&offers[0].0, "call_key").as_deref(), Some("c1"));
+}
+
 #[test]
 fn skills_decide_who_may_take_it_and_severity_decides_the_order() {
     let r = rig();

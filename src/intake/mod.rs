@@ -312,7 +312,9 @@ impl Intake {
 
     /// The log lines, metrics and wake-ups of one `open`.
     fn opened(&self, o: &writes::Opened, new: &NewIncident, c: &Classification) {
-        let wake = o.created == 1 || o.raised.is_some() || o.major_created;
+        // A pass only when it could offer something: a responder idle now. One
+        // who becomes free later runs a pass of its own and finds the queue.
+        let wake = (o.created == 1 || o.raised.is_some() || o.major_created) && o.idle;
         if o.created == 1 {
             metrics::counter!(metric::INCIDENTS_OPENED, "severity" => c.severity.as_str(), "category" => c.category.clone())
                 .increment(1);

@@ -87,6 +87,14 @@ pub struct Opened {
     pub major_severity: Option<Severity>,
     #[serde(default)]
     pub members: u32,
+    /// Whether a responder could take an offer when it was opened (absent:
+    /// not known, taken as yes). Nobody idle: no dispatch pass is needed.
+    #[serde(default = "yes")]
+    pub idle: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What `event` did.

@@ -180,7 +180,11 @@ impl Store {
     /// store batches them (started in the current runtime on first use).
     fn batcher(&self) -> Option<&batch::Batcher> {
         let wait = self.batch_wait?;
-        Some(self.batcher.get_or_init(|| batch::Batcher::start(self.clone(), wait)))
+        // Without replicas to wait for, a batch's cycle is one script call: one
+        // batch in Redis at a time lets the next one fill meanwhile. With
+        // `min_replicas_ack`, each also waits for the replicas' ack.
+        let in_flight = if self.wait.is_some() { batch::IN_FLIGHT_ACKED } else { 1 };
+        Some(self.batcher.get_or_init(|| batch::Batcher::start(self.clone(), wait, in_flight)))
     }
 
     /// Where the primary is (its watcher is run by the daemon).

@@ -254,7 +254,10 @@ local function handle()
     -- nf, nt}; after it, for each call in turn: nf record field name/value
     -- pairs, then its nt first timeline entries. Returns what `open` did for
     -- each, in order. One call's outcome never depends on its batch: they are
-    -- opened one after the other, as separate scripts would.
+    -- opened one after the other, as separate scripts would. Each outcome also
+    -- says whether a responder is idle now (`idle`): with nobody to offer to,
+    -- the daemon need not run a dispatch pass for it (a responder who becomes
+    -- free runs one, and finds the queue).
     local at, outs = 5, {}
     for i, c in ipairs(a) do
       c.fields = {unpack(ARGV, at, at + 2 * c.nf - 1)}
@@ -264,6 +267,8 @@ local function handle()
       outs[i] = open(c, c.rules or {})
       remember(c.call_key, c.state, c.state_ttl, c.pseudonym)
     end
+    local idle = redis.call('ZCARD', K.idle) > 0
+    for _, o in ipairs(outs) do o.idle = idle end
     return cjson.encode(outs)
 
   elseif op == 'event' then
