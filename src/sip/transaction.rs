@@ -92,8 +92,35 @@ impl Peer {
 
 /// Builds a response and counts it.
 pub fn build(reply: &Reply, status: u16, reason: &str, to_tag: Option<&str>, extra: &[(&str, &str)]) -> Bytes {
-    metrics::counter!(metric::SIP_RESPONSES, "status" => status.to_string()).increment(1);
+    metrics::counter!(metric::SIP_RESPONSES, "status" => status_label(status)).increment(1);
     Bytes::from(response(reply, status, reason, to_tag, extra, b""))
+}
+
+/// A status as a metric label: the ones the line sends without a text made
+/// per response (two on every call), any other as its digits.
+fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
+    let known = match status {
+        100 => "100",
+        180 => "180",
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        415 => "415",
+        420 => "420",
+        480 => "480",
+        481 => "481",
+        483 => "483",
+        486 => "486",
+        487 => "487",
+        488 => "488",
+        503 => "503",
+        600 => "600",
+        603 => "603",
+        _ => return status.to_string().into(),
+    };
+    known.into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
