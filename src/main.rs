@@ -118,6 +118,13 @@ fn print_or_fail(out: Result<String, String>) -> ExitCode {
     }
 }
 
+/// mimalloc rather than glibc's malloc: about 5 % less CPU per call on the
+/// incident line (`deploy/bench cost`, four runs side by side: dispatchd 72.5
+/// against 76.5 µs per call at 2,000 calls/s), for about 40 MB more resident
+/// at start (74 against 33 MB) and the same per connected responder.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
