@@ -95,7 +95,9 @@ impl Conn {
         match self {
             Conn::Udp(p) => p.send(bytes),
             Conn::Tcp { s, .. } => {
-                let _ = s.write_all(bytes);
+                if let Err(e) = s.write_all(bytes) {
+                    eprintln!("TCP write failed: {e}");
+                }
             }
         }
     }
@@ -119,10 +121,20 @@ impl Conn {
                     }
                     s.set_read_timeout(Some(left)).unwrap();
                     match s.read(&mut tmp) {
-                        Ok(0) => return None,
+                        Ok(0) => {
+                            eprintln!("the daemon closed the TCP connection");
+                            return None;
+                        }
                         Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                        Err(_) => return None,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                            ) => {}
+                        Err(e) => {
+                            eprintln!("TCP read failed: {e}");
+                            return None;
+                        }
                     }
                 }
             }
