@@ -7,70 +7,19 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
 
-/// Call-ID → (final status, X-Incident-Id); 0 = no answer.
-type Answers = Arc<Mutex<HashMap<String, (u16, Option<String>)>>>;
-
-struct Callers {
-    answers: Answers,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-/// `n` callers, each placing one call after another as soon as the last is answered.
+/// `n` callers calling as fast as they are answered.
 fn callers(d: &Daemon, tag: &str, n: usize) -> Callers {
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads = (0..n)
-        .map(|t| {
-            let (answers, stop, to, tag) = (answers.clone(), stop.clone(), d.sip_addr(), tag.to_string());
-            std::thread::spawn(move || {
-                let p = UdpPeer { sock: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), to };
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let call_id = format!("{tag}-{t}-{i}");
-                    p.send(invite(p.port(), &call_id, "").as_bytes());
-                    let answer = match p.recv_final(Duration::from_secs(2)) {
-                        Some(r) => {
-                            p.send(ack_for(&r, p.port(), &call_id).as_bytes());
-                            (status_of(&r), header_of(&r, "X-Incident-Id").map(str::to_string))
-                        }
-                        None => (0, None),
-                    };
-                    answers.lock().unwrap().insert(call_id, answer);
-                }
-            })
-        })
-        .collect();
-    Callers { answers, stop, threads }
-}
-
-impl Callers {
-    fn answered(&self, status: u16) -> usize {
-        self.answers.lock().unwrap().values().filter(|a| a.0 == status).count()
-    }
-
-    fn finish(self) -> HashMap<String, (u16, Option<String>)> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        Arc::try_unwrap(self.answers).unwrap().into_inner().unwrap()
-    }
+    Callers::start(d, tag, n, Duration::from_secs(2), Duration::ZERO)
 }
 
 /// Every call answered 603 has its incident in Redis, under the id it was told.
-fn assert_every_603_stored(redis: &Redis, answers: &HashMap<String, (u16, Option<String>)>) -> usize {
+fn assert_every_603_stored(redis: &Redis, answers: &[Placed]) -> usize {
     let mut n = 0;
-    for (call_id, (status, id)) in answers {
+    for (call_id, status, id, _) in answers {
         if *status != 603 {
             assert!(id.is_none() || *status == 0, "{call_id}: {status} must not name an incident");
             continue;
@@ -112,8 +61,8 @@ fn a_daemon_killed_mid_batch_loses_no_call_it_answered() {
     assert!(stored >= 300, "{stored}");
     // The calls in flight at the kill got no answer (their PBX would retry):
     // nothing was promised to them.
-    assert!(answers.values().any(|a| a.0 == 0), "the kill landed with calls in flight");
-    assert!(answers.values().all(|a| a.0 == 603 || a.0 == 0), "{answers:?}");
+    assert!(answers.iter().any(|a| a.1 == 0), "the kill landed with calls in flight");
+    assert!(answers.iter().all(|a| a.1 == 603 || a.1 == 0), "{answers:?}");
 }
 
 #[test]
@@ -134,7 +83,7 @@ fn no_call_of_a_failed_batch_is_answered_603() {
     // Redis restarted from its AOF (appendfsync always): what it acknowledged
     // is there; what a failed batch held was answered 503, or was stored
     // without a promise, and the PBX's retry finds it (idempotent per call).
-    let retry = answers.iter().find(|(_, a)| a.0 == 503).map(|(k, _)| k.clone()).expect("a 503");
+    let retry = answers.iter().find(|a| a.1 == 503).map(|a| a.0.clone()).expect("a 503");
     let p = UdpPeer::new(&d);
     p.send(invite(p.port(), &retry, "").as_bytes());
     let resp = p.recv_final(Duration::from_secs(5)).expect("the retry is answered");

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -16,51 +14,21 @@ fn redis_outage_gives_503_then_recovers_losing_nothing() {
     let d = Daemon::start(&redis, Options::default());
 
     // A caller that keeps calling through the whole outage.
-    // (Call-ID, final status, X-Incident-Id, Retry-After) of every call placed.
-    type Outcome = (String, u16, Option<String>, Option<String>);
-    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let (results, stop) = (results.clone(), stop.clone());
-        let to = d.sip_addr();
-        std::thread::spawn(move || {
-            let p = UdpPeer { sock: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), to };
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let call_id = format!("outage-{n}");
-                p.send(invite(p.port(), &call_id, "").as_bytes());
-                match p.recv_final(Duration::from_secs(3)) {
-                    Some(resp) => {
-                        let status = status_of(&resp);
-                        let id = header_of(&resp, "X-Incident-Id").map(str::to_string);
-                        let retry = header_of(&resp, "Retry-After").map(str::to_string);
-                        p.send(ack_for(&resp, p.port(), &call_id).as_bytes());
-                        results.lock().unwrap().push((call_id, status, id, retry));
-                    }
-                    None => results.lock().unwrap().push((call_id, 0, None, None)),
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let caller = Callers::start(&d, "outage", 1, Duration::from_secs(3), Duration::from_millis(20));
 
     std::thread::sleep(Duration::from_millis(1500));
     redis.kill();
     wait_until("/readyz 503", Duration::from_secs(10), || http_get(d.http_port, "/readyz", None).0 == 503);
     // While Redis is away the API says so instead of hanging.
     assert_eq!(http_get(d.http_port, "/v1/incidents", Some(ADMIN_TOKEN)).0, 503);
-    wait_until("a 503 to an INVITE", Duration::from_secs(10), || results.lock().unwrap().iter().any(|r| r.1 == 503));
+    wait_until("a 503 to an INVITE", Duration::from_secs(10), || caller.answered(503) > 0);
     redis.restart();
     wait_until("/readyz 200", Duration::from_secs(10), || http_get(d.http_port, "/readyz", None).0 == 200);
-    let before = results.lock().unwrap().len();
+    let before = caller.placed().len();
     wait_until("calls succeeding again", Duration::from_secs(10), || {
-        results.lock().unwrap()[before..].iter().filter(|r| r.1 == 603).count() >= 5
+        caller.placed()[before..].iter().filter(|r| r.1 == 603).count() >= 5
     });
-    stop.store(true, Ordering::Relaxed);
-    sender.join().unwrap();
-
-    let results = results.lock().unwrap();
+    let results = caller.finish();
     let declined: Vec<_> = results.iter().filter(|r| r.1 == 603).collect();
     let unavailable: Vec<_> = results.iter().filter(|r| r.1 == 503).collect();
     assert!(declined.len() >= 10, "{results:?}");

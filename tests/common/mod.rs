@@ -259,6 +259,82 @@ pub fn check_config(toml: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `check-config` refuses each `(file, key)`: exit 78, one line naming the key.
+pub fn assert_refused(cases: impl IntoIterator<Item = (String, &'static str)>) {
+    for (toml, key) in cases {
+        let (code, text) = check_config(&toml);
+        assert_eq!(code, 78, "{toml}: {text}");
+        assert!(text.contains(key), "{toml}: expected {key} in {text}");
+        assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    }
+}
+
+/// One call a [`Callers`] placed: Call-ID, final status (0: none in time),
+/// X-Incident-Id, Retry-After.
+pub type Placed = (String, u16, Option<String>, Option<String>);
+
+/// Callers over UDP, each placing one call after another (an INVITE, the
+/// ACK of its final answer, then `pause`) until [`Callers::finish`].
+pub struct Callers {
+    placed: std::sync::Arc<std::sync::Mutex<Vec<Placed>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Callers {
+    /// `n` callers whose Call-IDs are `{tag}-{caller}-{call}`, each waiting
+    /// `wait` for a final answer.
+    pub fn start(d: &Daemon, tag: &str, n: usize, wait: Duration, pause: Duration) -> Callers {
+        use std::sync::atomic::Ordering;
+        let placed: std::sync::Arc<std::sync::Mutex<Vec<Placed>>> = Default::default();
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let threads = (0..n)
+            .map(|t| {
+                let (placed, stop, to, tag) = (placed.clone(), stop.clone(), d.sip_addr(), tag.to_string());
+                std::thread::spawn(move || {
+                    let p = UdpPeer { sock: UdpSocket::bind("127.0.0.1:0").unwrap(), to };
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let call_id = format!("{tag}-{t}-{i}");
+                        p.send(invite(p.port(), &call_id, "").as_bytes());
+                        let call = match p.recv_final(wait) {
+                            Some(r) => {
+                                p.send(ack_for(&r, p.port(), &call_id).as_bytes());
+                                let header = |h| header_of(&r, h).map(str::to_string);
+                                (call_id, status_of(&r), header("X-Incident-Id"), header("Retry-After"))
+                            }
+                            None => (call_id, 0, None, None),
+                        };
+                        placed.lock().unwrap().push(call);
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Callers { placed, stop, threads }
+    }
+
+    /// How many calls so far were answered `status`.
+    pub fn answered(&self, status: u16) -> usize {
+        self.placed.lock().unwrap().iter().filter(|c| c.1 == status).count()
+    }
+
+    /// The calls placed so far, in the order their answers came.
+    pub fn placed(&self) -> Vec<Placed> {
+        self.placed.lock().unwrap().clone()
+    }
+
+    /// Stops the callers and returns every call placed.
+    pub fn finish(self) -> Vec<Placed> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.placed.lock().unwrap())
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dispatchd")
 }
